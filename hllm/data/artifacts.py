@@ -1,0 +1,207 @@
+"""The built-dataset contract shared by training, evaluation and export.
+
+``hllm data build`` writes, under ``paths.built_dir``::
+
+    items.parquet       idx (int32, 0 = padding row), item_id (str, original id), one column per text field
+    users.parquet       idx (int32, 0..U-1), user_id (str, original id)
+    sequences.parquet   user_idx (int32), items (list<int32>): the user's full chronological item list
+    stats.json          users, items, interactions, sequence-length percentiles, build params
+    tokens/<key>.npz    pre-tokenised item text: ids (int32, flat), offsets (int64, n_items + 1)
+
+Item index 0 is padding and never a real item. Everything downstream derives
+its splits from ``sequences.parquet`` with the pure functions below, so the
+split rule lives in one place.
+
+Split rule (leave-one-out, as in the HLLM paper):
+    train      = all items but the last two
+    validation = target items[-2], history items[:-2]
+    test       = target items[-1], history items[:-1] (includes the validation item)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PAD = 0
+
+
+@dataclass
+class Sequences:
+    """Ragged per-user item lists in CSR form: user u owns items[offsets[u]:offsets[u+1]]."""
+
+    offsets: np.ndarray  # int64, len U + 1
+    items: np.ndarray  # int32
+
+    @property
+    def n_users(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def of(self, u: int) -> np.ndarray:
+        return self.items[self.offsets[u] : self.offsets[u + 1]]
+
+    @classmethod
+    def from_lists(cls, lists: list[list[int]]) -> "Sequences":
+        lengths = np.array([len(x) for x in lists], dtype=np.int64)
+        offsets = np.zeros(len(lists) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        items = np.fromiter((i for x in lists for i in x), dtype=np.int32, count=int(offsets[-1]))
+        return cls(offsets, items)
+
+    def truncate_tail(self, drop: int) -> "Sequences":
+        """Drop the last ``drop`` items of every user (vectorised)."""
+        lengths = np.maximum(self.lengths - drop, 0)
+        keep = _ranges(self.offsets[:-1], lengths)
+        offsets = np.zeros_like(self.offsets)
+        np.cumsum(lengths, out=offsets[1:])
+        return Sequences(offsets, self.items[keep])
+
+
+@dataclass
+class EvalSplit:
+    """One evaluation split: for each evaluated user, a left-padded window of
+    the most recent history, the target, and the full history (for masking)."""
+
+    users: np.ndarray  # int32 user idx
+    history: np.ndarray  # int32 [n, max_history], left-padded with PAD
+    targets: np.ndarray  # int32 [n]
+    full_history: Sequences  # untruncated history per evaluated user, for masking seen items
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + l) for each (s, l), without a Python loop."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    rep_starts = np.repeat(np.asarray(starts, dtype=np.int64), lengths)
+    within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return rep_starts + within
+
+
+def left_pad_windows(seqs: Sequences, ends: np.ndarray, users: np.ndarray, width: int) -> np.ndarray:
+    """For each (user, end) take items[offsets[u] : end] truncated to the last ``width``, left-padded."""
+    starts = np.maximum(seqs.offsets[users], ends - width)
+    lengths = ends - starts
+    out = np.full((len(users), width), PAD, dtype=np.int32)
+    rows = np.repeat(np.arange(len(users)), lengths)
+    cols = width - np.repeat(lengths, lengths) + (_ranges(np.zeros_like(lengths), lengths))
+    out[rows, cols] = seqs.items[_ranges(starts, lengths)]
+    return out
+
+
+def train_sequences(seqs: Sequences) -> Sequences:
+    return seqs.truncate_tail(2)
+
+
+def eval_split(seqs: Sequences, which: str, max_history: int) -> EvalSplit:
+    """``which`` is "valid" (target = second-to-last) or "test" (target = last)."""
+    drop = {"valid": 2, "test": 1}[which]
+    lengths = seqs.lengths
+    users = np.nonzero(lengths >= drop + 1)[0].astype(np.int32)  # needs at least one history item
+    target_pos = seqs.offsets[users + 1] - drop
+    history = left_pad_windows(seqs, target_pos, users, max_history)
+    hist_len = target_pos - seqs.offsets[users]
+    full = Sequences(np.concatenate([[0], np.cumsum(hist_len)]).astype(np.int64),
+                     seqs.items[_ranges(seqs.offsets[users], hist_len)])
+    return EvalSplit(users=users, history=history, targets=seqs.items[target_pos].astype(np.int32), full_history=full)
+
+
+def training_windows(train: Sequences, max_seq_len: int, mode: str = "split") -> np.ndarray:
+    """Training samples as an int32 [n_windows, L + 1] matrix, left-padded with PAD.
+
+    ``split``: each user's list is cut into non-overlapping windows of L+1
+    aligned to the end (the newest window is complete). The leading remainder
+    becomes a shorter window when it holds >= 2 items; the reference code
+    silently dropped it. ``last``: one window per user, the most recent L+1.
+    Users with fewer than 2 training items yield nothing (no next-item target).
+    """
+    width = max_seq_len + 1
+    lengths = train.lengths
+    ok = lengths >= 2
+    if mode == "last":
+        users = np.nonzero(ok)[0]
+        return left_pad_windows(train, train.offsets[users + 1], users, width)
+    if mode != "split":
+        raise ValueError(f"build.window_mode must be 'split' or 'last', got {mode!r}")
+    n_win = np.where(ok, -(-lengths // width), 0)
+    users = np.repeat(np.arange(train.n_users), n_win)
+    # window k (0 = newest) of user u ends at offsets[u+1] - k*width
+    k = _ranges(np.zeros_like(n_win), n_win)
+    ends = train.offsets[users + 1] - k * width
+    starts = np.maximum(train.offsets[users], ends - width)
+    keep = (ends - starts) >= 2
+    users, ends = users[keep], ends[keep]
+    return left_pad_windows(train, ends, users, width)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class TokenCache:
+    ids: np.ndarray  # int32 flat token ids
+    offsets: np.ndarray  # int64 [n_items + 1]; row 0 is the padding item
+
+    def of(self, idx: int) -> np.ndarray:
+        return self.ids[self.offsets[idx] : self.offsets[idx + 1]]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+@dataclass
+class BuiltData:
+    dir: Path
+    item_ids: np.ndarray  # object array of original ids, index = item idx (0 = "<pad>")
+    user_ids: np.ndarray  # object array of original ids, index = user idx
+    sequences: Sequences
+    stats: dict
+
+    @property
+    def n_items(self) -> int:
+        """Number of item slots including the padding row 0."""
+        return len(self.item_ids)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    def items_table(self):
+        import pandas as pd
+
+        return pd.read_parquet(self.dir / "items.parquet")
+
+
+def load_built(built_dir: str | Path) -> BuiltData:
+    import pyarrow.parquet as pq
+
+    d = Path(built_dir)
+    missing = [n for n in ("items.parquet", "users.parquet", "sequences.parquet") if not (d / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"{d}: built dataset incomplete, missing {missing}; run `hllm data build` first")
+    items = pq.read_table(d / "items.parquet", columns=["idx", "item_id"]).to_pandas()
+    users = pq.read_table(d / "users.parquet", columns=["idx", "user_id"]).to_pandas()
+    seq = pq.read_table(d / "sequences.parquet")
+    col = seq.column("items").combine_chunks()
+    offsets = col.offsets.to_numpy().astype(np.int64)
+    flat = col.flatten().to_numpy().astype(np.int32)
+    order = seq.column("user_idx").to_numpy()
+    if not np.array_equal(order, np.arange(len(order))):
+        raise ValueError(f"{d / 'sequences.parquet'}: user_idx must be 0..U-1 in order")
+    item_ids = items.sort_values("idx")["item_id"].to_numpy(dtype=object)
+    user_ids = users.sort_values("idx")["user_id"].to_numpy(dtype=object)
+    stats = json.loads((d / "stats.json").read_text()) if (d / "stats.json").exists() else {}
+    return BuiltData(d, item_ids, user_ids, Sequences(offsets - offsets[0], flat), stats)
+
+
+def load_tokens(path: str | Path) -> TokenCache:
+    z = np.load(path)
+    return TokenCache(ids=z["ids"].astype(np.int32), offsets=z["offsets"].astype(np.int64))
