@@ -1,0 +1,44 @@
+"""The interface every recommender (HLLM, SASRec, popularity) implements, so that
+training, evaluation, export and serving are one code path for all of them.
+
+Shapes: B sequences, W = L + 1 window width, K negatives, d embedding size.
+Item index 0 is padding everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar, mean over valid target positions of the local batch
+    stats: dict[str, float] = field(default_factory=dict)  # scale, surviving negatives, top-k accuracy, ...
+
+
+class SeqRecModel(nn.Module):
+    """Item tower + user tower trained on next-item prediction.
+
+    - ``train_loss(windows, negatives)``: windows int64 [B, W] left-padded item
+      idx (inputs = [:, :-1], targets = [:, 1:]); negatives int64 [K_local]
+      sampled on this rank. Implementations gather negatives across ranks.
+    - ``item_embeddings(idx)``: [n, d] for item idx (eval/export; no grad needed).
+    - ``user_embeddings(history_emb, mask)``: history_emb [B, L, d] item
+      embeddings (from ``item_embeddings``), mask bool [B, L] (True = real item,
+      left padding). Returns [B, d]: the prediction of the next item.
+    - ``normalize``: whether scores are cosine (L2-normalise both sides) or a raw dot product.
+    """
+
+    normalize: bool = True
+
+    def train_loss(self, windows: torch.Tensor, negatives: torch.Tensor) -> LossOutput:
+        raise NotImplementedError
+
+    def item_embeddings(self, idx: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def user_embeddings(self, history_emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
