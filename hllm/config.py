@@ -185,6 +185,8 @@ class RegistryConfig:
     bootstrap_samples: int = 1000
     confidence: float = 0.95
     challenger_share: float = 0.1  # traffic share of the A/B test
+    bootstrap_seed: int = 0  # the gate's paired bootstrap is reproducible
+    audit_experiment: str = "hllm-registry-audit"  # holds the run whose artifacts are the audit log
 
 
 @dataclass
