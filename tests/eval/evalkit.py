@@ -1,0 +1,79 @@
+"""Hand-made models and datasets for the evaluation/export tests.
+
+The models are real :class:`SeqRecModel` subclasses with fixed, known item
+embeddings, so expected ranks can be computed by hand.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from hllm.config import Config
+from hllm.data.artifacts import BuiltData, Sequences
+from hllm.models.base import LossOutput, SeqRecModel
+
+
+class TableModel(SeqRecModel):
+    """Item embedding = a row of a fixed table; user embedding = the last real
+    history item's embedding (``mode="last"``), the masked mean (``"mean"``) or sum (``"sum"``)."""
+
+    def __init__(self, table: np.ndarray, normalize: bool = False, mode: str = "last"):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.as_tensor(np.asarray(table), dtype=torch.float32))
+        self.normalize = normalize
+        self.mode = mode
+        self.item_calls = 0  # number of items encoded, to test caching / incremental export
+
+    def item_embeddings(self, idx: torch.Tensor) -> torch.Tensor:
+        self.item_calls += len(idx)
+        return self.table[idx]
+
+    def user_embeddings(self, history_emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.mode == "last":
+            return history_emb[:, -1]
+        w = mask.float().unsqueeze(-1)
+        if self.mode == "sum":  # exact for integer tables: ties stay ties in float32
+            return (history_emb * w).sum(1)
+        return (history_emb * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+    def train_loss(self, windows, negatives):  # pragma: no cover - not trained in these tests
+        return LossOutput(loss=torch.zeros(()))
+
+
+def make_built(tmp: Path, sequences: list[list[int]], n_items: int, titles: list[str] | None = None) -> BuiltData:
+    """A BuiltData on disk (items/users/sequences parquet) with original ids
+    ``i<idx>`` / ``u<idx>``; item idx 0 is padding."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    item_ids = np.array(["<pad>"] + [f"i{j}" for j in range(1, n_items)], dtype=object)
+    user_ids = np.array([f"u{j}" for j in range(len(sequences))], dtype=object)
+    titles = titles or [""] + [f"title {j}" for j in range(1, n_items)]
+    pd.DataFrame({"idx": np.arange(n_items, dtype=np.int32), "item_id": item_ids.astype(str), "title": titles}).to_parquet(tmp / "items.parquet")
+    pd.DataFrame({"idx": np.arange(len(sequences), dtype=np.int32), "user_id": user_ids.astype(str)}).to_parquet(tmp / "users.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"user_idx": pa.array(np.arange(len(sequences), dtype=np.int32)),
+                             "items": pa.array(sequences, type=pa.list_(pa.int32()))}), tmp / "sequences.parquet")
+    return BuiltData(tmp, item_ids, user_ids, Sequences.from_lists(sequences), {})
+
+
+def small_cfg(ks=(1, 2, 5), **eval_kw) -> Config:
+    cfg = Config()
+    cfg.eval.protocol.ks = list(ks)
+    cfg.eval.protocol.select_metric = f"ndcg@{max(ks)}"
+    for k, v in eval_kw.items():
+        setattr(cfg.eval, k, v)
+    return cfg
+
+
+def random_dataset(tmp: Path, n_users: int = 40, n_items: int = 60, seed: int = 0, repeats: bool = True):
+    rng = np.random.default_rng(seed)
+    seqs = []
+    for _ in range(n_users):
+        n = int(rng.integers(1, 14))
+        seqs.append(rng.integers(1, n_items, size=n).tolist() if repeats else rng.choice(np.arange(1, n_items), n, replace=False).tolist())
+    return make_built(tmp, seqs, n_items)
