@@ -1,0 +1,98 @@
+"""Item-embedding cache keyed by checkpoint, and sharded evaluation under a real gloo process group."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from evalkit import TableModel, make_built, random_dataset, small_cfg
+from safetensors.torch import save_file
+
+from hllm.evaluate import CACHE_NAME, evaluate
+
+TABLE = np.array([[0, 0], [1, 0], [0, 1], [1, 1], [2, 0], [0, 2], [1, 0]], dtype=np.float32)
+SEQS = [[1, 2, 4, 3], [5, 2, 2], [6, 3]]
+
+
+def _save(model, d):
+    d.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+
+
+def test_item_embeddings_cached_per_checkpoint(tmp_path):
+    built = make_built(tmp_path / "b", SEQS, n_items=7)
+    cfg = small_cfg(ks=(1, 2, 5))
+    ck = tmp_path / "ckpt"
+    model = TableModel(TABLE)
+    _save(model, ck)
+
+    first = evaluate(model, built, cfg, "test", checkpoint_dir=ck, progress=False)
+    assert model.item_calls == 6
+    assert (ck / f"{CACHE_NAME}.npy").exists()
+    np.testing.assert_array_equal(np.load(ck / f"{CACHE_NAME}.npy")[1:], TABLE[1:])
+
+    again = evaluate(model, built, cfg, "test", checkpoint_dir=ck, progress=False)
+    assert model.item_calls == 6  # served from the cache
+    assert again.metrics == first.metrics
+
+    # new weights in the same folder -> the key changes -> recomputed
+    model2 = TableModel(TABLE * 2)
+    _save(model2, ck)
+    evaluate(model2, built, cfg, "test", checkpoint_dir=ck, progress=False)
+    assert model2.item_calls == 6
+    assert np.load(ck / f"{CACHE_NAME}.npy")[1, 0] == 2.0
+
+    # a torn cache file is ignored and rewritten, not trusted
+    (ck / f"{CACHE_NAME}.npy").write_bytes(b"garbage")
+    evaluate(model2, built, cfg, "test", checkpoint_dir=ck, progress=False)
+    assert model2.item_calls == 12
+    assert json.loads((ck / f"{CACHE_NAME}.json").read_text())["n_items"] == 7
+
+
+def test_cache_invalidated_by_new_items(tmp_path):
+    ck = tmp_path / "ckpt"
+    model = TableModel(np.vstack([TABLE, [[3, 3]]]))
+    _save(model, ck)
+    cfg = small_cfg(ks=(1, 2, 5))
+    evaluate(model, make_built(tmp_path / "b1", SEQS, n_items=7), cfg, "test", checkpoint_dir=ck, progress=False)
+    res = evaluate(model, make_built(tmp_path / "b2", SEQS + [[7, 1]], n_items=8), cfg, "test", checkpoint_dir=ck, progress=False)
+    assert model.item_calls == 6 + 7
+    assert res.n_items == 8
+
+
+def _worker(rank, world, init_file, built_dir, out_dir, table):
+    import torch.distributed as dist
+
+    from hllm.data.artifacts import load_built
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        built = load_built(built_dir)
+        model = TableModel(table, normalize=True, mode="mean")
+        cfg = small_cfg(ks=(1, 5, 20), user_chunk=4, item_chunk=16)
+        res = evaluate(model, built, cfg, "test", progress=False)
+        np.savez(f"{out_dir}/rank{rank}.npz", users=res.users, rank=res.per_user["rank"], calls=model.item_calls,
+                 ndcg=res.metrics["ndcg@20"])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sharded_evaluation_equals_single_process(tmp_path):
+    """Two gloo ranks (no torchrun inside pytest: torch.multiprocessing.spawn + file init)."""
+    import torch.multiprocessing as mp
+
+    built = random_dataset(tmp_path / "b", n_users=37, n_items=41, seed=3)
+    table = np.random.default_rng(0).normal(size=(41, 8)).astype(np.float32)
+    single = evaluate(TableModel(table, normalize=True, mode="mean"), built,
+                      small_cfg(ks=(1, 5, 20)), "test", progress=False)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(built.dir), str(tmp_path), table), nprocs=2, join=True)
+    for r in range(2):
+        z = np.load(tmp_path / f"rank{r}.npz")
+        assert z["users"].tolist() == single.users.tolist()  # every rank has the full result
+        assert z["rank"].tolist() == single.per_user["rank"].tolist()
+        assert float(z["ndcg"]) == pytest.approx(single.metrics["ndcg@20"])
+        assert int(z["calls"]) == 20  # 40 real items split over 2 ranks: each encodes half
