@@ -81,6 +81,8 @@ class ItemLLMConfig:
     max_text_len: int = 48  # tokens incl. special tokens; the paper uses 256
     pooling: str = "item_token"  # "item_token" (paper) | "mean"
     attn_implementation: str = "sdpa"
+    layout: str = "padded"  # "padded" (CPU) | "packed": one row per forward, positions restart per item (GPU varlen)
+    max_tokens_per_forward: int = 8192  # padded tokens per Item-LLM forward; items are grouped by length
 
 
 @dataclass
@@ -100,6 +102,7 @@ class UserLLMConfig:
     )
     from_scratch: bool = False
     attn_implementation: str = "sdpa"
+    projection: str = "auto"  # "auto": Linear iff item/user hidden sizes differ | "linear" | "none" (sizes must match)
 
 
 @dataclass
@@ -137,7 +140,8 @@ class TrainConfig:
     checkpoint_every: int = 50  # steps; 0 = only at the end
     eval_every_epoch: bool = True
     patience: int = 3  # epochs without improvement of the selection metric
-    num_workers: int = 0
+    device: str = "auto"  # "auto" (CUDA if visible) | "cpu" | "cuda"; torchrun picks gloo on CPU, NCCL on CUDA
+    keep_checkpoints: int = 2  # newest step checkpoints kept (best/ is kept separately)
     log_every: int = 10
     run_name: str = "default"
 
