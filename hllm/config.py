@@ -170,8 +170,10 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    faiss_index: str = "flat_ip"  # "flat_ip" | "hnsw"
-    batch: int = 128
+    faiss_index: str = "flat_ip"  # "flat_ip" (exact) | "hnsw" (approximate, for large catalogues)
+    batch: int = 128  # items per forward when encoding new/changed items
+    hnsw_m: int = 32  # HNSW graph degree
+    hnsw_ef_search: int = 128  # HNSW search breadth (recall vs latency)
 
 
 @dataclass
