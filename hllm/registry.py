@@ -1,0 +1,585 @@
+"""The MLflow model registry for ``hllm-recommender``: register, gate, promote, roll back, list, audit.
+
+Aliases, not stages (deprecated since MLflow 2.9):
+
+- ``champion``   serves the traffic;
+- ``challenger`` takes ``ab.share`` of the traffic in the A/B test against the champion.
+
+``promote V`` (to challenger) runs the gate: the candidate and the champion must have been
+evaluated under the same protocol hash and on the same dataset version; the candidate's gating
+metric must be >= champion * (1 + min_rel_gain), and a paired bootstrap confidence interval of the
+per-user difference must not lie below zero. Otherwise nothing moves and the refusal says why.
+``promote V --to champion`` ends the A/B test in favour of the challenger; ``rollback`` puts the
+previous champion back (the champion history is a registered-model tag).
+
+Each alias move is recorded as version tags (``alias.<alias>.set_by/at/reason`` and ``..removed_*``)
+and in the audit log: one JSON object per event, stored as ``audit/<ts>-<id>.json`` artifacts of
+the run ``registry-audit`` in the experiment ``registry.audit_experiment``, so the log lives with
+the registry whether the store is the local SQLite db or a remote server. Events are separate
+files, so two concurrent writers never overwrite each other's record.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import math
+import os
+import socket
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hllm import tracking
+from hllm.config import Config
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+MODEL_ARTIFACT = "model"  # the pyfunc folder inside the training run
+HISTORY_TAG = "hllm.champion_history"  # registered-model tag: JSON list of champion versions, oldest first
+AUDIT_RUN = "registry-audit"
+_HISTORY_MAX = 100
+
+
+class RegistryError(RuntimeError):
+    """A registry operation cannot run (missing version, no champion, ...); nothing was moved."""
+
+
+class PromotionRefused(RegistryError):
+    """The gate said no; ``gate`` holds the numbers."""
+
+    def __init__(self, message: str, gate: "GateResult | None" = None):
+        super().__init__(message)
+        self.gate = gate
+
+
+@dataclass
+class GateResult:
+    ok: bool
+    reason: str
+    metric: str
+    candidate_version: str
+    champion_version: str
+    protocol_hash: str
+    data_version: str
+    candidate: float = float("nan")
+    champion: float = float("nan")
+    required: float = float("nan")
+    rel_gain: float = float("nan")
+    mean_diff: float = float("nan")
+    ci_low: float = float("nan")
+    ci_high: float = float("nan")
+    confidence: float = 0.95
+    samples: int = 0
+    n_users: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.metric}: v{self.candidate_version}={self.candidate:.5f} vs champion "
+                f"v{self.champion_version}={self.champion:.5f} (required >= {self.required:.5f}, "
+                f"rel. gain {self.rel_gain:+.2%}); paired bootstrap {self.confidence:.0%} CI of the per-user "
+                f"difference [{self.ci_low:+.5f}, {self.ci_high:+.5f}] over {self.n_users} users")
+
+
+@dataclass
+class MoveResult:
+    action: str  # "champion" | "challenger" | "rollback" | "noop"
+    version: str | None
+    message: str
+    previous: str | None = None
+    gate: GateResult | None = None
+    events: list[dict] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def default_actor() -> str:
+    if os.environ.get("HLLM_ACTOR"):
+        return os.environ["HLLM_ACTOR"]
+    try:
+        user = getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _client(cfg: Config) -> "MlflowClient":
+    return tracking.client(cfg)
+
+
+def _get_version(client: "MlflowClient", name: str, version: str | int) -> "ModelVersion":
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException:
+        known = sorted((int(v.version) for v in _versions(client, name)))
+        raise RegistryError(f"model {name!r} has no version {version} (versions: {known or 'none'})") from None
+
+
+def _versions(client: "MlflowClient", name: str) -> list["ModelVersion"]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return list(client.search_model_versions(f"name='{name}'", max_results=10_000))
+    except MlflowException:
+        return []
+
+
+def _alias(client: "MlflowClient", name: str, alias: str) -> "ModelVersion | None":
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _history(client: "MlflowClient", name: str) -> list[str]:
+    tags = client.get_registered_model(name).tags
+    try:
+        return [str(v) for v in json.loads(tags.get(HISTORY_TAG, "[]"))]
+    except json.JSONDecodeError:
+        log.warning("registered model %s: tag %s is not JSON; starting a new champion history", name, HISTORY_TAG)
+        return []
+
+
+def _set_history(client: "MlflowClient", name: str, history: list[str]) -> None:
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-_HISTORY_MAX:]))
+
+
+# --------------------------------------------------------------------------- audit log
+
+
+def _audit_run_id(cfg: Config, client: "MlflowClient", create: bool) -> str | None:
+    exp_id = tracking.configure(cfg, cfg.registry.audit_experiment)
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{tracking.TAG_KIND}` = 'audit'",
+                              max_results=1, order_by=["attributes.start_time ASC"])
+    if runs:
+        return runs[0].info.run_id
+    if not create:
+        return None
+    run = client.create_run(exp_id, run_name=AUDIT_RUN, tags={tracking.TAG_KIND: "audit"})
+    return run.info.run_id
+
+
+def record(cfg: Config, event: dict[str, Any], client: "MlflowClient | None" = None) -> dict[str, Any]:
+    """Append one event to the audit log (a new artifact file: nothing existing is rewritten)."""
+    client = client or _client(cfg)
+    event = {"ts": _now(), "model": cfg.registry.model_name, **event}
+    run_id = _audit_run_id(cfg, client, create=True)
+    stamp = event["ts"].replace(":", "").replace("+0000", "Z")
+    client.log_text(run_id, json.dumps(event, sort_keys=True) + "\n",
+                    f"audit/{stamp}-{uuid.uuid4().hex[:8]}.json")
+    return event
+
+
+def audit_log(cfg: Config) -> list[dict[str, Any]]:
+    """Every recorded event, oldest first."""
+    import mlflow
+
+    client = _client(cfg)
+    run_id = _audit_run_id(cfg, client, create=False)
+    if run_id is None:
+        return []
+    files = sorted(a.path for a in client.list_artifacts(run_id, "audit") if not a.is_dir)
+    if not files:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="audit", dst_path=tmp))
+        events = [json.loads((local / Path(f).name).read_text()) for f in files]
+    return sorted(events, key=lambda e: e.get("ts", ""))
+
+
+def _move(cfg: Config, client: "MlflowClient", alias: str, version: str, *, actor: str, reason: str,
+          action: str, previous: str | None, extra: dict | None = None) -> dict:
+    """Point ``alias`` at ``version``; tag who/when/why on the version (and on the one it left); audit."""
+    name = cfg.registry.model_name
+    now = _now()
+    client.set_registered_model_alias(name, alias, version)
+    for k, v in {"set_by": actor, "set_at": now, "reason": reason}.items():
+        client.set_model_version_tag(name, version, f"alias.{alias}.{k}", v)
+    if previous and previous != version:
+        for k, v in {"removed_by": actor, "removed_at": now, "removed_reason": reason}.items():
+            client.set_model_version_tag(name, previous, f"alias.{alias}.{k}", v)
+    return record(cfg, {"action": action, "alias": alias, "version": version, "previous": previous,
+                        "actor": actor, "reason": reason, **(extra or {})}, client)
+
+
+def _unset(cfg: Config, client: "MlflowClient", alias: str, version: str, *, actor: str, reason: str,
+           action: str) -> dict:
+    name = cfg.registry.model_name
+    now = _now()
+    client.delete_registered_model_alias(name, alias)
+    for k, v in {"removed_by": actor, "removed_at": now, "removed_reason": reason}.items():
+        client.set_model_version_tag(name, version, f"alias.{alias}.{k}", v)
+    return record(cfg, {"action": action, "alias": alias, "version": None, "previous": version,
+                        "actor": actor, "reason": reason}, client)
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def register_version(cfg: Config, run_id: str, source: str | None = None,
+                     tags: dict[str, Any] | None = None) -> "ModelVersion":
+    """Register ``source`` (default ``runs:/<run_id>/model``) as a new version of ``registry.model_name``.
+
+    Copies the run's lineage (protocol hash, data version, model kind, git commit) onto the version
+    so the gate and ``list`` need no run lookups for them; the run must carry a protocol hash and
+    a data version, or the version could never be gated.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _client(cfg)
+    name = cfg.registry.model_name
+    run = client.get_run(run_id)
+    rt = run.data.tags
+    missing = [t for t in (tracking.TAG_PROTOCOL, tracking.TAG_DATA_VERSION) if not rt.get(t)]
+    if missing:
+        raise RegistryError(f"run {run_id} has no {missing} tag(s): log the config and dataset with "
+                            "hllm.tracking before registering (nothing was registered)")
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="HLLM sequential recommender: user history -> top-K items")
+    vtags = {k: rt[k] for k in (tracking.TAG_PROTOCOL, tracking.TAG_DATA_VERSION, tracking.TAG_DVC_MD5,
+                                tracking.TAG_SEQ_MD5, tracking.TAG_MODEL_KIND, tracking.TAG_GIT_COMMIT,
+                                tracking.TAG_FLOW_RUN) if rt.get(k)}
+    vtags.update({k: str(v) for k, v in (tags or {}).items()})
+    source = source or f"runs:/{run_id}/{MODEL_ARTIFACT}"
+    mv = client.create_model_version(name, source, run_id=run_id, tags=vtags)
+    log.info("registered %s version %s from run %s", name, str(mv.version), run_id)
+    return mv
+
+
+def register_model(cfg: Config, run_id: str, export_dir: str | Path, checkpoint_dir: str | Path | None = None,
+                   tags: dict[str, Any] | None = None) -> "ModelVersion":
+    """Log the serving pyfunc (see :mod:`hllm.serving`) into run ``run_id`` and register it."""
+    from hllm import serving
+
+    client = _client(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / MODEL_ARTIFACT
+        serving.save_pyfunc(model_dir, export_dir, checkpoint_dir)
+        client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
+    return register_version(cfg, run_id, tags=tags)
+
+
+# --------------------------------------------------------------------------- the gate
+
+
+def paired_bootstrap(candidate: np.ndarray, champion: np.ndarray, samples: int, confidence: float,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """Mean per-user difference (candidate - champion) and its percentile bootstrap CI, resampling
+    users (pairs) with replacement. Memory is bounded: resamples are drawn in blocks of ~4M indices."""
+    diff = np.asarray(candidate, dtype=np.float64) - np.asarray(champion, dtype=np.float64)
+    n = len(diff)
+    if n == 0:
+        raise ValueError("paired bootstrap over zero users")
+    rng = np.random.default_rng(seed)
+    means = np.empty(samples, dtype=np.float64)
+    block = max(1, 4_000_000 // n)
+    for s in range(0, samples, block):
+        e = min(samples, s + block)
+        means[s:e] = diff[rng.integers(0, n, size=(e - s, n))].mean(axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(diff.mean()), float(lo), float(hi)
+
+
+@dataclass
+class _Eval:
+    metrics: dict[str, float]
+    users: np.ndarray | None
+    per_user: dict[str, np.ndarray]
+
+
+def _load_eval(client: "MlflowClient", mv: "ModelVersion", protocol: str, data_ver: str,
+               split: str = "test") -> _Eval | None:
+    import mlflow
+
+    art = tracking.eval_artifact_dir(split, protocol, data_ver)
+    names = {Path(a.path).name for a in client.list_artifacts(mv.run_id, art)}
+    if "metrics.json" not in names:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=art, dst_path=tmp))
+        metrics = json.loads((local / "metrics.json").read_text())["metrics"]
+        users, per_user = None, {}
+        if (local / "per_user.npz").is_file():
+            with np.load(local / "per_user.npz", allow_pickle=False) as z:
+                users = z["users"]
+                per_user = {k: z[k] for k in z.files if k != "users"}
+    return _Eval(metrics, users, per_user)
+
+
+def _available_evals(client: "MlflowClient", mv: "ModelVersion", split: str = "test") -> list[str]:
+    out = []
+    for p in client.list_artifacts(mv.run_id, f"eval/{split}"):
+        if p.is_dir:
+            out += [f"{Path(p.path).name}/{Path(d.path).name}" for d in client.list_artifacts(mv.run_id, p.path)]
+    return out
+
+
+def gate(cfg: Config, candidate: "ModelVersion", champion: "ModelVersion",
+         client: "MlflowClient | None" = None) -> GateResult:
+    """Compare candidate and champion; ``ok`` False with a reason when the candidate may not go to A/B."""
+    client = client or _client(cfg)
+    rc = cfg.registry
+    metric = rc.gate_metric
+    protocol = candidate.tags.get(tracking.TAG_PROTOCOL, "")
+    data_ver = candidate.tags.get(tracking.TAG_DATA_VERSION, "")
+    res = GateResult(False, "", metric, str(candidate.version), str(champion.version), protocol, data_ver,
+                     confidence=rc.confidence, samples=rc.bootstrap_samples)
+
+    def refuse(reason: str) -> GateResult:
+        res.reason = reason
+        return res
+
+    if not protocol or not data_ver:
+        return refuse(f"version {str(candidate.version)} has no protocol hash / data version tags")
+    champ_protocol = champion.tags.get(tracking.TAG_PROTOCOL, "")
+    champ_data = champion.tags.get(tracking.TAG_DATA_VERSION, "")
+    cand_eval = _load_eval(client, candidate, protocol, data_ver)
+    if cand_eval is None:
+        return refuse(f"version {str(candidate.version)} has no test evaluation under protocol {protocol} on data "
+                      f"{data_ver} (expected artifacts {tracking.eval_artifact_dir('test', protocol, data_ver)}/ in "
+                      f"run {candidate.run_id})")
+    champ_eval = _load_eval(client, champion, protocol, data_ver)
+    if champ_eval is None:
+        what = []
+        if champ_protocol != protocol:
+            what.append(f"protocol hash differs (champion {champ_protocol}, candidate {protocol})")
+        if champ_data != data_ver:
+            what.append(f"dataset version differs (champion {champ_data}, candidate {data_ver})")
+        have = _available_evals(client, champion)
+        return refuse(f"champion v{str(champion.version)} has no evaluation comparable with candidate "
+                      f"v{str(candidate.version)}: {'; '.join(what) or 'no matching evaluation'}. Results under "
+                      f"different protocols or data are never compared; evaluate the champion under protocol "
+                      f"{protocol} on data {data_ver} and log it to its run {champion.run_id} "
+                      f"(evaluations it has: {have or 'none'})")
+    if metric not in cand_eval.metrics or metric not in champ_eval.metrics:
+        return refuse(f"gate metric {metric!r} (registry.gate_metric) missing: candidate has "
+                      f"{sorted(cand_eval.metrics)}, champion has {sorted(champ_eval.metrics)}")
+    res.candidate = float(cand_eval.metrics[metric])
+    res.champion = float(champ_eval.metrics[metric])
+    res.required = res.champion * (1.0 + rc.min_rel_gain)
+    res.rel_gain = (res.candidate - res.champion) / res.champion if res.champion > 0 else (
+        0.0 if res.candidate == res.champion else math.inf)
+
+    if metric not in cand_eval.per_user or metric not in champ_eval.per_user:
+        return refuse(f"per-user {metric!r} arrays missing (per_user.npz of candidate run {candidate.run_id} "
+                      f"or champion run {champion.run_id}): the paired bootstrap needs them")
+    common, ci, hi = np.intersect1d(cand_eval.users, champ_eval.users, return_indices=True)
+    if len(common) == 0:
+        return refuse("candidate and champion were evaluated on disjoint user sets")
+    if len(common) < max(len(cand_eval.users), len(champ_eval.users)):
+        log.warning("paired bootstrap over %d common users (candidate %d, champion %d)", len(common),
+                    len(cand_eval.users), len(champ_eval.users))
+    res.n_users = len(common)
+    res.mean_diff, res.ci_low, res.ci_high = paired_bootstrap(
+        cand_eval.per_user[metric][ci], champ_eval.per_user[metric][hi], rc.bootstrap_samples, rc.confidence,
+        seed=rc.bootstrap_seed)
+
+    # A relative tolerance keeps an identical model (equal up to float32 rounding) "at least as good".
+    if res.candidate < res.required - 1e-9 * max(1.0, abs(res.required)):
+        return refuse(f"candidate is worse on the gate: {res.summary()}")
+    if res.ci_high < 0:
+        return refuse(f"the paired bootstrap shows the candidate worse: {res.summary()}")
+    res.ok = True
+    res.reason = f"passed: {res.summary()}"
+    return res
+
+
+# --------------------------------------------------------------------------- alias moves
+
+
+def promote(cfg: Config, version: str | int | None, to: str = CHALLENGER, reason: str = "",
+            actor: str | None = None, share: float | None = None) -> MoveResult:
+    """Move an alias to ``version`` after the checks; raises :class:`PromotionRefused` /
+    :class:`RegistryError` with the reason (and moves nothing) otherwise.
+
+    - no champion yet: ``version`` becomes champion, whatever ``to`` says;
+    - ``to="challenger"``: gate against the champion, then set ``challenger`` + the A/B tags;
+    - ``to="champion"``: ``version`` (default: the current challenger) must be the challenger;
+      it becomes champion, ``challenger`` is removed, the A/B test is closed.
+    Repeating a promotion that already holds is a no-op.
+    """
+    if to not in (CHALLENGER, CHAMPION):
+        raise RegistryError(f"--to must be {CHALLENGER!r} or {CHAMPION!r}, got {to!r}")
+    client = _client(cfg)
+    name = cfg.registry.model_name
+    actor = actor or default_actor()
+    champion = _alias(client, name, CHAMPION)
+    challenger = _alias(client, name, CHALLENGER)
+    if version is None:
+        if to != CHAMPION or challenger is None:
+            raise RegistryError("no version given" + ("" if to != CHAMPION else " and there is no challenger"))
+        version = str(challenger.version)
+    mv = _get_version(client, name, version)
+    v = str(mv.version)
+
+    if champion is not None and str(champion.version) == v:
+        return MoveResult("noop", v, f"version {v} is already the champion; nothing moved")
+
+    if champion is None:
+        why = reason or "first champion: there was no champion to compare with"
+        ev = _move(cfg, client, CHAMPION, v, actor=actor, reason=why, action="promote", previous=None)
+        _set_history(client, name, [*_history(client, name), v])
+        return MoveResult(CHAMPION, v, f"version {v} is the first champion of {name} (no champion to gate "
+                                       "against)", events=[ev])
+
+    if to == CHALLENGER:
+        if challenger is not None and str(challenger.version) == v:
+            return MoveResult("noop", v, f"version {v} is already the challenger; nothing moved")
+        res = gate(cfg, mv, champion, client)
+        if not res.ok:
+            record(cfg, {"action": "refused", "alias": CHALLENGER, "version": v, "previous": None, "actor": actor,
+                         "reason": res.reason, "champion": str(champion.version)}, client)
+            raise PromotionRefused(f"version {v} not promoted to challenger: {res.reason}", res)
+        events = []
+        if challenger is not None:
+            client.set_model_version_tag(name, str(challenger.version), "ab.status", f"replaced by v{v}")
+            client.set_model_version_tag(name, str(challenger.version), "ab.end", _now())
+        share = cfg.registry.challenger_share if share is None else share
+        if not 0.0 < share < 1.0:
+            raise RegistryError(f"challenger share must be in (0, 1), got {share}")
+        ab = {"ab.status": "running", "ab.share": share, "ab.start": _now(), "ab.champion_version": str(champion.version),
+              "ab.gate_metric": res.metric, "ab.min_rel_gain": cfg.registry.min_rel_gain,
+              "ab.candidate_value": res.candidate, "ab.champion_value": res.champion, "ab.rel_gain": res.rel_gain,
+              "ab.ci_low": res.ci_low, "ab.ci_high": res.ci_high, "ab.confidence": res.confidence,
+              "ab.bootstrap_samples": res.samples, "ab.n_users": res.n_users, "ab.protocol_hash": res.protocol_hash,
+              "ab.data_version": res.data_version}
+        for k, val in ab.items():
+            client.set_model_version_tag(name, v, k, str(val))
+        why = reason or f"gate passed ({res.metric} {res.candidate:.5f} vs {res.champion:.5f})"
+        events.append(_move(cfg, client, CHALLENGER, v, actor=actor, reason=why, action="promote",
+                            previous=str(challenger.version) if challenger else None,
+                            extra={"share": share, "gate": _gate_dict(res)}))
+        return MoveResult(CHALLENGER, v, f"version {v} is the challenger with {share:.0%} of the traffic "
+                                         f"against champion v{str(champion.version)}; {res.reason}",
+                          previous=str(challenger.version) if challenger else None, gate=res, events=events)
+
+    # to == CHAMPION: end the A/B test in favour of the challenger
+    if challenger is None or str(challenger.version) != v:
+        raise PromotionRefused(
+            f"version {v} is not the challenger (challenger: {str(challenger.version) if challenger else 'none'}); "
+            f"only the challenger of a running A/B test can become champion: run `hllm registry promote {v}` first")
+    res = None
+    gated_against = mv.tags.get("ab.champion_version")
+    if gated_against != str(champion.version):  # champion moved (e.g. rollback) since the challenger was gated
+        res = gate(cfg, mv, champion, client)
+        if not res.ok:
+            record(cfg, {"action": "refused", "alias": CHAMPION, "version": v, "previous": str(champion.version),
+                         "actor": actor, "reason": res.reason}, client)
+            raise PromotionRefused(f"version {v} not promoted to champion: the champion changed to "
+                                   f"v{str(champion.version)} since the A/B test started and {res.reason}", res)
+    why = reason or "A/B test ended in favour of the challenger"
+    events = [_move(cfg, client, CHAMPION, v, actor=actor, reason=why, action="promote", previous=str(champion.version))]
+    client.delete_registered_model_alias(name, CHALLENGER)
+    for k, val in {"ab.status": "won", "ab.end": _now()}.items():
+        client.set_model_version_tag(name, v, k, val)
+    for k, val in {"removed_by": actor, "removed_at": _now(), "removed_reason": "became champion"}.items():
+        client.set_model_version_tag(name, v, f"alias.{CHALLENGER}.{k}", val)
+    _set_history(client, name, [*_history(client, name), v])
+    return MoveResult(CHAMPION, v, f"version {v} is the champion (was v{str(champion.version)}); A/B test closed",
+                      previous=str(champion.version), gate=res, events=events)
+
+
+def end_ab(cfg: Config, reason: str = "", actor: str | None = None) -> MoveResult:
+    """End the A/B test in favour of the champion: remove ``challenger`` (no-op without one)."""
+    client = _client(cfg)
+    name = cfg.registry.model_name
+    challenger = _alias(client, name, CHALLENGER)
+    if challenger is None:
+        return MoveResult("noop", None, "there is no challenger; nothing moved")
+    why = reason or "A/B test ended in favour of the champion"
+    ev = _unset(cfg, client, CHALLENGER, str(challenger.version), actor=actor or default_actor(), reason=why,
+                action="end_ab")
+    for k, val in {"ab.status": "lost", "ab.end": _now()}.items():
+        client.set_model_version_tag(name, str(challenger.version), k, val)
+    return MoveResult("end_ab", str(challenger.version), f"challenger v{str(challenger.version)} removed; A/B test closed",
+                      events=[ev])
+
+
+def rollback(cfg: Config, reason: str = "", actor: str | None = None,
+             expect_current: str | int | None = None) -> MoveResult:
+    """Put the previous champion back. With ``expect_current`` the call is idempotent: it only rolls
+    back while that version is still the champion (a retried rollback does not go back twice)."""
+    client = _client(cfg)
+    name = cfg.registry.model_name
+    champion = _alias(client, name, CHAMPION)
+    if champion is None:
+        raise RegistryError(f"model {name!r} has no champion; nothing to roll back")
+    if expect_current is not None and str(expect_current) != str(champion.version):
+        return MoveResult("noop", str(champion.version), f"champion is v{str(champion.version)}, not v{expect_current}: "
+                                                    "already rolled back; nothing moved")
+    history = _history(client, name)
+    while history and history[-1] == str(champion.version):
+        history.pop()
+    if not history:
+        raise RegistryError(f"champion v{str(champion.version)} has no previous champion to roll back to")
+    prev = history[-1]
+    why = reason or f"rollback of v{str(champion.version)}"
+    actor = actor or default_actor()
+    ev = _move(cfg, client, CHAMPION, prev, actor=actor, reason=why, action="rollback", previous=str(champion.version))
+    client.set_model_version_tag(name, str(champion.version), "hllm.rolled_back_at", _now())
+    _set_history(client, name, history)
+    return MoveResult("rollback", prev, f"champion rolled back from v{str(champion.version)} to v{prev}",
+                      previous=str(champion.version), events=[ev])
+
+
+def _gate_dict(res: GateResult) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(res).items()}
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def list_versions(cfg: Config) -> list[dict[str, Any]]:
+    """One row per version, newest first: aliases, lineage, test metrics of its own run, A/B tags."""
+    client = _client(cfg)
+    name = cfg.registry.model_name
+    try:
+        aliases = client.get_registered_model(name).aliases or {}
+    except Exception:  # no such model yet
+        return []
+    by_version: dict[str, list[str]] = {}
+    for alias, ver in aliases.items():
+        by_version.setdefault(str(ver), []).append(alias)
+    rows = []
+    for mv in sorted(_versions(client, name), key=lambda m: int(m.version), reverse=True):
+        try:
+            metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+        except Exception:  # the run was deleted: still list the version
+            metrics = {}
+        t = mv.tags
+        rows.append({
+            "version": str(mv.version),
+            "aliases": sorted(by_version.get(str(mv.version), [])),
+            "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M"),
+            "model_kind": t.get(tracking.TAG_MODEL_KIND, ""),
+            "data_version": t.get(tracking.TAG_DATA_VERSION, ""),
+            "protocol_hash": t.get(tracking.TAG_PROTOCOL, ""),
+            "metrics": {k.split("/", 1)[1].replace("_at_", "@"): v for k, v in metrics.items()
+                        if k.startswith("test/")},
+            "ab": {k[3:]: v for k, v in t.items() if k.startswith("ab.")},
+            "run_id": mv.run_id,
+        })
+    return rows

@@ -1,0 +1,564 @@
+"""MLflow tracking: run lifecycle, lineage and the metric logger the training loop calls.
+
+Everything here talks to MLflow through ``MlflowClient`` with an explicit run
+id rather than the fluent "active run" state, so a run opened by a Prefect
+task can be written to from a torchrun worker (``MLFLOW_RUN_ID`` in its
+environment), from another thread, or re-opened later to attach an
+evaluation (e.g. the champion's, on today's data, for the promotion gate).
+
+Layout of a training run::
+
+    params      the resolved config, flattened (``train.lr``, ``model.user.config.hidden_size`` ...)
+    tags        hllm.kind (train | baseline | flow), hllm.model_kind, hllm.data_version,
+                hllm.data.dvc_md5, hllm.data.sequences_md5, hllm.protocol_hash,
+                mlflow.source.git.commit, prefect.flow_run_id, system info
+    inputs      the built sequences as an MLflow dataset (digest = sequences hash)
+    metrics     train/loss, train/scale, train/lr, train/throughput (per step),
+                valid/<metric> (per epoch), test/<metric> (final)
+    artifacts   config/params.yaml, data/validation/*, plots/*.png,
+                eval/<split>/<protocol_hash>/<data_version>/{metrics.json,per_user.npz}
+
+MLflow metric names may not contain ``@``: ``ndcg@10`` is logged as ``ndcg_at_10``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+from hllm.config import Config, protocol_hash
+from hllm.logs import is_rank0
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORE_DIR = "mlflow"  # mlflow/mlflow.db + mlflow/artifacts/, git-ignored
+
+TAG_KIND = "hllm.kind"  # train | baseline | flow | audit
+TAG_MODEL_KIND = "hllm.model_kind"
+TAG_DATA_VERSION = "hllm.data_version"
+TAG_DVC_MD5 = "hllm.data.dvc_md5"
+TAG_SEQ_MD5 = "hllm.data.sequences_md5"
+TAG_PROTOCOL = "hllm.protocol_hash"
+TAG_FLOW_RUN = "prefect.flow_run_id"
+TAG_GIT_COMMIT = "mlflow.source.git.commit"  # MLflow's own key: the UI links it
+TAG_PARENT = "mlflow.parentRunId"  # MLflow's own key: the UI nests the run under it
+
+_MAX_PARAM_LEN = 6000
+_BATCH = 100  # MLflow's per-request limit for params/tags
+
+
+# --------------------------------------------------------------------------- store
+
+
+def resolve_tracking_uri(cfg: Config) -> str:
+    """``tracking.tracking_uri`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<cwd>/mlflow/mlflow.db``."""
+    if cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    store = Path.cwd() / DEFAULT_STORE_DIR
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def _default_artifact_location(uri: str) -> str | None:
+    """Local stores keep artifacts next to the db; a server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.parent / "artifacts").resolve().as_uri()
+    return None
+
+
+def configure(cfg: Config, experiment: str | None = None) -> str:
+    """Point MLflow at the configured store and return the experiment id (created if missing).
+
+    Also sets the process-wide tracking/registry URI, so ``mlflow.pyfunc.load_model("models:/...")``
+    resolves against the same store.
+    """
+    import mlflow
+
+    # tqdm bars per artifact download clutter CLI output and logs; a user's explicit setting wins
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = resolve_tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    name = experiment or cfg.tracking.experiment
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = cfg.tracking.artifact_location or _default_artifact_location(uri)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # a concurrent process created it between the two calls
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def client(cfg: Config) -> "MlflowClient":
+    import mlflow
+
+    configure(cfg)
+    return mlflow.MlflowClient()
+
+
+# --------------------------------------------------------------------------- names and versions
+
+
+def metric_key(name: str, split: str | None = None) -> str:
+    """``("ndcg@10", "test")`` -> ``test/ndcg_at_10`` (MLflow rejects ``@`` in names)."""
+    key = name.replace("@", "_at_")
+    return f"{split}/{key}" if split else key
+
+
+def git_commit(cwd: str | Path | None = None) -> tuple[str | None, bool]:
+    """(HEAD sha, working tree has uncommitted changes to tracked files); (None, False) outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=cwd, capture_output=True,
+                               timeout=30).returncode == 1
+        return sha or None, dirty
+    except (OSError, subprocess.SubprocessError):
+        return None, False
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    dvc_md5: str  # md5 of the raw dataset recorded in the .dvc file ("none" when not under DVC)
+    sequences_md5: str  # content hash of the built sequences + id maps ("none" when not built)
+
+    @property
+    def version(self) -> str:
+        """One short string: what the registry gate compares."""
+        return f"d{self.dvc_md5[:10]}-s{self.sequences_md5[:10]}"
+
+
+def dvc_md5(cfg: Config, root: str | Path = ".") -> str:
+    """The ``md5`` of the first ``outs`` entry of ``data.dvc`` (or ``<raw_dir>.dvc``)."""
+    import yaml
+
+    root = Path(root)
+    for cand in (root / "data.dvc", root / f"{cfg.paths.raw_dir.rstrip('/')}.dvc"):
+        if cand.is_file():
+            try:
+                outs = (yaml.safe_load(cand.read_text(encoding="utf-8")) or {}).get("outs") or []
+                md5 = outs[0].get("md5") if outs else None
+            except (yaml.YAMLError, AttributeError) as e:
+                raise ValueError(f"{cand}: not a valid .dvc file ({e})") from e
+            if not md5:
+                raise ValueError(f"{cand}: no outs[0].md5 entry")
+            return str(md5)
+    return "none"
+
+
+def sequences_md5(built_dir: str | Path) -> str:
+    """Hash of the built dataset's content (sequences and both id maps), not of the parquet bytes,
+    so rewriting the same data with another pyarrow version keeps the version."""
+    import pyarrow.parquet as pq
+
+    d = Path(built_dir)
+    if not (d / "sequences.parquet").is_file():
+        return "none"
+    h = hashlib.md5()
+    seq = pq.read_table(d / "sequences.parquet", columns=["user_idx", "items"])
+    col = seq.column("items").combine_chunks()
+    offs = col.offsets.to_numpy()
+    h.update((offs - offs[0]).astype("<i8").tobytes())
+    h.update(col.flatten().to_numpy().astype("<i4").tobytes())
+    h.update(seq.column("user_idx").to_numpy().astype("<i4").tobytes())
+    for name, id_col in (("items.parquet", "item_id"), ("users.parquet", "user_id")):
+        if (d / name).is_file():
+            t = pq.read_table(d / name, columns=["idx", id_col]).sort_by("idx")
+            h.update(name.encode())
+            h.update("\x1f".join(map(str, t.column(id_col).to_pylist())).encode())
+    return h.hexdigest()
+
+
+def data_version(cfg: Config, root: str | Path = ".") -> DataVersion:
+    # Path("/root") / "/abs/built" is "/abs/built": absolute built dirs keep working.
+    return DataVersion(dvc_md5(cfg, root), sequences_md5(Path(root) / cfg.paths.built_dir))
+
+
+def system_info(world_size: int | None = None, device: str | None = None) -> dict[str, str]:
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    info = {
+        "sys.python": platform.python_version(),
+        "sys.platform": platform.platform(),
+        "sys.torch": torch.__version__,
+        "sys.device": device,
+        "sys.world_size": str(world_size or int(os.environ.get("WORLD_SIZE", "1"))),
+        "sys.cpu_count": str(os.cpu_count()),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["sys.gpu"] = torch.cuda.get_device_name(0)
+        info["sys.gpu_count"] = str(torch.cuda.device_count())
+    try:
+        import transformers
+
+        info["sys.transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover - a hard dependency
+        pass
+    return info
+
+
+# --------------------------------------------------------------------------- the run handle
+
+
+class Tracker:
+    """Writes to one MLflow run. ``run_id=None`` is a silent no-op (ranks other than 0).
+
+    Implements ``log_metrics(metrics, step)``, the logger interface of ``hllm.train.train``.
+    """
+
+    def __init__(self, run_id: str | None, cfg: Config | None = None):
+        self.run_id = run_id
+        self.cfg = cfg
+        self._client: MlflowClient | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.run_id is not None
+
+    @property
+    def client(self) -> "MlflowClient":
+        if self._client is None:
+            import mlflow
+
+            if self.cfg is not None:
+                configure(self.cfg)
+            self._client = mlflow.MlflowClient()
+        return self._client
+
+    # -- metrics / params / tags
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, prefix: str = "") -> None:
+        """Log finite numeric values; ``@`` in names becomes ``_at_``. Non-finite values are skipped
+        (MLflow would store them, but they break the UI's charts) with a warning."""
+        if not self.active or not metrics:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = []
+        for k, v in metrics.items():
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                continue
+            if not math.isfinite(v):
+                log.warning("metric %s=%s is not finite; not logged (step %s)", k, v, step)
+                continue
+            batch.append(Metric(metric_key(f"{prefix}{k}"), v, ts, int(step or 0)))
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, params=items[i : i + _BATCH])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, tags=items[i : i + _BATCH])
+
+    # -- artifacts
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.active:
+            return
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"artifact {p} does not exist")
+        if p.is_dir():
+            self.client.log_artifacts(self.run_id, str(p), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(p), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.active:
+            self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        if self.active:
+            self.client.log_dict(self.run_id, obj, artifact_file)
+
+    # -- what every training run logs
+
+    def log_config(self, cfg: Config) -> None:
+        """The resolved config: flattened as params, and as ``config/params.yaml``."""
+        import yaml
+
+        self.log_params(cfg.flat())
+        self.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config/params.yaml")
+        self.set_tags({"hllm.config_hash": cfg.hash(), TAG_PROTOCOL: protocol_hash(cfg.eval.protocol),
+                       TAG_MODEL_KIND: cfg.model.kind})
+
+    def log_git(self, cwd: str | Path | None = None) -> None:
+        sha, dirty = git_commit(cwd)
+        if sha:
+            self.set_tags({TAG_GIT_COMMIT: sha, "hllm.git_dirty": str(dirty).lower()})
+
+    def log_system_info(self, world_size: int | None = None, device: str | None = None) -> None:
+        self.set_tags(system_info(world_size, device))
+
+    def log_dataset(self, cfg: Config, root: str | Path = ".", context: str = "training") -> DataVersion:
+        """Record the dataset version (tags) and the built sequences as an MLflow dataset input, so the
+        run page shows which data it was trained on (name, digest, schema, row count, source)."""
+        dv = data_version(cfg, root)
+        self.set_tags({TAG_DATA_VERSION: dv.version, TAG_DVC_MD5: dv.dvc_md5, TAG_SEQ_MD5: dv.sequences_md5})
+        built = Path(root) / cfg.paths.built_dir
+        if not self.active or not (built / "sequences.parquet").is_file():
+            if self.active:
+                log.warning("%s has no sequences.parquet: dataset version tags only, no dataset input", built)
+            return dv
+        import mlflow.data
+        import pandas as pd
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        df = pd.read_parquet(built / "sequences.parquet", columns=["user_idx", "items"])
+        with warnings.catch_warnings():
+            # a local path matches two registered (identical) local source types; MLflow picks one and warns
+            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+            warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column.*")
+            ds = mlflow.data.from_pandas(df, source=str(built.resolve()), name=f"hllm-sequences@{dv.version}",
+                                         digest=dv.sequences_md5[:20])
+            entity = ds._to_mlflow_entity()  # the schema is inferred here
+        inp = DatasetInput(entity, tags=[
+            InputTag(MLFLOW_DATASET_CONTEXT, context),
+            InputTag("dvc_md5", dv.dvc_md5),
+            InputTag("data_version", dv.version),
+        ])
+        self.client.log_inputs(self.run_id, datasets=[inp])
+        return dv
+
+    def log_validation_report(self, path: str | Path) -> None:
+        """The GX validation report (a JSON file or a Data Docs folder) under ``data/validation/``."""
+        self.log_artifact(path, "data/validation")
+
+    def log_evaluation(
+        self,
+        metrics: Mapping[str, float],
+        per_user: Mapping[str, Any] | None,
+        users: Any,
+        protocol: str,
+        data_ver: str,
+        split: str = "test",
+        log_as_metrics: bool = True,
+    ) -> str:
+        """Final metrics of one split under a protocol hash and data version.
+
+        ``metrics.json`` and ``per_user.npz`` (``users`` + one array per metric, what the
+        promotion gate bootstraps over) go to ``eval/<split>/<protocol>/<data_version>/``;
+        with ``log_as_metrics`` the values are also run metrics ``<split>/<name>``.
+        Returns the artifact directory.
+        """
+        import numpy as np
+
+        art_dir = eval_artifact_dir(split, protocol, data_ver)
+        if not self.active:
+            return art_dir
+        if log_as_metrics:
+            self.log_metrics(metrics, step=0, prefix=f"{split}/")
+            self.set_tags({TAG_PROTOCOL: protocol})
+        with tempfile.TemporaryDirectory() as tmp:
+            body = {"split": split, "protocol_hash": protocol, "data_version": data_ver,
+                    "metrics": {k: float(v) for k, v in metrics.items()}}
+            (Path(tmp) / "metrics.json").write_text(json.dumps(body, indent=2, sort_keys=True))
+            if per_user:
+                arrays = {k: np.asarray(v) for k, v in per_user.items()}
+                n = len(np.asarray(users))
+                bad = [k for k, v in arrays.items() if v.shape != (n,)]
+                if bad:
+                    raise ValueError(f"per-user arrays {bad} do not have one value per user ({n})")
+                np.savez_compressed(Path(tmp) / "per_user.npz", users=np.asarray(users), **arrays)
+            self.client.log_artifacts(self.run_id, tmp, art_dir)
+        return art_dir
+
+    def log_eval_result(self, result: Any, data_ver: str, log_as_metrics: bool = True) -> str:
+        """Same as :meth:`log_evaluation` for an ``hllm.evaluate.EvalResult``."""
+        return self.log_evaluation(result.metrics, result.per_user, result.users, result.protocol_hash, data_ver,
+                                   result.split, log_as_metrics)
+
+    def log_evaluation_files(self, metrics_json: str | Path, per_user_npz: str | Path | None,
+                             data_ver: str, split: str | None = None, log_as_metrics: bool = True) -> str:
+        """Same as :meth:`log_evaluation` from what ``hllm evaluate`` writes (``metrics.json`` with
+        ``metrics`` and ``protocol_hash``; ``per_user.npz`` with ``users`` + per-metric arrays)."""
+        import numpy as np
+
+        body = json.loads(Path(metrics_json).read_text())
+        try:
+            metrics = body["metrics"]
+            protocol = body["protocol_hash"]
+        except KeyError as e:
+            raise ValueError(f"{metrics_json}: missing key {e}") from e
+        split = split or body.get("split", "test")
+        per_user, users = None, None
+        if per_user_npz is not None:
+            with np.load(per_user_npz, allow_pickle=False) as z:
+                if "users" not in z:
+                    raise ValueError(f"{per_user_npz}: no 'users' array")
+                users = z["users"]
+                per_user = {k: z[k] for k in z.files if k != "users"}
+        return self.log_evaluation(metrics, per_user, users, protocol, data_ver, split, log_as_metrics)
+
+    def log_figure_file(self, path: str | Path) -> None:
+        self.log_artifact(path, "plots")
+
+    def log_loss_curve(self, keys: tuple[str, ...] = ("train/loss",)) -> Path | None:
+        """Plot the logged per-step series (default ``train/loss``) as ``plots/loss_curve.png``."""
+        from hllm import plots
+
+        if not self.active:
+            return None
+        series = {k: [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, k)] for k in keys}
+        series = {k: v for k, v in series.items() if v}
+        if not series:
+            log.warning("run %s has no %s history; no loss curve", self.run_id, keys)
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            out = plots.loss_curve(series, Path(tmp) / "loss_curve.png")
+            self.log_figure_file(out)
+        return Path("plots/loss_curve.png")
+
+    def log_comparison(self, runs: Mapping[str, str], split: str = "test",
+                       ks: list[int] | None = None) -> Path | None:
+        """Recall@K / NDCG@K bars of this run against others (label -> run id, e.g. the baselines),
+        from their logged ``<split>/<metric>`` values, as ``plots/<split>_metrics.png``."""
+        from hllm import plots
+
+        if not self.active:
+            return None
+        ks = ks or (list(self.cfg.eval.protocol.ks) if self.cfg else [5, 10, 50, 200])
+        results: dict[str, dict[str, float]] = {}
+        for label, rid in runs.items():
+            m = self.client.get_run(rid).data.metrics
+            vals = {f"{name}@{k}": m[metric_key(f"{name}@{k}", split)]
+                    for name in ("recall", "ndcg") for k in ks if metric_key(f"{name}@{k}", split) in m}
+            if vals:
+                results[label] = vals
+        if not results:
+            log.warning("no %s metrics on runs %s; no comparison plot", split, list(runs))
+            return None
+        name = f"{split}_metrics.png"
+        with tempfile.TemporaryDirectory() as tmp:
+            self.log_figure_file(plots.metric_bars(results, ks, Path(tmp) / name, title=f"{split} metrics"))
+        return Path("plots") / name
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.active:
+            self.client.set_terminated(self.run_id, status)
+
+
+def eval_artifact_dir(split: str, protocol: str, data_ver: str) -> str:
+    return f"eval/{split}/{protocol}/{data_ver}"
+
+
+def _param_value(v: Any) -> str:
+    s = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    return s if len(s) <= _MAX_PARAM_LEN else s[: _MAX_PARAM_LEN - 3] + "..."
+
+
+# --------------------------------------------------------------------------- run lifecycle
+
+
+@contextlib.contextmanager
+def start_run(
+    cfg: Config,
+    run_name: str,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    kind: str = "train",
+    log_data: bool = True,
+    root: str | Path = ".",
+) -> Iterator[Tracker]:
+    """Open a run, log config/git/system info/dataset lineage, yield a :class:`Tracker`; the run
+    ends FINISHED, or FAILED if the body raises. On ranks other than 0 it yields a no-op tracker.
+
+    ``parent_run_id`` nests the run under a flow's parent run (HLLM and baselines as siblings).
+    """
+    if not is_rank0():
+        yield Tracker(None)
+        return
+    import mlflow
+
+    exp_id = configure(cfg)
+    all_tags = {TAG_KIND: kind, "mlflow.runName": run_name, **({TAG_PARENT: parent_run_id} if parent_run_id else {})}
+    all_tags.update({k: str(v) for k, v in (tags or {}).items() if v is not None})
+    run = mlflow.MlflowClient().create_run(exp_id, run_name=run_name, tags=all_tags)
+    tracker = Tracker(run.info.run_id, cfg)
+    log.info("MLflow run %s (%s) in %s", run_name, run.info.run_id, resolve_tracking_uri(cfg))
+    try:
+        if kind != "flow":
+            tracker.log_config(cfg)
+            tracker.log_system_info()
+        tracker.log_git(root)
+        if log_data:
+            tracker.log_dataset(cfg, root)
+        yield tracker
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+
+
+@contextlib.contextmanager
+def start_parent_run(cfg: Config, run_name: str, flow_run_id: str | None = None,
+                     tags: Mapping[str, Any] | None = None, root: str | Path = ".") -> Iterator[Tracker]:
+    """The parent run of one nightly flow run, tagged with the Prefect flow-run id; open child runs
+    with ``start_run(..., parent_run_id=parent.run_id)``."""
+    with start_run(cfg, run_name, tags={TAG_FLOW_RUN: flow_run_id, **(tags or {})}, kind="flow",
+                   log_data=True, root=root) as t:
+        yield t
+
+
+def attach(run_id: str | None = None, cfg: Config | None = None) -> Tracker:
+    """A tracker on an existing run (default ``$MLFLOW_RUN_ID``); a no-op tracker on ranks other than 0
+    or when there is no run id. Used by torchrun workers whose run was opened by the flow."""
+    run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
+    if not is_rank0() or not run_id:
+        return Tracker(None)
+    if cfg is not None:
+        configure(cfg)
+    return Tracker(run_id, cfg)
+
+
+def find_runs(cfg: Config, filter_string: str = "", max_results: int = 100) -> list[Any]:
+    exp_id = configure(cfg)
+    import mlflow
+
+    return mlflow.MlflowClient().search_runs([exp_id], filter_string=filter_string, max_results=max_results,
+                                             order_by=["attributes.start_time DESC"])
