@@ -77,3 +77,49 @@ def random_dataset(tmp: Path, n_users: int = 40, n_items: int = 60, seed: int = 
         n = int(rng.integers(1, 14))
         seqs.append(rng.integers(1, n_items, size=n).tolist() if repeats else rng.choice(np.arange(1, n_items), n, replace=False).tolist())
     return make_built(tmp, seqs, n_items)
+
+
+class TextModel(SeqRecModel):
+    """A text-based item tower (like HLLM's Item LLM): the embedding is a
+    learned projection of a position-aware character histogram of its text, so its weights do
+    not depend on the catalogue and new items can be encoded."""
+
+    item_state_prefixes = ("proj.",)
+
+    def __init__(self, texts: list[str], dim: int = 8, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.proj = torch.nn.Linear(64, dim)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.randn(dim, 64, generator=g))
+            self.proj.bias.zero_()
+        self.mix = torch.nn.Linear(dim, dim)  # the "user tower"
+        with torch.no_grad():
+            self.mix.weight.copy_(torch.eye(dim) + 0.1 * torch.randn(dim, dim, generator=g))
+            self.mix.bias.zero_()
+        feats = np.zeros((len(texts), 64), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for pos, ch in enumerate(t):  # position-aware, so "title 12" != "title 21"
+                feats[i, (ord(ch) + 31 * pos) % 64] += 1.0
+        self.register_buffer("feats", torch.from_numpy(feats), persistent=False)
+        self.normalize = True
+        self.item_calls = 0
+
+    def item_embeddings(self, idx: torch.Tensor) -> torch.Tensor:
+        self.item_calls += len(idx)
+        return self.proj(self.feats[idx])
+
+    def user_embeddings(self, history_emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        w = mask.float().unsqueeze(-1)
+        return self.mix((history_emb * w).sum(1) / w.sum(1).clamp_min(1.0))
+
+    def train_loss(self, windows, negatives):  # pragma: no cover
+        return LossOutput(loss=torch.zeros(()))
+
+
+def text_model_for(built: BuiltData, cfg: Config, seed: int = 0) -> TextModel:
+    from hllm.data.text import item_texts
+
+    items = built.items_table().sort_values("idx")
+    texts = [""] + item_texts(items.iloc[1:], cfg.model.item.prompt, cfg.model.item.text_fields)
+    return TextModel(texts, seed=seed)

@@ -1,0 +1,302 @@
+"""Embedding export for serving: items, users, a FAISS index and a manifest.
+
+An export folder holds::
+
+    manifest.json          model/data versions, config + protocol hashes, dim, normalisation, counts
+    items.parquet          row, item_id (original id), title, text_key
+    item_embeddings.npy    float32 [n_items, d] raw item-tower output (input of the user model)
+    items.faiss            FAISS index over the items (normalised vectors when the model scores by cosine)
+    users.parquet          row, user_id (original id), n_seen
+    user_embeddings.npy    float32 [n_users, d] query vectors at each user's latest position
+    seen.npz               offsets, items: each user's full history as item rows (excluded when serving)
+
+Item row r is item idx r + 1 of the built dataset (idx 0 is padding). The user
+vector is computed from the user's *whole* sequence (the test history plus the
+test item): it predicts what comes next, which is what serving needs.
+
+Writes are atomic: everything goes to a temporary sibling folder that replaces
+the old export only once complete, so a failed export leaves the previous one
+intact. Re-exporting reuses item embeddings whose ``text_key`` (hash of item
+id + item text) and ``item_model_version`` (hash of the item tower's weights
+and item-text settings) are unchanged, and encodes only new or changed items.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hllm.config import Config, protocol_hash, stable_hash
+from hllm.data.artifacts import PAD, BuiltData, left_pad_windows
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+    items_encoded: int
+    items_reused: int
+
+
+# --------------------------------------------------------------------------- versions and keys
+
+
+def state_hash(model: torch.nn.Module, prefixes: tuple[str, ...] | None = None) -> str:
+    """Hash of the model's tensors (optionally only keys starting with ``prefixes``)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if prefixes is not None and not name.startswith(prefixes):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def item_model_version(model: torch.nn.Module, cfg: Config) -> str:
+    """What decides an item's embedding besides its text: the item tower's
+    weights and the item-text settings. A model may declare
+    ``item_state_prefixes`` (state_dict key prefixes of its item tower) so that
+    a retrained user tower alone does not invalidate item embeddings; without
+    it the whole model counts."""
+    m = getattr(model, "module", model)
+    prefixes = getattr(m, "item_state_prefixes", None)
+    return stable_hash({
+        "kind": cfg.model.kind,
+        "weights": state_hash(m, tuple(prefixes) if prefixes else None),
+        "item": dataclasses.asdict(cfg.model.item),
+    }, n=16)
+
+
+def item_text_keys(built: BuiltData, cfg: Config):
+    """(items table without padding, text_key per item): hash of original id + item text."""
+    from hllm.data.text import item_texts
+
+    items = built.items_table().sort_values("idx")
+    items = items[items["idx"] != PAD].reset_index(drop=True)
+    if not np.array_equal(items["idx"].to_numpy(), np.arange(1, built.n_items)):
+        raise ValueError(f"{built.dir / 'items.parquet'}: idx must be 1..{built.n_items - 1} besides padding")
+    texts = item_texts(items, cfg.model.item.prompt, cfg.model.item.text_fields)
+    ids = items["item_id"].astype(str).tolist()
+    keys = [hashlib.sha1(f"{i}\x1f{t}".encode()).hexdigest()[:20] for i, t in zip(ids, texts)]
+    return items, keys
+
+
+def data_version(built: BuiltData) -> str:
+    """The build's own data version when it records one, else a content hash of its tables."""
+    v = built.stats.get("data_version") if isinstance(built.stats, dict) else None
+    if v:
+        return str(v)
+    h = hashlib.sha256()
+    for name in ("items.parquet", "users.parquet", "sequences.parquet"):
+        p = built.dir / name
+        if p.exists():
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export(ckpt_dir: str | Path, out_dir: str | Path | None = None, cfg: Config | None = None,
+           progress: bool = True) -> ExportResult:
+    """Export a saved checkpoint (see :func:`hllm.checkpoint.load_model`)."""
+    from hllm.checkpoint import load_model
+    from hllm.evaluate import checkpoint_fingerprint
+
+    model, ckpt_cfg, built = load_model(ckpt_dir)
+    cfg = cfg or ckpt_cfg
+    meta_path = Path(ckpt_dir) / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    info = {
+        "checkpoint": str(Path(ckpt_dir).resolve()),
+        "fingerprint": checkpoint_fingerprint(ckpt_dir),
+        **{k: meta[k] for k in ("step", "epoch", "run_name", "code_sha", "data_version") if k in meta},
+    }
+    out = Path(out_dir) if out_dir is not None else Path(cfg.paths.export_dir) / cfg.train.run_name
+    return export_model(model, built, cfg, out, model_info=info, progress=progress)
+
+
+@torch.inference_mode()
+def export_model(model, built: BuiltData, cfg: Config, out_dir: str | Path, *,
+                 model_info: dict[str, Any] | None = None, progress: bool = True) -> ExportResult:
+    """Write an export of ``model`` over ``built`` to ``out_dir`` atomically."""
+    from hllm.evaluate import _unwrap, model_device, user_embedding_fn
+
+    out = Path(out_dir)
+    m = _unwrap(model)
+    was_training = m.training
+    m.eval()
+    try:
+        items, keys = item_text_keys(built, cfg)
+        version = item_model_version(m, cfg)
+        table, n_new = _item_table(m, built, keys, version, out, cfg.export.batch, progress)
+        table_t = torch.from_numpy(table).to(model_device(m))
+        seqs = built.sequences
+        users = np.arange(seqs.n_users)
+        hist = left_pad_windows(seqs, seqs.offsets[1:], users, cfg.eval.protocol.max_history)
+        ufn = user_embedding_fn(m, table_t, hist)
+        chunk = cfg.eval.user_chunk
+        user_emb = np.concatenate([ufn(s, min(s + chunk, len(users))).cpu().numpy() for s in range(0, len(users), chunk)]) \
+            if len(users) else np.zeros((0, table.shape[1]), np.float32)
+    finally:
+        m.train(was_training)
+    if not np.isfinite(table).all() or not np.isfinite(user_emb).all():
+        raise ValueError("the model produced non-finite item or user embeddings; nothing exported")
+    item_vecs = table[1:]
+    manifest = {
+        "format": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"kind": cfg.model.kind, **(model_info or {})},
+        "item_model_version": version,
+        "data": {"built_dir": str(built.dir), "version": data_version(built)},
+        "config_hash": cfg.hash(),
+        "protocol_hash": protocol_hash(cfg.eval.protocol),
+        "dim": int(table.shape[1]),
+        "normalize": bool(m.normalize),
+        "max_history": cfg.eval.protocol.max_history,
+        "counts": {"items": len(item_vecs), "users": len(users), "interactions": int(len(seqs.items))},
+        "index": {"type": cfg.export.faiss_index, "metric": "inner_product",
+                  **({"m": cfg.export.hnsw_m, "ef_search": cfg.export.hnsw_ef_search} if cfg.export.faiss_index == "hnsw" else {})},
+        "refresh": {"items_encoded": n_new, "items_reused": len(item_vecs) - n_new},
+    }
+    import pandas as pd
+
+    title = items["title"].astype("string").fillna("") if "title" in items.columns else pd.Series([""] * len(items))
+    item_df = pd.DataFrame({"row": np.arange(len(items), dtype=np.int64), "item_id": items["item_id"].astype(str),
+                            "title": title.astype(str), "text_key": keys})
+    user_df = pd.DataFrame({"row": users.astype(np.int64), "user_id": built.user_ids.astype(str),
+                            "n_seen": seqs.lengths.astype(np.int64)})
+
+    def write(tmp: Path) -> None:
+        item_df.to_parquet(tmp / "items.parquet", index=False)
+        np.save(tmp / "item_embeddings.npy", item_vecs)
+        user_df.to_parquet(tmp / "users.parquet", index=False)
+        np.save(tmp / "user_embeddings.npy", user_emb.astype(np.float32))
+        np.savez(tmp / "seen.npz", offsets=seqs.offsets.astype(np.int64), items=(seqs.items - 1).astype(np.int64))
+        write_index(item_vecs, bool(m.normalize), cfg, tmp / "items.faiss")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+    atomic_dir(out, write)
+    log.info("exported %d items (%d encoded, %d reused) and %d users to %s",
+             len(item_vecs), n_new, len(item_vecs) - n_new, len(users), out)
+    return ExportResult(out, manifest, n_new, len(item_vecs) - n_new)
+
+
+def _item_table(m, built: BuiltData, keys: list[str], version: str, out: Path, batch: int,
+                progress: bool) -> tuple[np.ndarray, int]:
+    """[n_items, d] float32 item table (row 0 zero); reuses the previous export's rows where possible."""
+    from tqdm.auto import tqdm
+
+    from hllm.evaluate import model_device
+
+    reuse: dict[str, np.ndarray] = {}
+    prev = read_manifest(out)
+    if prev is not None and prev.get("item_model_version") == version:
+        import pandas as pd
+
+        try:
+            prev_keys = pd.read_parquet(out / "items.parquet", columns=["text_key"])["text_key"].tolist()
+            prev_emb = np.load(out / "item_embeddings.npy", mmap_mode="r")
+            reuse = {k: prev_emb[i] for i, k in enumerate(prev_keys)}
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("previous export in %s unreadable (%s); encoding every item", out, e)
+            reuse = {}
+    elif prev is not None:
+        log.info("item model changed (%s -> %s): encoding every item", prev.get("item_model_version"), version)
+    todo = np.array([i + 1 for i, k in enumerate(keys) if k not in reuse], dtype=np.int64)
+    device = model_device(m)
+    parts = []
+    for s in tqdm(range(0, len(todo), batch), desc="encode items", unit="batch", disable=not progress or not len(todo)):
+        parts.append(m.item_embeddings(torch.from_numpy(todo[s : s + batch]).to(device)).float().cpu().numpy())
+    if parts:
+        dim = parts[0].shape[1]
+    elif reuse:
+        dim = len(next(iter(reuse.values())))
+    else:
+        raise ValueError(f"{built.dir}: no items to export")
+    table = np.zeros((built.n_items, dim), dtype=np.float32)
+    for i, k in enumerate(keys):
+        if k in reuse:
+            table[i + 1] = reuse[k]
+    if parts:
+        table[todo] = np.concatenate(parts)
+    return table, len(todo)
+
+
+def write_index(vectors: np.ndarray, normalize: bool, cfg: Config, path: Path) -> None:
+    """FAISS inner-product index over the items (cosine when the vectors are normalised)."""
+    import faiss
+
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if normalize:
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    d = x.shape[1]
+    kind = cfg.export.faiss_index
+    if kind == "flat_ip":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, cfg.export.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = cfg.export.hnsw_ef_search
+    else:
+        raise ValueError(f"export.faiss_index must be 'flat_ip' or 'hnsw', got {kind!r}")
+    index.add(x)
+    faiss.write_index(index, str(path))
+
+
+def read_manifest(out: Path) -> dict[str, Any] | None:
+    p = Path(out) / MANIFEST
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("unreadable manifest %s: %s", p, e)
+        return None
+
+
+def atomic_dir(out: Path, write) -> None:
+    """Run ``write(tmp)`` into a fresh sibling folder, then swap it in for ``out``.
+
+    On any failure the temporary folder is removed and ``out`` is untouched.
+    The swap is two renames on the same filesystem; if the second fails the
+    old folder is renamed back.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = out.parent / f".{out.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{tag}"
+    if out.exists():
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old.exists():
+            os.rename(old, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
