@@ -1,0 +1,1 @@
+"""Prefect flows: thin orchestration over the :mod:`hllm` library (see README, "Nightly flow")."""
