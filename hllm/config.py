@@ -69,6 +69,8 @@ class BuildConfig:
     k_core_mode: str = "iterative"  # "iterative" (true k-core) | "one_pass" (HLLM's Books script)
     max_seq_len: int = 10  # L: a training window holds L + 1 items
     window_mode: str = "split"  # "split": non-overlapping windows aligned to the end | "last": most recent L+1 only
+    require_validation: bool = True  # build only from raw data whose latest validation report passed
+    tokenize: bool = True  # pre-tokenise item text with model.item's tokenizer as part of the build
 
 
 @dataclass

@@ -1,0 +1,120 @@
+"""Dataset versions with DVC: record, push and bring back the raw data.
+
+``data.dvc`` (repo root) tracks ``data/raw``; its ``md5`` is the dataset
+version that MLflow runs record as lineage. A version is made by
+:func:`add_and_push` (hash the folder into the DVC cache, rewrite ``data.dvc``,
+upload to the remote) and brought back by checking out an old ``data.dvc``
+and :func:`pull`. Commit ``data.dvc`` to git after :func:`add_and_push`:
+the commit is what names the version.
+
+DVC is driven through its command line (``python -m dvc``), its stable
+interface; each call costs about half a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from hllm.data.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DVC_FILE = "data.dvc"
+
+
+class VersioningError(RuntimeError):
+    """A DVC command failed; the message carries its output."""
+
+
+@dataclass
+class DataVersion:
+    md5: str  # the version: DVC's directory hash, e.g. "3f2c...e1.dir"
+    path: str  # tracked path, relative to the .dvc file
+    size: int | None
+    nfiles: int | None
+    dvc_file: Path
+
+
+def dvc(*args: str, repo: str | Path = ".", check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "ITERATIVE_DO_NOT_TRACK": "1"}
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, text=True,
+                          capture_output=True)
+    if check and proc.returncode != 0:
+        out = (proc.stderr or proc.stdout).strip()[-2000:]
+        raise VersioningError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}) in {repo}:\n{out}")
+    return proc
+
+
+def read_version(dvc_file: str | Path = DVC_FILE, repo: str | Path = ".") -> DataVersion:
+    p = Path(repo) / dvc_file
+    if not p.exists():
+        raise DataError(f"{p}: no such DVC file; run `hllm data push` to create the first version")
+    try:
+        outs = (yaml.safe_load(p.read_text(encoding="utf-8")) or {}).get("outs") or []
+        out = outs[0]
+    except (yaml.YAMLError, IndexError, AttributeError) as e:
+        raise DataError(f"{p}: not a DVC file with one output ({e})") from e
+    if not out.get("md5"):
+        raise DataError(f"{p}: output {out.get('path')!r} has no hash yet; run `hllm data push`")
+    return DataVersion(out["md5"], out["path"], out.get("size"), out.get("nfiles"), p)
+
+
+def add(raw_dir: str | Path = "data/raw", dvc_file: str | Path = DVC_FILE, repo: str | Path = ".") -> DataVersion:
+    """Hash ``raw_dir`` into the DVC cache and record it in ``dvc_file`` (created when missing).
+
+    ``dvc add`` would name the file ``data/raw.dvc``; writing the stub and
+    running ``dvc commit`` keeps the project's ``data.dvc`` at the repo root.
+    """
+    repo = Path(repo)
+    p = repo / dvc_file
+    rel = os.path.relpath(Path(repo, raw_dir).resolve(), p.parent.resolve())
+    if not (repo / raw_dir).is_dir():
+        raise DataError(f"{repo / raw_dir}: no raw dataset to version; run `hllm data synth` or `hllm data import`")
+    current = None
+    if p.exists():
+        try:
+            current = (yaml.safe_load(p.read_text(encoding="utf-8")) or {}).get("outs", [{}])[0].get("path")
+        except yaml.YAMLError:
+            current = None
+    if current != rel:
+        p.write_text(yaml.safe_dump({"outs": [{"path": rel}]}, sort_keys=False), encoding="utf-8")
+    dvc("commit", "--force", "--quiet", str(dvc_file), repo=repo)
+    v = read_version(dvc_file, repo)
+    log.info("dataset version %s (%s files) recorded in %s", v.md5, v.nfiles, p)
+    return v
+
+
+def push(dvc_file: str | Path = DVC_FILE, remote: str | None = None, repo: str | Path = ".") -> None:
+    args = ["push", "--quiet", str(dvc_file)] + (["--remote", remote] if remote else [])
+    dvc(*args, repo=repo)
+
+
+def add_and_push(raw_dir: str | Path = "data/raw", dvc_file: str | Path = DVC_FILE, remote: str | None = None,
+                 repo: str | Path = ".") -> DataVersion:
+    """Record the raw data as a version and upload it; returns the version (md5)."""
+    v = add(raw_dir, dvc_file, repo)
+    push(dvc_file, remote, repo)
+    log.info("pushed dataset version %s to %s", v.md5, remote or "the default remote")
+    return v
+
+
+def pull(dvc_file: str | Path = DVC_FILE, remote: str | None = None, repo: str | Path = ".") -> DataVersion:
+    """Bring the workspace data to the version ``dvc_file`` names (download what the cache lacks)."""
+    v = read_version(dvc_file, repo)
+    args = ["pull", "--quiet", "--force", str(dvc_file)] + (["--remote", remote] if remote else [])
+    dvc(*args, repo=repo)
+    log.info("checked out dataset version %s into %s", v.md5, Path(repo) / v.path)
+    return v
+
+
+def is_current(dvc_file: str | Path = DVC_FILE, repo: str | Path = ".") -> bool:
+    """True when the workspace data matches what ``dvc_file`` records."""
+    proc = dvc("status", "--quiet", str(dvc_file), repo=repo, check=False)
+    return proc.returncode == 0
