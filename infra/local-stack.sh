@@ -204,23 +204,17 @@ for bucket in sys.argv[2:]:
     s3.create_bucket(Bucket=bucket)
 EOF
 
-  # MLflow: runs/registry in PostgreSQL, artifacts proxied to the bucket, basic auth whose user
-  # store is a second PostgreSQL database. Secrets reach it only through the environment.
-  cat >"$STATE/mlflow/basic_auth.ini" <<EOF
-[mlflow]
-default_permission = READ
-database_uri = $pg_url/mlflow_auth
-admin_username = $ml_user
-authorization_function = mlflow.server.auth:authenticate_request_basic_auth
-EOF
-  chmod 600 "$STATE/mlflow/basic_auth.ini"
-  MLFLOW_AUTH_CONFIG_PATH="$STATE/mlflow/basic_auth.ini" MLFLOW_AUTH_ADMIN_USERNAME=$ml_user \
-  MLFLOW_AUTH_ADMIN_PASSWORD=$ml_pw MLFLOW_FLASK_SERVER_SECRET_KEY=$flask_key \
-  MLFLOW_S3_ENDPOINT_URL=$s3_url \
-    start mlflow "${BIN}mlflow" server --app-name basic-auth \
-      --backend-store-uri "$pg_url/mlflow" \
-      --artifacts-destination "s3://$MLFLOW_BUCKET/artifacts" \
-      --host 127.0.0.1 --port "$mlflow_port" --workers 1
+  # MLflow: the same entry script as docker-compose and Kubernetes (infra/mlflow-server.sh): runs and
+  # registry in PostgreSQL, artifacts proxied to the bucket, basic auth with its user store in a
+  # second database. Secrets reach it only through the environment.
+  PATH="${BIN:+${BIN%/}:}$PATH" \
+  MLFLOW_BACKEND_STORE_URI="$pg_url/mlflow" MLFLOW_AUTH_DATABASE_URI="$pg_url/mlflow_auth" \
+  MLFLOW_ARTIFACTS_DESTINATION="s3://$MLFLOW_BUCKET/artifacts" \
+  MLFLOW_AUTH_CONFIG_PATH="$STATE/mlflow/basic_auth.ini" \
+  MLFLOW_AUTH_ADMIN_USERNAME=$ml_user MLFLOW_AUTH_ADMIN_PASSWORD=$ml_pw \
+  MLFLOW_FLASK_SERVER_SECRET_KEY=$flask_key MLFLOW_S3_ENDPOINT_URL=$s3_url \
+  MLFLOW_HOST=127.0.0.1 MLFLOW_PORT=$mlflow_port MLFLOW_WORKERS=1 \
+    start mlflow bash "$REPO/infra/mlflow-server.sh"
 
   local ui=--no-ui
   [[ "${HLLM_STACK_PREFECT_UI:-0}" == 1 ]] && ui=--ui
