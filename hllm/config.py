@@ -199,10 +199,22 @@ class RegistryConfig:
 
 @dataclass
 class FlowConfig:
-    cron: str = "0 2 * * *"
+    """The ``nightly-retrain`` Prefect flow (``flows/``); its parameters override these defaults."""
+
+    cron: str = "0 2 * * *"  # schedule of the nightly deployment
     timezone: str = "UTC"
-    deployment: str = "nightly"
-    baselines: list[str] = field(default_factory=lambda: ["sasrec", "pop"])
+    deployment: str = "nightly"  # deployment name: `prefect deployment run 'nightly-retrain/nightly'`
+    work_pool: str = "hllm-process"  # process work pool of `prefect deploy` (prefect.yaml)
+    snapshot: str = ""  # "" = the embedded synthetic dataset; else a folder or an s3://bucket/prefix
+    snapshot_format: str = "raw"  # "raw" (interactions/items.parquet) | an import format: hllm, amazon, movielens, recbole
+    dvc_remote: str = ""  # remote the new data version is pushed to; "" = the default remote
+    baselines: list[str] = field(default_factory=lambda: ["sasrec", "pop"])  # trained + evaluated beside HLLM
+    baseline_overrides: dict[str, Any] = field(default_factory=dict)  # kind -> ["train.lr=1e-3", ...] for that baseline
+    promote: bool = True  # run the promotion gate after registering (first version -> champion, pass -> challenger)
+    concurrency_limit: str = "hllm-nightly-retrain"  # global concurrency limit (1 slot) a running flow holds
+    slot_timeout_s: float = 14400.0  # a second run waits this long for the slot, then fails without touching anything
+    io_retries: int = 3  # retries of I/O tasks (S3 snapshot, DVC push, MLflow registry); none on training
+    io_retry_delay_s: float = 10.0  # first back-off; doubles on each retry
 
 
 @dataclass
