@@ -508,3 +508,44 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- saved checkpoints
+
+
+def default_checkpoint(cfg: Config) -> Path:
+    """``runs/<run_name>/best`` when it exists, else the run's newest step checkpoint."""
+    from hllm.checkpoint import latest_checkpoint
+
+    run_dir = Path(cfg.paths.runs_dir) / cfg.train.run_name
+    if (run_dir / "best" / "model.safetensors").exists():
+        return run_dir / "best"
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        raise FileNotFoundError(f"no checkpoint under {run_dir}; train first (`hllm train`) or pass --checkpoint")
+    return latest
+
+
+def load_for_eval(ckpt_dir: str | Path, cfg: Config | None = None, built_dir: str | Path | None = None):
+    """``load_model`` with the *current* ``eval``/``export`` sections (and paths
+    for outputs) applied: every model is evaluated under today's protocol, not
+    the one it was trained with. Returns ``(model, cfg, built)``."""
+    from hllm.checkpoint import load_model
+
+    model, ckpt_cfg, built = load_model(ckpt_dir, built_dir=built_dir)
+    if cfg is not None:
+        ckpt_cfg.eval = cfg.eval
+        ckpt_cfg.export = cfg.export
+        ckpt_cfg.paths.reports_dir = cfg.paths.reports_dir
+        ckpt_cfg.paths.export_dir = cfg.paths.export_dir
+    return model, ckpt_cfg, built
+
+
+def evaluate_checkpoint(ckpt_dir: str | Path, cfg: Config | None = None, splits: tuple[str, ...] = ("test",),
+                        built_dir: str | Path | None = None, progress: bool = True) -> dict[str, EvalResult]:
+    """Evaluate a saved checkpoint on one or more splits, encoding the items once
+    (and caching them in the checkpoint folder)."""
+    model, ecfg, built = load_for_eval(ckpt_dir, cfg, built_dir)
+    with torch.inference_mode():
+        table = cached_item_embeddings(model, built, ecfg, ckpt_dir, progress)
+    return {s: evaluate(model, built, ecfg, s, item_table=table, checkpoint_dir=ckpt_dir, progress=progress) for s in splits}

@@ -100,35 +100,29 @@ def item_text_keys(built: BuiltData, cfg: Config):
 
 
 def data_version(built: BuiltData) -> str:
-    """The build's own data version when it records one, else a content hash of its tables."""
-    v = built.stats.get("data_version") if isinstance(built.stats, dict) else None
-    if v:
-        return str(v)
-    h = hashlib.sha256()
-    for name in ("items.parquet", "users.parquet", "sequences.parquet"):
-        p = built.dir / name
-        if p.exists():
-            h.update(p.read_bytes())
-    return h.hexdigest()[:16]
+    """The content hash of the built tables, the same one checkpoints and MLflow runs record."""
+    from hllm.checkpoint import data_version as content_hash
+
+    return content_hash(built.dir)
 
 
 # --------------------------------------------------------------------------- export
 
 
 def export(ckpt_dir: str | Path, out_dir: str | Path | None = None, cfg: Config | None = None,
-           progress: bool = True) -> ExportResult:
-    """Export a saved checkpoint (see :func:`hllm.checkpoint.load_model`)."""
-    from hllm.checkpoint import load_model
-    from hllm.evaluate import checkpoint_fingerprint
+           built_dir: str | Path | None = None, progress: bool = True) -> ExportResult:
+    """Export a saved checkpoint. ``cfg`` supplies the ``eval`` (max history)
+    and ``export`` sections and output paths; the model comes from the checkpoint."""
+    from hllm.checkpoint import read_meta
+    from hllm.evaluate import checkpoint_fingerprint, load_for_eval
 
-    model, ckpt_cfg, built = load_model(ckpt_dir)
-    cfg = cfg or ckpt_cfg
-    meta_path = Path(ckpt_dir) / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    model, cfg, built = load_for_eval(ckpt_dir, cfg, built_dir)
+    meta = read_meta(ckpt_dir)
     info = {
         "checkpoint": str(Path(ckpt_dir).resolve()),
         "fingerprint": checkpoint_fingerprint(ckpt_dir),
-        **{k: meta[k] for k in ("step", "epoch", "run_name", "code_sha", "data_version") if k in meta},
+        **{k: meta[k] for k in ("step", "epoch", "code_sha", "data_version") if k in meta},
+        "run_name": cfg.train.run_name,
     }
     out = Path(out_dir) if out_dir is not None else Path(cfg.paths.export_dir) / cfg.train.run_name
     return export_model(model, built, cfg, out, model_info=info, progress=progress)
@@ -243,8 +237,7 @@ def _item_table(m, built: BuiltData, keys: list[str], version: str, out: Path, b
 
 def write_index(vectors: np.ndarray, normalize: bool, cfg: Config, path: Path) -> None:
     """FAISS inner-product index over the items (cosine when the vectors are normalised)."""
-    import faiss
-
+    faiss = import_faiss()
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if normalize:
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -259,6 +252,14 @@ def write_index(vectors: np.ndarray, normalize: bool, cfg: Config, path: Path) -
         raise ValueError(f"export.faiss_index must be 'flat_ip' or 'hnsw', got {kind!r}")
     index.add(x)
     faiss.write_index(index, str(path))
+
+
+def import_faiss():
+    """``faiss``, with its loader's INFO chatter (one line per SIMD variant tried) silenced."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    import faiss
+
+    return faiss
 
 
 def read_manifest(out: Path) -> dict[str, Any] | None:

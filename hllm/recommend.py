@@ -32,11 +32,11 @@ class Recommendation:
 
 class Recommender:
     def __init__(self, export_dir: str | Path, model=None):
-        import faiss
         import pandas as pd
 
-        from hllm.export import MANIFEST
+        from hllm.export import MANIFEST, import_faiss
 
+        faiss = import_faiss()
         d = Path(export_dir)
         if not (d / MANIFEST).exists():
             raise FileNotFoundError(f"{d}: not an export (no {MANIFEST}); run `hllm export` first")
