@@ -59,7 +59,7 @@ def tiny_bert(out_dir: str | Path, hidden: int = 32, layers: int = 2, heads: int
     return out
 
 
-def tiny_llama(out_dir: str | Path, hidden: int = 32, layers: int = 2, seed: int = 0, init_std: float = 0.5) -> Path:
+def tiny_llama(out_dir: str | Path, hidden: int = 32, layers: int = 2, seed: int = 0, init_std: float = 0.2) -> Path:
     """A random Llama with a word-level tokenizer (BOS prepended, no pad token)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
