@@ -60,6 +60,7 @@ class ValidateConfig:
     min_text_chars: int = 1
     max_text_chars: int = 20_000
     max_examples: int = 5  # bad values shown per failed expectation
+    data_docs: bool = True  # also render GX Data Docs (HTML) next to report.json
 
 
 @dataclass

@@ -73,7 +73,7 @@ def synth(
 @app.command()
 def validate(
     raw: RawOpt = None,
-    no_docs: Annotated[bool, typer.Option("--no-docs", help="skip building GX Data Docs")] = False,
+    no_docs: Annotated[bool, typer.Option("--no-docs", help="skip GX Data Docs (validate.data_docs=false)")] = False,
     params: ParamsOpt = Path("params.yaml"),
     sets: SetOpt = None,
 ) -> None:
@@ -83,7 +83,7 @@ def validate(
 
     cfg = load(params, sets)
     try:
-        report = validate_raw(cfg, raw_dir=raw, data_docs=not no_docs)
+        report = validate_raw(cfg, raw_dir=raw, data_docs=False if no_docs else None)
     except DataError as e:
         fail(str(e))
     if not report.passed:

@@ -168,7 +168,7 @@ _ITEM_COLS = ["item_id", "item", "asin", "parent_asin"]
 _TIME_COLS = ["timestamp", "unixreviewtime", "time"]
 
 
-def _join_text(v: Any) -> str | None:
+def _join_text(v: Any, sep: str = ", ") -> str | None:
     if v is None:
         return None
     if isinstance(v, str):
@@ -179,7 +179,7 @@ def _join_text(v: Any) -> str | None:
             for y in (x if isinstance(x, (list, tuple)) else [x]):
                 if y is not None and str(y) not in flat:
                     flat.append(str(y))
-        return ", ".join(flat) if flat else None
+        return sep.join(flat) if flat else None
     return str(v)
 
 
@@ -217,7 +217,7 @@ def read_amazon(files: list[Path]) -> RawTables:
                     item_rows["item_id"].append(str(asin))
                     item_rows["title"].append(_join_text(rec.get("title")))
                     item_rows["tag"].append(_join_text(rec.get("categories", rec.get("category"))))
-                    item_rows["description"].append(_join_text(rec.get("description")))
+                    item_rows["description"].append(_join_text(rec.get("description"), sep=" "))
         else:
             raise DataError(f"{f}: amazon format expects a ratings .csv and a metadata .json/.jsonl(.gz)")
     if reviews["user_id"]:

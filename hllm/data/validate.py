@@ -248,7 +248,7 @@ def thresholds(cfg: Config, now: float | None = None) -> dict[str, Any]:
 
 
 def validate_raw(cfg: Config, raw_dir: str | Path | None = None, report_dir: str | Path | None = None,
-                 source: str | None = None, data_docs: bool = True, raise_on_failure: bool = False
+                 source: str | None = None, data_docs: bool | None = None, raise_on_failure: bool = False
                  ) -> ValidationReport:
     """Validate the raw tables in ``raw_dir`` (default ``paths.raw_dir``); always writes the report.
 
@@ -319,7 +319,7 @@ def validate_raw(cfg: Config, raw_dir: str | Path | None = None, report_dir: str
                          "success": bool(res.success)}
 
     docs = None
-    if data_docs:
+    if cfg.validate.data_docs if data_docs is None else data_docs:
         sites = ctx.build_data_docs()
         url = next(iter(sites.values()), None)
         docs = url.replace("file://", "") if url else None
