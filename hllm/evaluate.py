@@ -225,14 +225,14 @@ def rank_items(
             if x1 > x0:
                 s[torch.from_numpy(rows_x[x0:x1]), torch.from_numpy(cols_x[x0:x1] - a)] = neg_inf
             if targets is not None:
+                higher += _count_ge(s, t_floor)
                 inside = np.nonzero((t_idx >= a) & (t_idx < e))[0]
                 if len(inside):
-                    # the target is not its own competitor; clone so the top-K keeps its score
-                    s_cmp = s.clone()
-                    s_cmp[torch.from_numpy(inside), torch.from_numpy(t_idx[inside] - a)] = neg_inf
-                else:
-                    s_cmp = s
-                higher += (s_cmp >= t_floor).sum(1)
+                    # the target is not its own competitor: take back its own column where it
+                    # counted (no copy of the chunk; a masked target's column is -inf and did not)
+                    ri = torch.from_numpy(inside).to(s.device)
+                    own = s[ri, torch.from_numpy(t_idx[inside] - a).to(s.device)] >= t_floor[ri, 0]
+                    higher.index_add_(0, ri, -own.long())
             if k:
                 cs, ci = torch.topk(s, min(k, e - a), dim=1)
                 run_s, pos = torch.topk(torch.cat([run_s, cs], 1), min(k, run_s.shape[1] + cs.shape[1]), dim=1)
@@ -248,6 +248,16 @@ def rank_items(
             top_s[lo:hi, : sc.shape[1]] = sc
             top_i[lo:hi, : ix.shape[1]] = ix
     return Ranking(ranks=ranks, topk_idx=top_i, topk_scores=top_s)
+
+
+def _count_ge(s: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """Per-row count of ``s >= floor``. On CPU numpy's count is ~20x faster than
+    torch's bool reduction (measured: 5 ms vs 130 ms for 256 x 65,536), which
+    otherwise costs a third of the chunk's matmul time."""
+    ge = s >= floor
+    if ge.device.type == "cpu":
+        return torch.from_numpy(np.count_nonzero(ge.numpy(), axis=1).astype(np.int64))
+    return ge.sum(1)
 
 
 # --------------------------------------------------------------------------- distributed helpers
