@@ -1,0 +1,63 @@
+"""Deployments of the flows, served by a long-lived process (``hllm flows serve``).
+
+``nightly-retrain/<flow.deployment>`` runs on ``flow.cron`` (``flow.timezone``) with a deployment
+concurrency limit of 1 (collision strategy ENQUEUE: a run due while another one runs waits in
+``AwaitingConcurrencySlot`` and starts after it); ``promote/manual`` and ``rollback/manual`` have
+no schedule and are triggered from the UI or ``prefect deployment run``.
+
+The same deployments, for a process work pool and worker instead of a serve process, are declared
+in ``prefect.yaml`` (``prefect deploy --all``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from hllm.config import Config
+
+TAGS = ["hllm"]
+
+
+def _env_defaults() -> None:
+    # hllm's own log lines (training progress, validation results) go to the Prefect UI too.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "hllm")
+
+
+def nightly_parameters(params: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    return {"params": params, **({"overrides": list(overrides)} if overrides else {})}
+
+
+def deployments(cfg: Config, params: str = "params.yaml", overrides: list[str] | None = None,
+                cron: str | None = None, paused: bool = False) -> list:
+    """The runner deployments ``hllm flows serve`` serves."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.schedules import Cron
+
+    from flows.nightly import nightly_retrain
+    from flows.registry_flows import promote, rollback
+
+    schedule = Cron(cron or cfg.flow.cron, timezone=cfg.flow.timezone or None)
+    nightly = nightly_retrain.to_deployment(
+        name=cfg.flow.deployment,
+        schedules=[schedule],
+        paused=paused,
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+        parameters=nightly_parameters(params, overrides),
+        tags=TAGS + ["nightly"],
+        description=f"Nightly retraining at '{cron or cfg.flow.cron}' ({cfg.flow.timezone}); one run at a time.",
+    )
+    common = {"parameters": {"params": params, **({"overrides": list(overrides)} if overrides else {})},
+              "tags": TAGS + ["registry"]}
+    return [nightly,
+            promote.to_deployment(name="manual", **common),
+            rollback.to_deployment(name="manual", **common)]
+
+
+def serve(cfg: Config, params: str = "params.yaml", overrides: list[str] | None = None, cron: str | None = None,
+          paused: bool = False, limit: int | None = None) -> None:
+    """Register the deployments and run them here until interrupted (blocks)."""
+    _env_defaults()
+    from prefect import serve as prefect_serve
+
+    prefect_serve(*deployments(cfg, params, overrides, cron, paused), limit=limit)

@@ -1,0 +1,302 @@
+"""``nightly-retrain``: snapshot -> validate -> DVC version -> build -> train -> evaluate -> export ->
+register -> promotion gate, as one Prefect flow (see README, "Nightly flow").
+
+Stage graph (each box a task from :mod:`flows.tasks`, each calling the library function that
+the matching ``hllm`` command / ``dvc.yaml`` stage runs)::
+
+    snapshot ─ validate ─ publish ─ dvc-add ─ dvc-push ─ build ─┬─ train hllm ─ evaluate ─ export ─ register ─ gate
+    (S3/folder/  (GX, stops    (swap into                       ├─ train sasrec ─ evaluate
+     synth)       the flow)     data/raw)                       └─ train pop ─ evaluate
+
+MLflow: one parent run per flow run (tagged ``prefect.flow_run_id``) holding the data lineage,
+the validation report and the summary; HLLM and each baseline are child runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from prefect import flow
+
+from flows import tasks as T
+from hllm.report import MODEL_LABELS, ModelRow, RunReport
+
+log = logging.getLogger("hllm.flows")
+
+FLOW_NAME = "nightly-retrain"
+ARTIFACT_KEY = "nightly-retrain-summary"
+
+
+def _code_version() -> str | None:
+    from hllm.checkpoint import code_sha
+
+    sha = code_sha(Path(__file__).resolve().parent)
+    return None if sha is None else sha[:12] + ("-dirty" if sha.endswith("-dirty") else "")
+
+
+class SlotBusy(RuntimeError):
+    """Another nightly-retrain run holds the concurrency slot."""
+
+
+@contextlib.contextmanager
+def nightly_slot(name: str, timeout_s: float) -> Iterator[None]:
+    """Hold the one slot of the global concurrency limit ``name`` for the whole run.
+
+    The limit lives in the Prefect API's database, so it guards runs started any way
+    (deployment, ``hllm flows run``, a second deployment) against each other; a crashed
+    holder's lease expires. A second run waits up to ``timeout_s`` and then fails before
+    it has touched any data. An empty name disables the guard.
+    """
+    if not name:
+        yield
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:  # another run created it first
+                pass
+    acquired = False
+    try:
+        with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
+            acquired = True
+            yield
+    except TimeoutError as e:
+        if acquired:
+            raise
+        raise SlotBusy(f"another {FLOW_NAME} run holds the '{name}' concurrency slot (waited {timeout_s:.0f} s; "
+                       "see `prefect global-concurrency-limit inspect " + name + "`); this run changed nothing") from e
+
+
+class _Stages:
+    """Times each stage into the report and remembers which one failed."""
+
+    def __init__(self, report: RunReport):
+        self.report = report
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            if not self.report.failed_stage:
+                self.report.failed_stage = name
+            raise
+        finally:
+            self.report.stage_seconds[name] = round(time.perf_counter() - t0, 1)
+
+
+def _model_cfg(cfg, kind: str, run_name: str):
+    from hllm.config import apply_overrides, config_from_dict
+
+    c = copy.deepcopy(cfg)
+    c.model.kind = kind
+    c.train.run_name = f"{run_name}-{kind}"
+    extra = (cfg.flow.baseline_overrides or {}).get(kind) if kind != "hllm" else None
+    if extra:
+        c = config_from_dict(apply_overrides(c.to_dict(), list(extra)))
+    return c
+
+
+@flow(name=FLOW_NAME, version=_code_version(), log_prints=True,
+      description="Retrain HLLM on the latest snapshot, compare with the champion and baselines, register, gate.")
+def nightly_retrain(
+    snapshot: str | None = None,
+    snapshot_format: str | None = None,
+    nproc: int | None = None,
+    params: str = "params.yaml",
+    overrides: list[str] | None = None,
+    baselines: bool = True,
+    promote: bool | None = None,
+) -> dict[str, Any]:
+    """One nightly retraining.
+
+    Args:
+        snapshot: a folder or ``s3://bucket/prefix`` with the new data; default ``flow.snapshot``
+            ("" = the embedded synthetic dataset).
+        snapshot_format: ``raw`` (canonical parquet) or an import format; default ``flow.snapshot_format``.
+        nproc: training processes; 1 = this process, N = torchrun; default ``train.nproc``.
+        params: the params.yaml to load (relative to the working directory).
+        overrides: ``key=value`` config overrides, e.g. ``["train.max_steps=50"]``.
+        baselines: also train and evaluate ``flow.baselines`` (SASRec, popularity).
+        promote: run the promotion gate; default ``flow.promote``.
+    Returns the run summary (:class:`hllm.report.RunReport` as a dict).
+    """
+    from prefect.runtime import flow_run
+
+    from hllm import tracking
+    from hllm.config import load_config
+
+    if logging.getLogger("hllm").level == logging.NOTSET:  # a worker's process: Prefect sets root to WARNING
+        logging.getLogger("hllm").setLevel(logging.INFO)
+    t_start = time.perf_counter()
+    cfg = load_config(params, list(overrides or []))
+    fc = cfg.flow
+    source = fc.snapshot if snapshot is None else snapshot
+    fmt = snapshot_format or fc.snapshot_format
+    nproc = cfg.train.nproc if nproc is None else nproc
+    do_promote = fc.promote if promote is None else promote
+    run_id = str(flow_run.id or "local")
+    run_name = f"nightly-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{run_id[:8]}"
+    report = RunReport(flow_run_id=run_id, flow_run_name=str(flow_run.name or ""), run_name=run_name,
+                       snapshot=source or "", model_name=cfg.registry.model_name, ks=list(cfg.eval.protocol.ks),
+                       tracking_uri=tracking.resolve_tracking_uri(cfg))
+    stage = _Stages(report)
+    io = T.io_retry(cfg)
+    parent: str | None = None
+    open_children: list[str] = []
+
+    try:
+        t_wait = time.perf_counter()
+        with nightly_slot(fc.concurrency_limit, fc.slot_timeout_s):
+            report.stage_seconds["wait-for-slot"] = round(time.perf_counter() - t_wait, 1)
+            report.experiment_id = tracking.configure(cfg)
+            with stage("mlflow"):
+                parent = T.open_run.with_options(**io)(
+                    cfg, run_name, "flow", tags={tracking.TAG_FLOW_RUN: run_id, "prefect.flow_run_name":
+                                                 report.flow_run_name, "hllm.snapshot": source or "synth"},
+                    log_data=False)
+                report.parent_run_id = parent
+
+            # ---- data: nothing below runs unless the snapshot passes validation
+            with stage("snapshot"):
+                staged = T.stage_snapshot.with_options(**io)(cfg, source, fmt)
+            with stage("validate"):
+                try:
+                    vreport = T.validate_snapshot(cfg, staged, source)
+                except Exception as e:
+                    rep = getattr(e, "report", None)
+                    report.validation = rep.summary() if rep is not None else ""
+                    if rep is not None and parent:
+                        _try(lambda: tracking.attach(parent, cfg).log_validation_report(rep.report_path))
+                    raise
+                report.validation = vreport.summary()
+            with stage("publish"):
+                T.publish_snapshot(cfg, staged, vreport)
+            with stage("dvc"):
+                version = T.dvc_add(cfg)
+                report.data["dvc_md5"] = version["md5"]
+                report.data["pushed_to"] = T.dvc_push.with_options(**io)(cfg)
+            with stage("build"):
+                built = T.build(cfg)
+                report.data["stats"] = built["stats"]
+                report.data["data_version"] = T.log_lineage.with_options(**io)(
+                    cfg, parent, vreport.report_path, built)
+
+            # ---- champion before this run changes anything (for the comparison table)
+            champion = T.current_champion.with_options(**io)(cfg)
+
+            # ---- models: HLLM first (a failure here registers nothing), then the baselines
+            kinds = ["hllm"] + ([k for k in fc.baselines if k != "hllm"] if baselines else [])
+            results: dict[str, dict[str, Any]] = {}
+            for kind in kinds:
+                mcfg = _model_cfg(cfg, kind, run_name)
+                label = MODEL_LABELS.get(kind, kind)
+                with stage(f"train-{kind}"):
+                    child = T.open_run.with_options(**io)(
+                        mcfg, mcfg.train.run_name, "train" if kind == "hllm" else "baseline", parent_run_id=parent,
+                        tags={tracking.TAG_FLOW_RUN: run_id})
+                    open_children.append(child)
+                    report.run_ids[label] = child
+                    trained = T.train_model(mcfg, child, nproc if kind == "hllm" else 1)
+                with stage(f"evaluate-{kind}"):
+                    ev = T.evaluate_model(mcfg, trained["checkpoint"], child)
+                T.close_run.with_options(**io)(mcfg, child, "FINISHED")
+                open_children.remove(child)
+                results[kind] = {"cfg": mcfg, "run_id": child, **trained, "eval": ev}
+                report.protocol_hash = ev["protocol_hash"]
+                report.paths[f"{kind}_checkpoint"] = trained["checkpoint"]
+                report.paths[f"{kind}_eval"] = ev["dir"]
+                report.models.append(ModelRow(f"{label} (this run)" if kind == "hllm" else label, kind,
+                                              ev["metrics"], child))
+            if champion:
+                comparable = (champion["data_version"] == results["hllm"]["eval"]["data_version"]
+                              and champion["protocol_hash"] == report.protocol_hash)
+                note = "" if comparable else (f"trained and tested on data {champion['data_version']}, protocol "
+                                               f"{champion['protocol_hash']}: not comparable")
+                report.models.insert(1, ModelRow(f"champion v{champion['version']}", champion["model_kind"],
+                                                 champion["metrics"], champion["run_id"], note))
+            if len(results) > 1:
+                T.log_comparison.with_options(**io)(
+                    cfg, parent, {MODEL_LABELS.get(k, k): r["run_id"] for k, r in results.items()})
+
+            # ---- ship: export, register, gate
+            hllm = results["hllm"]
+            with stage("export"):
+                export_dir = T.export_embeddings(hllm["cfg"], hllm["checkpoint"])
+                report.paths["export"] = export_dir
+            with stage("register"):
+                report.registered_version = T.register.with_options(**io)(
+                    hllm["cfg"], hllm["run_id"], export_dir, hllm["checkpoint"])
+            if do_promote:
+                with stage("promotion-gate"):
+                    gate = T.promotion_gate.with_options(**io)(
+                        cfg, report.registered_version, f"nightly-retrain flow run {report.flow_run_name or run_id}")
+                    report.alias, report.promotion = gate["alias"], gate["message"]
+            else:
+                report.promotion = "skipped (promote=false)"
+            report.status = "COMPLETED"
+    except BaseException as e:
+        report.status = "FAILED"
+        report.error = "".join(traceback.format_exception_only(type(e), e)).strip()
+        if isinstance(e, SlotBusy):
+            report.failed_stage = "wait-for-slot"
+        report.failed_stage = report.failed_stage or "setup"
+        _try(lambda: setattr(e, "run_report", report))  # `hllm flows run` prints it
+        raise
+    finally:
+        report.seconds = round(time.perf_counter() - t_start, 1)
+        _finish(cfg, report, parent, open_children)
+    return report.to_dict()
+
+
+def _try(fn) -> Any:
+    """Best effort while reporting a failure: never hide the original error."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        log.warning("while reporting: %s", e)
+        return None
+
+
+def _finish(cfg, report: RunReport, parent: str | None, open_children: list[str]) -> None:
+    """Close the MLflow runs, publish the summary (Prefect artifact, MLflow, reports/nightly/)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from hllm import tracking
+
+    status = "FINISHED" if report.status == "COMPLETED" else "FAILED"
+    for child in open_children:
+        _try(lambda c=child: tracking.attach(c, cfg).finish("FAILED"))
+    md = report.markdown()
+    out = Path(cfg.paths.reports_dir) / "nightly"
+    if report.failed_stage != "wait-for-slot":  # a run that never got the slot writes no files
+        _try(lambda: out.mkdir(parents=True, exist_ok=True))
+        _try(lambda: (out / f"{report.run_name}.md").write_text(md, encoding="utf-8"))
+        _try(lambda: (out / f"{report.run_name}.json").write_text(report.to_json() + "\n", encoding="utf-8"))
+    if parent:
+        tr = tracking.attach(parent, cfg)
+        _try(lambda: tr.log_text(md, "summary.md"))
+        _try(lambda: tr.log_dict(report.to_dict(), "summary.json"))
+        _try(lambda: tr.set_tags({"hllm.flow_status": report.status,
+                                  **({"hllm.registered_version": report.registered_version}
+                                     if report.registered_version else {})}))
+        _try(lambda: tr.finish(status))
+    _try(lambda: create_markdown_artifact(markdown=md, key=ARTIFACT_KEY,
+                                          description=f"{FLOW_NAME} {report.run_name}: {report.headline()}"))
+    log.info("summary: %s", out / f"{report.run_name}.md")

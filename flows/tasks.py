@@ -1,0 +1,280 @@
+"""Prefect tasks of the nightly flow.
+
+Each task wraps one call into the ``hllm`` library (the same functions that the
+CLI commands, and so the ``dvc.yaml`` stages, run) and passes paths, URIs and
+small dicts between stages, never tensors or models. Retries with exponential
+back-off are set per run from ``flow.io_retries`` / ``flow.io_retry_delay_s``
+on the I/O tasks only (:func:`io_retry`); compute tasks (validation, build,
+training, evaluation, export) never retry: a failure there is a bug or bad
+data, and running it again would only burn hours.
+
+No task caches: each one has side effects on disk or in MLflow, and Prefect's
+default cache key would hash the config object on every call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from hllm.config import Config, save_config
+
+log = logging.getLogger(__name__)
+
+
+def io_retry(cfg: Config) -> dict[str, Any]:
+    """``Task.with_options`` arguments for tasks that talk to S3, a DVC remote or the MLflow server."""
+    delay = cfg.flow.io_retry_delay_s
+    return {
+        "retries": cfg.flow.io_retries,
+        "retry_delay_seconds": exponential_backoff(backoff_factor=delay) if delay > 0 else 0,
+        "retry_jitter_factor": 0.2 if delay > 0 else None,
+    }
+
+
+# --------------------------------------------------------------------------- data
+
+
+@task(name="snapshot", cache_policy=NO_CACHE)
+def stage_snapshot(cfg: Config, source: str, fmt: str) -> str:
+    """Fetch the snapshot (folder, s3:// prefix, or the embedded synthetic data) into a staging folder."""
+    from hllm import snapshot
+
+    return str(snapshot.stage(cfg, source or None, fmt))
+
+
+@task(name="validate", cache_policy=NO_CACHE)
+def validate_snapshot(cfg: Config, staged: str, source: str):
+    """Great Expectations over the staged tables; raises ``ValidationFailed`` (with the summary) and
+    deletes the staged copy when they fail, so nothing downstream runs and ``raw_dir`` is untouched."""
+    from hllm import snapshot
+    from hllm.data.validate import ValidationFailed, validate_raw
+
+    try:
+        report = validate_raw(cfg, raw_dir=staged, source=source or "embedded synthetic dataset (hllm data synth)")
+    except Exception:
+        snapshot.discard(staged)
+        raise
+    if not report.passed:
+        snapshot.discard(staged)
+        raise ValidationFailed(report)
+    return report
+
+
+@task(name="publish-snapshot", cache_policy=NO_CACHE)
+def publish_snapshot(cfg: Config, staged: str, report) -> str:
+    from hllm import snapshot
+
+    return str(snapshot.publish(cfg, staged, report))
+
+
+@task(name="dvc-add", cache_policy=NO_CACHE)
+def dvc_add(cfg: Config) -> dict[str, Any]:
+    """Hash ``raw_dir`` into the DVC cache and record it in ``data.dvc``: the new data version."""
+    from hllm.data import versioning
+
+    v = versioning.add(cfg.paths.raw_dir)
+    return {"md5": v.md5, "nfiles": v.nfiles, "size": v.size, "dvc_file": str(v.dvc_file)}
+
+
+@task(name="dvc-push", cache_policy=NO_CACHE)
+def dvc_push(cfg: Config) -> str:
+    """Upload the version to the DVC remote (I/O: retried)."""
+    from hllm.data import versioning
+
+    remote = cfg.flow.dvc_remote or None
+    versioning.push(remote=remote)
+    return remote or _default_remote()
+
+
+def _default_remote() -> str:
+    from hllm.data import versioning
+
+    proc = versioning.dvc("remote", "default", check=False)
+    return proc.stdout.strip() or "the default remote"
+
+
+@task(name="build", cache_policy=NO_CACHE)
+def build(cfg: Config) -> dict[str, Any]:
+    """Sequences, id maps, split statistics and the item token cache (``hllm data build``)."""
+    from hllm.data.build import build_dataset, load_stats
+
+    out = build_dataset(cfg)
+    return {"built_dir": str(out), "stats": load_stats(cfg, out)}
+
+
+# --------------------------------------------------------------------------- MLflow runs
+
+
+@task(name="mlflow-open-run", cache_policy=NO_CACHE)
+def open_run(cfg: Config, name: str, kind: str, parent_run_id: str | None = None,
+             tags: dict[str, str] | None = None, log_data: bool = True) -> str:
+    """Create an MLflow run (RUNNING) with config, git, system info and dataset lineage; returns its id.
+
+    The run stays open across tasks (and torchrun workers, via ``MLFLOW_RUN_ID``) until
+    :func:`close_run`, so training and evaluation of one model land in one run.
+    """
+    import mlflow
+
+    from hllm import tracking
+
+    exp_id = tracking.configure(cfg)
+    all_tags = {tracking.TAG_KIND: kind, "mlflow.runName": name, **(tags or {})}
+    if parent_run_id:
+        all_tags[tracking.TAG_PARENT] = parent_run_id
+    client = mlflow.MlflowClient()
+    run_id = client.create_run(exp_id, run_name=name, tags=all_tags).info.run_id
+    try:
+        tr = tracking.Tracker(run_id, cfg)
+        if kind != "flow":
+            tr.log_config(cfg)
+            tr.log_system_info(world_size=max(1, cfg.train.nproc))
+        tr.log_git()
+        if log_data:
+            tr.log_dataset(cfg)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    return run_id
+
+
+@task(name="mlflow-close-run", cache_policy=NO_CACHE)
+def close_run(cfg: Config, run_id: str, status: str = "FINISHED") -> None:
+    from hllm import tracking
+
+    tracking.attach(run_id, cfg).finish(status)
+
+
+@task(name="mlflow-log-lineage", cache_policy=NO_CACHE)
+def log_lineage(cfg: Config, run_id: str, validation_report: str | None, data: dict[str, Any]) -> str:
+    """Dataset version (tags + dataset input), validation report and data stats on the flow's parent run."""
+    from hllm import tracking
+
+    tr = tracking.attach(run_id, cfg)
+    dv = tr.log_dataset(cfg)
+    if validation_report and Path(validation_report).exists():
+        tr.log_validation_report(validation_report)
+    tr.log_dict(data.get("stats", {}), "data/stats.json")
+    return dv.version
+
+
+# --------------------------------------------------------------------------- models
+
+
+@task(name="train", cache_policy=NO_CACHE, retries=0)
+def train_model(cfg: Config, run_id: str, nproc: int = 1) -> dict[str, Any]:
+    """Train ``cfg.model.kind``: in this process (nproc 1) or under torchrun (nproc > 1). Never retried."""
+    from hllm import tracking
+    from hllm.train import TrainResult
+
+    tracker = tracking.attach(run_id, cfg)
+    run_dir = Path(cfg.paths.runs_dir) / cfg.train.run_name
+    if nproc <= 1:
+        from hllm.train import train
+
+        res = train(cfg, logger=tracker)
+    else:
+        from hllm.cli.train import torchrun_command
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        params = run_dir / "flow-params.yaml"  # the resolved config, what every rank loads
+        save_config(cfg, params)
+        env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": tracking.resolve_tracking_uri(cfg)}
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        cmd = torchrun_command(nproc, params, [], resume=False)
+        log.info("launching: %s", " ".join(cmd))
+        rc = subprocess.call(cmd, env=env)
+        if rc != 0:
+            raise RuntimeError(f"training failed: torchrun exited with code {rc} ({' '.join(cmd)})")
+        res = TrainResult.load(run_dir)
+    ckpt = res.best_checkpoint or res.last_checkpoint
+    tracker.set_tags({"hllm.checkpoint": str(Path(ckpt).resolve()), "hllm.run_dir": str(Path(res.run_dir).resolve())})
+    if res.steps:
+        tracker.log_loss_curve()
+    return {"run_dir": str(res.run_dir), "checkpoint": str(ckpt), "steps": res.steps, "seconds": res.seconds,
+            "best_value": res.best_value, "select_metric": res.select_metric}
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_model(cfg: Config, checkpoint: str, run_id: str) -> dict[str, Any]:
+    """Full-ranking test metrics of a checkpoint (``hllm evaluate``), saved under
+    ``reports/eval/<run_name>/test`` and logged to its MLflow run for the promotion gate."""
+    from hllm import tracking
+    from hllm.evaluate import evaluate_checkpoint
+
+    res = evaluate_checkpoint(checkpoint, cfg, ("test",))["test"]
+    out = res.save(Path(cfg.paths.reports_dir) / "eval" / cfg.train.run_name / "test")
+    data_ver = tracking.data_version(cfg).version
+    tracking.attach(run_id, cfg).log_eval_result(res, data_ver)
+    return {"dir": str(out), "metrics": res.metrics, "protocol_hash": res.protocol_hash, "data_version": data_ver}
+
+
+@task(name="export", cache_policy=NO_CACHE)
+def export_embeddings(cfg: Config, checkpoint: str) -> str:
+    """Item/user embeddings + FAISS index + manifest (``hllm export``), written atomically."""
+    from hllm.export import export
+
+    res = export(checkpoint, Path(cfg.paths.export_dir) / cfg.train.run_name, cfg)
+    return str(res.out_dir)
+
+
+@task(name="mlflow-compare", cache_policy=NO_CACHE)
+def log_comparison(cfg: Config, run_id: str, runs: dict[str, str]) -> None:
+    from hllm import tracking
+
+    tracking.attach(run_id, cfg).log_comparison(runs)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@task(name="champion", cache_policy=NO_CACHE)
+def current_champion(cfg: Config) -> dict[str, Any] | None:
+    """The champion before this run registers anything: version, test metrics, data version, protocol."""
+    from hllm.registry import CHAMPION, list_versions
+
+    for row in list_versions(cfg):
+        if CHAMPION in row["aliases"]:
+            return row
+    return None
+
+
+@task(name="register", cache_policy=NO_CACHE)
+def register(cfg: Config, run_id: str, export_dir: str, checkpoint: str) -> str:
+    """Log the serving pyfunc into the HLLM run and register it. Idempotent, so safe to retry:
+    a version already registered from this run is returned as is."""
+    from hllm import registry, tracking
+
+    client = tracking.client(cfg)
+    name = cfg.registry.model_name
+    try:
+        existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except Exception:  # the registered model does not exist yet
+        existing = []
+    if existing:
+        return str(max(int(v.version) for v in existing))
+    return str(registry.register_model(cfg, run_id, export_dir, checkpoint).version)
+
+
+@task(name="promotion-gate", cache_policy=NO_CACHE)
+def promotion_gate(cfg: Config, version: str, reason: str) -> dict[str, Any]:
+    """``hllm registry promote VERSION``: the first version becomes champion; later ones become
+    challenger when they pass the gate. A refusal is an outcome, not a failure (retries would not
+    change it); the version stays registered without an alias."""
+    from hllm import registry, tracking
+
+    try:
+        res = registry.promote(cfg, version, to=registry.CHALLENGER, reason=reason, actor="prefect:nightly-retrain")
+        message, passed = res.message, True
+    except registry.PromotionRefused as e:
+        message, passed = str(e), False
+    mv = tracking.client(cfg).get_model_version(cfg.registry.model_name, version)
+    aliases = sorted(mv.aliases or [])
+    return {"alias": aliases[0] if aliases else None, "message": message, "passed": passed}

@@ -1,0 +1,181 @@
+"""The summary of one ``nightly-retrain`` run: the Prefect markdown artifact, the MLflow
+``summary.md`` and the console summary that ``hllm flows run nightly`` (``make run``) prints.
+
+:class:`RunReport` is filled stage by stage while the flow runs, so a failed run
+still reports how far it got, why it stopped (e.g. the validation summary) and
+which MLflow runs it left.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_LABELS = {"hllm": "HLLM", "sasrec": "SASRec", "pop": "popularity"}
+
+
+@dataclass
+class ModelRow:
+    label: str  # "HLLM (this run)", "SASRec", "champion v3"
+    kind: str
+    metrics: dict[str, float]  # fractions, keys like "recall@10"
+    run_id: str | None = None
+    note: str = ""
+
+
+@dataclass
+class RunReport:
+    flow_run_id: str = ""
+    flow_run_name: str = ""
+    run_name: str = ""  # prefix of the run folders, checkpoints, exports, MLflow runs
+    status: str = "RUNNING"  # COMPLETED | FAILED
+    failed_stage: str = ""
+    error: str = ""
+    snapshot: str = ""
+    data: dict[str, Any] = field(default_factory=dict)  # dvc_md5, data_version, pushed_to, stats
+    validation: str = ""
+    protocol_hash: str = ""
+    ks: list[int] = field(default_factory=lambda: [5, 10, 50, 200])
+    models: list[ModelRow] = field(default_factory=list)
+    registered_version: str | None = None
+    model_name: str = ""
+    alias: str | None = None  # alias the version holds after the gate
+    promotion: str = ""
+    tracking_uri: str = ""
+    experiment_id: str = ""
+    parent_run_id: str | None = None
+    run_ids: dict[str, str] = field(default_factory=dict)  # label -> MLflow run id
+    paths: dict[str, str] = field(default_factory=dict)  # checkpoint, export, eval folders
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunReport":
+        return cls(**{**d, "models": [ModelRow(**m) for m in d.get("models", [])]})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    # ------------------------------------------------------------------ links
+
+    def run_url(self, run_id: str | None) -> str:
+        """A link to the run in the MLflow UI (the server's own UI, or ``mlflow ui`` on port 5000)."""
+        if not run_id:
+            return ""
+        base = self.tracking_uri.rstrip("/") if self.tracking_uri.startswith(("http://", "https://")) \
+            else "http://127.0.0.1:5000"
+        return f"{base}/#/experiments/{self.experiment_id}/runs/{run_id}"
+
+    def ui_command(self) -> str:
+        """How to open the MLflow UI on this store."""
+        uri = self.tracking_uri
+        if uri.startswith(("http://", "https://")):
+            return f"open {uri}"
+        if uri.startswith("sqlite:///"):
+            db = Path(uri[len("sqlite:///"):])
+            arts = db.parent / "artifacts"
+            return (f"mlflow ui --backend-store-uri {shlex.quote(uri)} --default-artifact-root "
+                    f"{shlex.quote(str(arts))} --host 127.0.0.1 --port 5000   (or: make mlflow-ui)")
+        return f"mlflow ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1 --port 5000"
+
+    # ------------------------------------------------------------------ tables
+
+    def metric_names(self) -> list[str]:
+        return [f"{m}@{k}" for m in ("recall", "ndcg") for k in self.ks]
+
+    def _rows(self) -> list[list[str]]:
+        names = self.metric_names()
+        out = []
+        for r in self.models:
+            out.append([r.label] + [f"{100 * r.metrics[n]:.2f}" if n in r.metrics else "-" for n in names]
+                       + [r.note])
+        return out
+
+    def metrics_markdown(self) -> str:
+        if not self.models:
+            return "_no model was evaluated_"
+        head = ["model"] + self.metric_names() + ["note"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row) + " |" for row in self._rows()]
+        return "\n".join(lines)
+
+    def metrics_text(self) -> str:
+        if not self.models:
+            return "  (no model was evaluated)"
+        head = ["model"] + self.metric_names()
+        rows = [row[:-1] for row in self._rows()]
+        widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head))]
+        fmt = lambda cells: "  " + "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i])  # noqa: E731
+                                             for i, c in enumerate(cells))
+        notes = [f"  {r.label}: {r.note}" for r in self.models if r.note]
+        return "\n".join([fmt(head)] + [fmt(r) for r in rows] + notes)
+
+    # ------------------------------------------------------------------ renderings
+
+    def headline(self) -> str:
+        if self.status == "FAILED":
+            return f"FAILED at stage '{self.failed_stage}': {self.error.splitlines()[0] if self.error else ''}"
+        if self.registered_version is None:
+            return "COMPLETED (nothing registered)"
+        alias = f" -> alias '{self.alias}'" if self.alias else " (no alias)"
+        return f"COMPLETED: registered {self.model_name} v{self.registered_version}{alias}"
+
+    def _data_lines(self) -> list[str]:
+        d, s = self.data, self.data.get("stats") or {}
+        lines = []
+        if d.get("data_version"):
+            lines.append(f"data version {d['data_version']} (data.dvc md5 {d.get('dvc_md5', '?')}"
+                         + (f", pushed to {d['pushed_to']}" if d.get("pushed_to") else "") + ")")
+        if s:
+            sl = s.get("sequence_length", {})
+            lines.append(f"{s.get('users', '?')} users, {s.get('items', '?')} items, {s.get('interactions', '?')} "
+                         f"interactions (density {s.get('density', '?')}); sequence length median "
+                         f"{sl.get('p50', '?')}, p95 {sl.get('p95', '?')}, max {sl.get('max', '?')}")
+        return lines
+
+    def markdown(self) -> str:
+        md = [f"# nightly-retrain `{self.run_name}`", "", f"**{self.headline()}**", ""]
+        if self.promotion:
+            md += [f"Promotion gate: {self.promotion}", ""]
+        md += ["## Data", "", f"- snapshot: `{self.snapshot or 'embedded synthetic dataset (hllm data synth)'}`"]
+        md += [f"- {line}" for line in self._data_lines()]
+        if self.validation:
+            md += ["", "Validation:", "", "```", self.validation, "```"]
+        md += ["", f"## Test metrics (%, full ranking over every item, protocol `{self.protocol_hash}`)", "",
+               self.metrics_markdown(), ""]
+        if self.status == "FAILED" and self.error:
+            md += ["## Error", "", "```", self.error[-4000:], "```", ""]
+        md += ["## MLflow", "", f"- tracking store: `{self.tracking_uri}`"]
+        if self.parent_run_id:
+            md.append(f"- flow run: [{self.parent_run_id}]({self.run_url(self.parent_run_id)})")
+        for label, rid in self.run_ids.items():
+            md.append(f"- {label}: [{rid}]({self.run_url(rid)})")
+        if self.registered_version:
+            md.append(f"- model: `models:/{self.model_name}/{self.registered_version}`")
+        if self.stage_seconds:
+            md += ["", "## Stages (seconds)", "", "| stage | s |", "|---|---|"]
+            md += [f"| {k} | {v:.1f} |" for k, v in self.stage_seconds.items()]
+        return "\n".join(md) + "\n"
+
+    def console(self) -> str:
+        out = [f"nightly-retrain {self.run_name}: {self.headline()}"]
+        for line in self._data_lines():
+            out.append(f"  {line}")
+        if self.status == "FAILED" and self.validation and self.failed_stage == "validate":
+            out.append(self.validation)
+        if self.models:
+            out.append(f"test metrics (%, full ranking, protocol {self.protocol_hash}):")
+            out.append(self.metrics_text())
+        if self.promotion:
+            out.append(f"promotion: {self.promotion}")
+        out.append(f"MLflow store: {self.tracking_uri}")
+        if self.parent_run_id:
+            out.append(f"MLflow run:   {self.run_url(self.parent_run_id)}")
+        out.append(f"MLflow UI:    {self.ui_command()}")
+        return "\n".join(out)
