@@ -56,6 +56,18 @@ def tokenize(texts: list[str], tokenizer, max_len: int, batch: int = 4096) -> To
     return TokenCache(ids=ids, offsets=offsets)
 
 
+def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
+    """Like ``np.savez`` (``np.load`` reads it) but byte-reproducible: zip entries carry a fixed
+    date instead of the clock, so the same build gives the same DVC hash for ``data/built``."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, arr in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(arr), allow_pickle=False)
+
+
 def ensure_tokens(cfg: Config, built_dir: str | Path | None = None) -> TokenCache:
     """Load the token cache for ``cfg.model.item``, building it on first use.
 
@@ -81,7 +93,7 @@ def ensure_tokens(cfg: Config, built_dir: str | Path | None = None) -> TokenCach
     cache = TokenCache(ids=body.ids, offsets=np.concatenate([[0], body.offsets]))  # row 0 (padding) is empty
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, ids=cache.ids, offsets=cache.offsets)
+    save_npz(tmp, ids=cache.ids, offsets=cache.offsets)
     tmp.replace(path)
     (d / "tokens" / f"{key}.json").write_text(
         json.dumps({"model": icfg.path, "max_text_len": icfg.max_text_len, "prompt": icfg.prompt,
