@@ -187,3 +187,40 @@ def test_prefect_deployment_runs_to_completed_through_the_process_worker(stack, 
     # The flow ran in a child of the stack's worker, not in the test's process.
     worker_pid = int((stack.state / "run" / "prefect-worker.pid").read_text())
     assert ran["ppid"] == worker_pid
+
+
+def test_kubernetes_work_pool_template_is_accepted_and_enforced_by_the_server(stack):
+    template = HERE.parents[1] / "infra" / "k8s" / "prefect-base-job-template.json"
+    pool = f"hllm-k8s-{uuid.uuid4().hex[:6]}"
+    # The CLI the README and the k8s worker use; the server validates the template's placeholders.
+    stack.run("prefect", "--no-prompt", "work-pool", "create", pool, "--type", "kubernetes",
+              "--base-job-template", str(template))
+    script = textwrap.dedent(
+        f"""
+        import asyncio, json
+        from prefect.client.orchestration import get_client
+
+        async def main():
+            out = {{}}
+            async with get_client() as client:
+                wp = await client.read_work_pool({pool!r})
+                out["template"] = wp.base_job_template
+                flow_id = await client.create_flow_from_name("k8s-template-check")
+                for name, variables in [("ok", {{"image": "reg/hllm:cpu", "memory_limit": "32Gi"}}),
+                                        ("bad", {{"image_pull_policy": "Sometimes"}})]:
+                    try:
+                        await client.create_deployment(flow_id=flow_id, name=name, work_pool_name={pool!r},
+                                                       entrypoint="flows/nightly.py:x", job_variables=variables)
+                        out[name] = "created"
+                    except Exception as e:
+                        out[name] = getattr(getattr(e, "response", None), "status_code", repr(e))
+            print("RESULT" + json.dumps(out))
+
+        asyncio.run(main())
+        """
+    )
+    proc = stack.run(sys.executable, "-c", script, timeout=120)
+    result = json.loads(next(line[6:] for line in proc.stdout.splitlines() if line.startswith("RESULT")))
+    assert result["template"] == json.loads(template.read_text())
+    assert result["ok"] == "created"
+    assert result["bad"] == 422, result["bad"]
