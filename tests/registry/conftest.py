@@ -39,3 +39,10 @@ def cfg(store: Path, monkeypatch) -> Config:
     return c
 
 
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict:
+    from reghelpers import train_tiny
+
+    return train_tiny(tmp_path_factory.mktemp("tiny"))

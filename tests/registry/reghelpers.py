@@ -45,3 +45,42 @@ def make_version(cfg: Config, ndcg: np.ndarray, *, recall: np.ndarray | None = N
             tr.set_tags({tracking.TAG_PROTOCOL: protocol})
         tr.log_text("placeholder: the promotion logic does not read the model", "model/README.txt")
     return str(registry.register_version(c, tr.run_id).version)
+
+
+def train_tiny(root: Path) -> dict:
+    """Real tiny models over one synthetic dataset: a 2-step HLLM (tiny BERT item tower, tiny Llama
+    user tower) and the popularity baseline, each checkpointed, exported and evaluated on test."""
+    from hllm import testing
+    from hllm.checkpoint import load_model
+    from hllm.evaluate import evaluate
+    from hllm.export import export
+    from hllm.train import train
+
+    items, seqs = testing.synthetic_lists(n_users=30, n_items=40)
+    built = testing.write_built(root / "built", items, seqs)
+    bert = testing.tiny_bert(root / "bert")
+    out = {"built": built}
+    for kind in ("hllm", "pop"):
+        c = testing.tiny_config(root, bert, built, **{"model.kind": kind, "train.max_steps": 2,
+                                                     "train.checkpoint_every": 0, "train.run_name": kind})
+        res = train(c, progress=False)
+        ckpt = res.best_checkpoint or res.last_checkpoint
+        export(ckpt, root / "exports" / kind, c, progress=False)
+        model, _, b = load_model(ckpt)
+        out[kind] = {"cfg": c, "checkpoint": ckpt, "export": root / "exports" / kind,
+                     "eval": evaluate(model, b, c, split="test", progress=False)}
+    return out
+
+
+def log_trained(cfg: Config, tiny: dict, kind: str, register: bool = True) -> tuple[str, str | None]:
+    """A tracked run for a trained tiny model (its config + lineage + test evaluation), and the
+    registered pyfunc version. ``cfg`` supplies the store and registry settings."""
+    m = tiny[kind]
+    c = copy.deepcopy(m["cfg"])
+    c.tracking, c.registry = cfg.tracking, cfg.registry
+    with tracking.start_run(c, kind) as tr:
+        tr.log_eval_result(m["eval"], tracking.data_version(c).version)
+    if not register:
+        return tr.run_id, None
+    mv = registry.register_model(c, tr.run_id, m["export"], m["checkpoint"])
+    return tr.run_id, str(mv.version)

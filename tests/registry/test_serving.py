@@ -1,0 +1,106 @@
+"""The registered pyfunc: loaded by alias in a fresh process, it answers exactly like `hllm recommend`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from reghelpers import log_trained
+
+from hllm import registry, tracking
+
+LOAD_AND_PREDICT = """
+import json, sys
+import mlflow.pyfunc, pandas as pd
+uri, k, requests = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+model = mlflow.pyfunc.load_model(uri)
+out = model.predict(pd.DataFrame(requests), params={"k": k})
+print("RESULT" + json.dumps(out.to_dict("records")))
+"""
+
+
+def predict_in_fresh_process(uri: str, k: int, requests: list[dict], env: dict | None = None) -> list[dict]:
+    r = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT, uri, str(k), json.dumps(requests)],
+                       capture_output=True, text=True, timeout=240, env={**os.environ, **(env or {})})
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])
+
+
+def hllm_recommend(*args: str) -> list[dict]:
+    """`hllm recommend --json ...`, in-process (a second fresh process would only add start-up time)."""
+    from typer.testing import CliRunner
+
+    from hllm.cli import app
+
+    r = CliRunner().invoke(app, ["recommend", "--json", *args])
+    assert r.exit_code == 0, r.output[-3000:]
+    return json.loads(r.stdout)
+
+
+@pytest.mark.slow
+def test_champion_pyfunc_matches_hllm_recommend(cfg, tiny, tmp_path):
+    run_id, v = log_trained(cfg, tiny, "hllm")
+    assert registry.promote(cfg, v).action == "champion"
+    name = cfg.registry.model_name
+    exp = tiny["hllm"]["export"]
+    ckpt = tiny["hllm"]["checkpoint"]
+
+    # what the version holds: safetensors weights, configs and tokenizer, no pickle, pinned requirements
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{v}", dst_path=str(tmp_path / "m")))
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert "artifacts/checkpoint/model.safetensors" in files and "artifacts/export/items.faiss" in files
+    assert "artifacts/hf_item/tokenizer.json" in files and "code/hllm/serving.py" in files
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".bin"))]
+    assert not [f for f in files if f.startswith("artifacts/hf_item/") and f.endswith(".safetensors")]
+    reqs = (local / "requirements.txt").read_text().split()
+    assert "torch==2.13.0" in reqs and all("==" in r for r in reqs)
+    mlmodel = (local / "MLmodel").read_text()
+    assert "mlflow.pyfunc.loaders.code_model" in mlmodel and "signature" in mlmodel
+    assert (local / "input_example.json").is_file()
+
+    users = pd.read_parquet(exp / "users.parquet")["user_id"].tolist()
+    items = pd.read_parquet(exp / "items.parquet")["item_id"].tolist()
+    history = items[3:7]
+    requests = [{"user_id": users[0], "history": None}, {"user_id": None, "history": history},
+                {"user_id": users[5], "history": None}]
+    got = predict_in_fresh_process(f"models:/{name}@champion", 5, requests,
+                                   env={"MLFLOW_TRACKING_URI": cfg.tracking.tracking_uri})
+
+    # `hllm recommend` for the history request, which needs the User LLM
+    want = hllm_recommend("--history", ",".join(history), "--export", str(exp), "--checkpoint", str(ckpt), "-k", "5")
+    assert got[1]["item_ids"] == [w["item_id"] for w in want] and len(want) == 5
+    assert got[1]["scores"] == pytest.approx([w["score"] for w in want], abs=1e-6)
+
+    # the user requests against the Recommender `hllm recommend --user` wraps
+    from hllm.recommend import Recommender
+    from hllm.serving import recommend_rows
+
+    rec = Recommender.from_export(exp)
+    for row, u in ((got[0], users[0]), (got[2], users[5])):
+        want = rec.for_user(u, 5)
+        assert row["item_ids"] == [r.item_id for r in want] and len(want) == 5
+        assert row["scores"] == pytest.approx([r.score for r in want], abs=1e-6)
+        assert set(row["item_ids"]).isdisjoint(rec.seen(u))  # seen items are excluded
+
+    # a request with neither field is a clear error, not an empty answer
+    with pytest.raises(ValueError, match="row 0: give a user_id or a non-empty history"):
+        recommend_rows(rec, pd.DataFrame([{"user_id": None, "history": []}]), 3)
+
+
+def test_registering_a_mismatched_checkpoint_is_refused(cfg, tiny):
+    run_id, _ = log_trained(cfg, tiny, "hllm", register=False)
+    with pytest.raises(ValueError, match="not the one export"):
+        registry.register_model(cfg, run_id, tiny["hllm"]["export"], tiny["pop"]["checkpoint"])
+    with pytest.raises(FileNotFoundError, match="not an export"):
+        registry.register_model(cfg, run_id, tiny["hllm"]["checkpoint"], None)
+    assert registry.list_versions(cfg) == []
+    c = tracking.client(cfg)
+    assert not c.list_artifacts(run_id, "model")
