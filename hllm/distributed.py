@@ -83,15 +83,49 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _all_gather_single(out: torch.Tensor, x: torch.Tensor) -> None:
+    # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, x)
+
+
+def _reduce_scatter_single(out: torch.Tensor, x: torch.Tensor) -> None:
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    fn(out, x)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each rank the sum over ranks of the
+    gradients w.r.t. its own slice (every rank's loss used every slice)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        _all_gather_single(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        grad = grad.contiguous()
+        k = grad.shape[0] // world
+        if dist.get_backend() == "nccl":
+            mine = grad.new_empty((k, *grad.shape[1:]))
+            _reduce_scatter_single(mine, grad)
+            return mine
+        dist.all_reduce(grad)  # gloo has no reduce_scatter: sum everything, keep our slice
+        return grad[rank * k : (rank + 1) * k].clone()
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` [k, ...] from every rank in rank order, keeping the
     autograd graph: each rank's loss back-propagates into every rank's slice
-    (the paper's shared negative pool). Identity in a single process."""
+    (the paper's shared negative pool). Every rank must pass the same k.
+    Identity in a single process."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:

@@ -135,13 +135,27 @@ def _enable_gradient_checkpointing(model: nn.Module) -> int:
 
 
 def _fsdp_shard(step_module: _Step) -> None:
-    """FSDP2: shard every transformer block (HF ``_no_split_modules``) then the root."""
+    """FSDP2: shard every transformer block (HF ``_no_split_modules``), then the root.
+
+    A block holding a backbone's word-embedding table (e.g. ``BertEmbeddings``)
+    stays in the root group: the Item LLM looks that table up outside the
+    block's own forward (to splice in the [ITEM] vector), where a separately
+    sharded table would still be a DTensor shard."""
     from torch.distributed.fsdp import fully_shard
 
     names: set[str] = set()
+    embeddings = []
     for m in step_module.modules():
         names.update(getattr(m, "_no_split_modules", None) or [])
-    blocks = [m for m in step_module.modules() if type(m).__name__ in names]
+        if hasattr(m, "get_input_embeddings") and hasattr(m, "config"):
+            try:
+                emb = m.get_input_embeddings()
+            except (NotImplementedError, AttributeError):  # the User LLM's table was dropped
+                emb = None
+            if emb is not None:
+                embeddings.append(emb)
+    blocks = [m for m in step_module.modules() if type(m).__name__ in names
+              and not any(e is sub for e in embeddings for sub in m.modules())]
     for b in blocks:
         fully_shard(b)
     fully_shard(step_module)
