@@ -272,21 +272,28 @@ def generate(p: SynthConfig) -> RawTables:
         same_brand = stay & (mode < P_SAME_BRAND) & (item_cat[prev] == cur_cat)
         cs_key = cur_cat * n_sty + user_style
         use_style = ~same_brand & (mode < P_SAME_BRAND + P_PREFERRED_STYLE) & (cs_sizes[cs_key] > 0)
-        chosen = np.empty(p.n_users, dtype=np.int64)
-        need = np.ones(p.n_users, dtype=bool)
-        for attempt in range(8):  # re-draw repeats of an item already in the history
-            u = rng.random(p.n_users)
+        def draw_pooled(rows: np.ndarray, u: np.ndarray) -> np.ndarray:
+            """Each row's pool: its previous item's brand, its style within the category, or the category."""
+            out = by_cat(cur_cat[rows], u)
+            m = use_style[rows]
+            out[m] = by_cs(cs_key[rows][m], u[m])
+            m = same_brand[rows]
+            out[m] = by_brand(item_brand[prev[rows][m]], u[m])
+            return out
+
+        chosen = draw_pooled(users, rng.random(p.n_users))
+        # re-draw an item already in the user's history (only those rows; a few tries)
+        rows = np.nonzero((seq[:, :t] == chosen[:, None]).any(axis=1))[0] if t else np.zeros(0, dtype=np.int64)
+        for attempt in range(1, 8):
+            if len(rows) == 0:
+                break
+            u = rng.random(len(rows))
             if attempt < 3:
-                draw = np.where(same_brand, by_brand(item_brand[prev], u),
-                                np.where(use_style, by_cs(cs_key, u), by_cat(cur_cat, u)))
+                draw = draw_pooled(rows, u)
             else:  # small brand/style pools may be exhausted: widen to the whole category
-                draw = by_cat(cur_cat, u)
-            chosen = np.where(need, draw, chosen)
-            if t == 0:
-                break
-            need = (seq[:, :t] == chosen[:, None]).any(axis=1)
-            if not need.any():
-                break
+                draw = by_cat(cur_cat[rows], u)
+            chosen[rows] = draw
+            rows = rows[(seq[rows, :t] == draw[:, None]).any(axis=1)]
         seq[:, t] = chosen
 
     # ---- timestamps: per-user start + gaps; some gaps are 0 (same-second logging)
@@ -305,9 +312,13 @@ def generate(p: SynthConfig) -> RawTables:
     uwidth = len(str(p.n_users))
     user_ids = np.array([f"u{j:0{uwidth}d}" for j in range(1, p.n_users + 1)], dtype=object)
 
+    def ids(codes: np.ndarray, names: np.ndarray) -> pa.Array:  # strings materialised in Arrow, not Python
+        return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)),
+                                              pa.array(names, type=pa.string())).cast(pa.string())
+
     interactions = pa.table({
-        "user_id": pa.array(user_ids[u_idx[order]], type=pa.string()),
-        "item_id": pa.array(item_ids[i_idx[order]], type=pa.string()),
+        "user_id": ids(u_idx[order], user_ids),
+        "item_id": ids(i_idx[order], item_ids),
         "timestamp": pa.array(t_all[order], type=pa.int64()),
     })
     items = pa.table({
