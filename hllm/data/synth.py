@@ -252,6 +252,7 @@ def generate(p: SynthConfig) -> RawTables:
         return prefs[rows, np.minimum(slot, n_pref - 1)]
 
     seq = np.zeros((p.n_users, T), dtype=np.int64)
+    repeat = np.zeros((p.n_users, T), dtype=bool)  # item already in the history after all re-draws
     users = np.arange(p.n_users)
     cur_cat = pick_pref(users)
     for t in range(T):
@@ -294,6 +295,7 @@ def generate(p: SynthConfig) -> RawTables:
                 draw = by_cat(cur_cat[rows], u)
             chosen[rows] = draw
             rows = rows[(seq[rows, :t] == draw[:, None]).any(axis=1)]
+        repeat[rows, t] = True
         seq[:, t] = chosen
 
     # ---- timestamps: per-user start + gaps; some gaps are 0 (same-second logging)
@@ -301,6 +303,7 @@ def generate(p: SynthConfig) -> RawTables:
     gaps = np.maximum(1, rng.exponential(1.5 * 86_400, size=(p.n_users, T))).astype(np.int64)
     gaps[rng.random((p.n_users, T)) < P_TIE] = 0
     gaps[:, 0] = 0
+    gaps[repeat] = np.maximum(gaps[repeat], 1)  # a repeated item never shares a second: no duplicate rows
     ts = start[:, None] + np.cumsum(gaps, axis=1)
 
     valid = np.arange(T)[None, :] < lengths[:, None]

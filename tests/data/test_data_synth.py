@@ -78,3 +78,13 @@ def test_sequences_rarely_repeat_an_item():
     inter = generate(SynthConfig()).interactions.to_pandas()
     assert inter.duplicated(["user_id", "item_id"]).mean() < 0.005
     assert np.all(inter["timestamp"].to_numpy() >= 1_672_531_200)
+
+
+def test_tiny_catalogues_never_produce_duplicate_rows():
+    """Small catalogues force repeats; a repeat must never share its second with the earlier row (validation
+    rejects duplicate (user, item, timestamp) rows)."""
+    for n_items in (10, 40):
+        for seed in range(3):
+            inter = generate(SynthConfig(n_users=80, n_items=n_items, seed=seed)).interactions.to_pandas()
+            assert inter.duplicated(["user_id", "item_id"]).any()
+            assert not inter.duplicated(["user_id", "item_id", "timestamp"]).any()
