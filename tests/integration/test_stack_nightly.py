@@ -1,0 +1,125 @@
+"""`nightly-retrain` on the tiny fixture, deployed to the local production stack and run by its worker.
+
+A throw-away project (git + DVC, the project's `s3` remote, a tiny params.yaml with no tracking URI
+so the stack's MLFLOW_TRACKING_URI applies) is deployed with `flow.from_source(...).deploy()` to the
+process pool; the worker runs it. Then everything the run left must be on the shared services: the
+run and the registered version in PostgreSQL-backed MLflow, the model's files in the bucket, the
+dataset version in the S3 DVC remote (and back with `dvc pull` in a fresh clone), the flow run
+completed through the worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _tree_md5(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def project(stack, tmp_path) -> Path:
+    """A clone-like project: git + DVC, remote `s3` as committed in the repo's .dvc/config."""
+    sys.path.insert(0, str(REPO / "tests" / "flows"))
+    try:
+        from flowkit import tiny_params  # the flow tests' tiny run (tiny BERT/Llama, 3 steps)
+    finally:
+        sys.path.remove(str(REPO / "tests" / "flows"))
+    from hllm.testing import tiny_bert
+
+    root = tmp_path / "project"
+    root.mkdir()
+    bert = tiny_bert(root / "models" / "bert")
+    params = tiny_params(root, bert)
+    params["tracking"] = {"tracking_uri": ""}  # "" = $MLFLOW_TRACKING_URI: the stack's server
+    params["flow"]["dvc_remote"] = "s3"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # The flow code as a worker's checkout would have it (flows/ is not an installed package).
+    (root / "flows").symlink_to(REPO / "flows")
+    (root / ".gitignore").write_text("/models/\n/flows\n/runs/\n/reports/\n/exports/\n/data/built/\n")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"],
+                ["dvc", "remote", "add", "-d", "s3", stack.env["HLLM_DVC_REMOTE_URL"]],
+                ["dvc", "remote", "modify", "s3", "region", stack.env["AWS_DEFAULT_REGION"]]):
+        stack.run(*cmd, cwd=root)
+    return root
+
+
+def test_nightly_retrain_runs_through_the_worker_against_the_stack(stack, project, tmp_path):
+    env = stack.env
+    script = textwrap.dedent(
+        f"""
+        import json
+        from prefect import flow
+        from prefect.deployments import run_deployment
+
+        flow.from_source(source={str(project)!r}, entrypoint="flows/nightly.py:nightly_retrain").deploy(
+            name="it-nightly", work_pool_name={env["HLLM_WORK_POOL"]!r}, print_next_steps=False,
+            ignore_warnings=True, parameters={{"params": "params.yaml", "baselines": False}},
+        )
+        run = run_deployment("nightly-retrain/it-nightly", timeout=900)
+        print("RESULT" + json.dumps({{"state": run.state.type.value, "message": run.state.message,
+                                     "pool": run.work_pool_name, "id": str(run.id)}}))
+        """
+    )
+    proc = stack.run(sys.executable, "-c", script, cwd=project, timeout=960)
+    result = json.loads(next(line[6:] for line in proc.stdout.splitlines() if line.startswith("RESULT")))
+    worker_log = (stack.state / "logs" / "prefect-worker.log").read_text()[-6000:]
+    assert result["state"] == "COMPLETED", f"{result}\n{worker_log}"
+    assert result["pool"] == env["HLLM_WORK_POOL"]
+    assert f"'{result['id']}'" in worker_log or result["id"] in worker_log  # the worker picked it up
+
+    # ---- MLflow: parent run tagged with the flow run, a registered version, files in the bucket
+    import psycopg2
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    [summary] = (project / "reports" / "nightly").glob("*.json")
+    res = json.loads(summary.read_text())
+    assert res["status"] == "COMPLETED" and res["registered_version"] == "1" and res["alias"] == "champion"
+    parent = client.get_run(res["parent_run_id"])
+    assert parent.data.tags["prefect.flow_run_id"] == result["id"]
+    mv = client.get_model_version("hllm-recommender", "1")
+    assert mv.run_id == res["run_ids"]["HLLM"]
+    with psycopg2.connect(f"{env['HLLM_STACK_PG_URL']}/mlflow") as conn, conn.cursor() as cur:
+        cur.execute("SELECT run_id FROM model_versions WHERE name = 'hllm-recommender' AND version = 1")
+        assert cur.fetchall() == [(mv.run_id,)]
+        cur.execute("SELECT status FROM runs WHERE run_uuid = %s", (parent.info.run_id,))
+        assert cur.fetchall() == [("FINISHED",)]
+
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+    bucket, _, prefix = env["HLLM_MLFLOW_ARTIFACTS"].removeprefix("s3://").partition("/")
+    # mlflow-artifacts:/<exp>/... (proxied) is s3://<bucket>/<prefix>/<exp>/... on the server's side
+    model_dir = client.get_model_version_download_uri("hllm-recommender", "1")
+    assert model_dir.startswith("mlflow-artifacts:/"), model_dir
+    key_prefix = f"{prefix}/{model_dir.removeprefix('mlflow-artifacts:/').strip('/')}/"
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=key_prefix).get("Contents", [])]
+    assert f"{key_prefix}MLmodel" in keys, keys[:20]
+
+    # ---- DVC: the dataset version is in the S3 remote and comes back in a fresh clone
+    md5 = yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
+    assert res["data"]["dvc_md5"] == md5 and res["data"]["pushed_to"] == "s3"
+    dvc_bucket, _, dvc_prefix = env["HLLM_DVC_REMOTE_URL"].removeprefix("s3://").partition("/")
+    s3.head_object(Bucket=dvc_bucket, Key=f"{dvc_prefix}/files/md5/{md5[:2]}/{md5[2:]}")
+    stack.run("git", "add", "-A", cwd=project)
+    stack.run("git", "-c", "user.name=it", "-c", "user.email=it@example.com", "commit", "-q", "-m", "night 1",
+              cwd=project)
+    clone = tmp_path / "clone"
+    stack.run("git", "clone", "-q", str(project), str(clone))
+    assert not (clone / "data" / "raw").exists()
+    stack.run("dvc", "pull", cwd=clone)
+    assert _tree_md5(clone / "data" / "raw") == _tree_md5(project / "data" / "raw")
