@@ -101,6 +101,8 @@ class UserLLMConfig:
             "num_key_value_heads": 6,
             "max_position_embeddings": 512,
             "vocab_size": 2,  # inputs are always inputs_embeds; keep the unused table tiny
+            "bos_token_id": None,  # no token ids at all (Llama's defaults 1/2 fall outside vocab_size 2)
+            "eos_token_id": None,
         }
     )
     from_scratch: bool = False
@@ -128,6 +130,7 @@ class TrainConfig:
     batch_size: int = 8  # sequences per rank per micro-step
     grad_accum: int = 1
     lr: float = 1e-4
+    new_params_lr: float = 0.0  # lr of parameters trained from scratch (User LLM from config, [ITEM], projection, scale); 0 = lr
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0

@@ -97,19 +97,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
+                 new_lr: float | None = None) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on biases, norms, 1-d params and anything the
-    model lists in ``no_weight_decay()`` (the [ITEM] vector, the similarity scale)."""
+    model lists in ``no_weight_decay()`` (the [ITEM] vector, the similarity scale).
+
+    With ``new_lr``, parameters under the model's ``new_parameter_prefixes()``
+    (created from scratch rather than loaded pretrained: a User LLM built from
+    config, the [ITEM] vector, the projection, the scale) get that learning rate
+    (the reference code had one rate for everything). Empty groups are dropped."""
     explicit = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    prefixes = tuple(model.new_parameter_prefixes()) if new_lr and hasattr(model, "new_parameter_prefixes") else ()
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or name in explicit or name.endswith(".bias") or "norm" in name.lower():
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = p.ndim < 2 or name in explicit or name.endswith(".bias") or "norm" in name.lower()
+        new = any(name == x or name.startswith(x + ".") for x in prefixes)
+        groups.setdefault((no_decay, new), []).append(p)
+    out = []
+    for (no_decay, new), params in sorted(groups.items()):
+        g: dict[str, Any] = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay}
+        if lr is not None:
+            g["lr"] = new_lr if new else lr
+        out.append(g)
+    return out
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float):
@@ -297,9 +309,10 @@ class _Trainer:
         self.optimizer = None
         self.scheduler = None
         if self.trainable:
-            groups = param_groups(self.model, t.weight_decay)
+            groups = param_groups(self.model, t.weight_decay, t.lr, t.new_params_lr or None)
             self.optimizer = torch.optim.AdamW(groups, lr=t.lr)
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.total_steps, t.warmup_ratio))
+            self.lr_fn = lr_lambda(self.total_steps, t.warmup_ratio)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_fn)
         self.scales = _scale_modules(self.model)
         self.data_version = ckpt.data_version(self.built.dir) if info.is_main else None
         self.code_sha = ckpt.code_sha() if info.is_main else None
@@ -529,7 +542,7 @@ class _Trainer:
         if t.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
             acc["grad_norm"] = acc.get("grad_norm", 0.0) + float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        acc["lr"] = acc.get("lr", 0.0) + self.optimizer.param_groups[0]["lr"]
+        acc["lr"] = acc.get("lr", 0.0) + t.lr * self.lr_fn(step)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

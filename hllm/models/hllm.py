@@ -70,6 +70,8 @@ class HLLM(SeqRecModel):
         self.nce_threshold = nce_threshold
         self.dedup = dedup
         self.dim = d_user
+        # parameters that start from random init (set by ``build``; the trainer may give them their own lr)
+        self._new_prefixes = ["item.item_token", "proj", "scale"]
 
     # ------------------------------------------------------------------ towers
 
@@ -133,6 +135,9 @@ class HLLM(SeqRecModel):
         stats["slots"] = float(int((flat > 0).sum()))  # item slots before deduplication
         return LossOutput(loss=loss, stats=stats)
 
+    def new_parameter_prefixes(self) -> list[str]:
+        return list(self._new_prefixes)
+
     def no_weight_decay(self) -> set[str]:
         return {"item.item_token", "scale.log_scale"}
 
@@ -176,6 +181,10 @@ def build(cfg: "Config", built: "BuiltData", tokens: "TokenCache | None" = None)
         item, user, projection=ucfg.projection, scale_init=tcfg.scale_init, scale_max=tcfg.scale_max,
         nce_threshold=tcfg.nce_threshold, dedup=tcfg.dedup_items,
     )
+    if icfg.path is None or icfg.from_scratch:
+        model._new_prefixes.append("item.backbone")
+    if ucfg.path is None or ucfg.from_scratch:
+        model._new_prefixes.append("user")
     log.info(
         "HLLM: item %s (%s, %d hidden, %.1fM params), user %s (%d hidden, %.1fM params), projection %s",
         icfg.path or item_bb.config.model_type, "encoder" if item.encoder else "decoder", item.hidden_size,

@@ -129,6 +129,13 @@ def test_weight_decay_groups(tmp_path, tiny_bert_dir, built_dir):
     assert all(not n.endswith(".bias") and "norm" not in n.lower() for n in d)
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
     assert len(d) + len(nd) == len(names)
+    # parameters trained from scratch (User LLM from config, [ITEM], scale) can get their own lr
+    groups = param_groups(model, 0.01, lr=1e-4, new_lr=1e-3)
+    by_lr = {g["lr"]: {names[id(p)] for p in g["params"]} for g in groups if g["lr"] == 1e-3}
+    new = by_lr[1e-3]
+    assert {"item.item_token", "scale.log_scale"} <= new and any(n.startswith("user.") for n in new)
+    assert not any(n.startswith("item.backbone.") for n in new)  # pretrained weights keep train.lr
+    assert sum(len(g["params"]) for g in groups) == len(names)
 
 
 def test_registry_knows_every_kind_and_rejects_unknown():
