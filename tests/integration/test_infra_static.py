@@ -145,6 +145,9 @@ def test_client_variables_are_the_same_everywhere(compose):
     assert names <= set(compose["services"]["prefect-worker"]["environment"])
     assert names == set(k8s_objects()[("Secret", "hllm-stack")]["stringData"])
     assert names <= local_stack_env_keys()
+    from hllm.config import Config
+
+    assert Config().flow.work_pool == CLIENT["HLLM_WORK_POOL"]  # the pool `prefect deploy` targets
     readme = (INFRA / "README.md").read_text()
     table = readme[readme.index("### The client variables"):readme.index("## From nothing")]
     in_table = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", table))
