@@ -138,11 +138,18 @@ def lr_lambda(total_steps: int, warmup_ratio: float):
 
 
 def _enable_gradient_checkpointing(model: nn.Module) -> int:
+    """Non-reentrant activation checkpointing per block of every HF backbone in ``model``."""
     n = 0
     for m in model.modules():
-        if hasattr(m, "gradient_checkpointing_enable") and getattr(m, "supports_gradient_checkpointing", False):
+        if not getattr(m, "supports_gradient_checkpointing", False):
+            continue
+        if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(m, "gradient_checkpointing_enable"):
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            n += 1
+        else:
+            continue
+        n += 1
     return n
 
 
@@ -591,7 +598,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     setup_logging(os.environ.get("HLLM_LOG_LEVEL", "INFO"))
     cfg = load_config(args.params, args.sets)
-    train(cfg, resume=args.resume, progress=not args.no_progress)
+    logger = None
+    # Launched by a flow that opened an MLflow run: rank 0 logs its metrics there.
+    if os.environ.get("MLFLOW_RUN_ID") and int(os.environ.get("RANK", "0")) == 0:
+        from hllm import tracking
+
+        logger = tracking.attach(os.environ["MLFLOW_RUN_ID"], cfg)
+    train(cfg, resume=args.resume, logger=logger, progress=not args.no_progress)
     return 0
 
 

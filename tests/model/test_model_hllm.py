@@ -142,3 +142,36 @@ def test_registry_knows_every_kind_and_rejects_unknown():
     assert {"hllm", "sasrec", "pop"} <= set(kinds())
     with pytest.raises(ValueError, match="not registered"):
         get_builder("nope")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny_llama_dir, built_dir):
+    from hllm.train import _enable_gradient_checkpointing
+
+    grads = []
+    for ckpt in (False, True):
+        model, _, _ = make(tmp_path, tiny_llama_dir, built_dir)
+        model.train()
+        if ckpt:
+            assert _enable_gradient_checkpointing(model) == 2  # item and user backbones
+        model.train_loss(WINDOWS, NEGATIVES).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_bf16_autocast_step_is_finite(tmp_path, tiny_bert_dir, built_dir):
+    model, _, _ = make(tmp_path, tiny_bert_dir, built_dir)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.train_loss(WINDOWS, NEGATIVES)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_validation_loss_fallback_without_the_evaluation_module(tmp_path, tiny_bert_dir, built_dir):
+    from hllm.distributed import DistInfo
+    from hllm.train import validation_loss
+
+    model, cfg, built = make(tmp_path, tiny_bert_dir, built_dir)
+    loss = validation_loss(model, built, cfg, DistInfo())
+    assert np.isfinite(loss) and loss > 0
+    assert model.training  # restored
