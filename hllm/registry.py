@@ -371,9 +371,9 @@ def gate(cfg: Config, candidate: "ModelVersion", champion: "ModelVersion",
         have = _available_evals(client, champion)
         return refuse(f"champion v{str(champion.version)} has no evaluation comparable with candidate "
                       f"v{str(candidate.version)}: {'; '.join(what) or 'no matching evaluation'}. Results under "
-                      f"different protocols or data are never compared; evaluate the champion under protocol "
-                      f"{protocol} on data {data_ver} and log it to its run {champion.run_id} "
-                      f"(evaluations it has: {have or 'none'})")
+                      f"different protocols or data are never compared; evaluate the champion on the candidate's "
+                      f"data and protocol first (`hllm registry reevaluate`, or `hllm registry attach-eval "
+                      f"--run-id {champion.run_id}`) (evaluations it has: {have or 'none'})")
     if metric not in cand_eval.metrics or metric not in champ_eval.metrics:
         return refuse(f"gate metric {metric!r} (registry.gate_metric) missing: candidate has "
                       f"{sorted(cand_eval.metrics)}, champion has {sorted(champ_eval.metrics)}")
@@ -405,6 +405,45 @@ def gate(cfg: Config, candidate: "ModelVersion", champion: "ModelVersion",
     res.ok = True
     res.reason = f"passed: {res.summary()}"
     return res
+
+
+def reevaluate(cfg: Config, version: str | int | None = None, progress: bool = False) -> str:
+    """Evaluate a registered version (default: the champion) on the data under ``paths.built_dir``
+    with today's protocol, and attach the result to its run under that data version.
+
+    The nightly flow calls it when the data moved on, so that the gate can compare the new
+    candidate with the champion on the same users. Uses the weights and tower configs bundled in
+    the registered model, so it needs nothing from the machine that trained it. Returns the
+    artifact directory the evaluation was attached under.
+    """
+    import mlflow
+
+    from hllm import serving
+    from hllm.evaluate import evaluate_checkpoint
+
+    client = _client(cfg)
+    name = cfg.registry.model_name
+    if version is None:
+        mv = _alias(client, name, CHAMPION)
+        if mv is None:
+            raise RegistryError(f"model {name!r} has no champion to re-evaluate")
+    else:
+        mv = _get_version(client, name, version)
+    dv = tracking.data_version(cfg).version
+    with tempfile.TemporaryDirectory(prefix="hllm-reeval-") as tmp:
+        local = mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}", dst_path=str(Path(tmp) / "m"))
+        arts = serving.model_artifacts(local)
+        if "checkpoint" not in arts:
+            raise RegistryError(f"version {mv.version} was registered without a checkpoint; cannot re-evaluate it")
+        ckpt = serving.runtime_checkpoint(arts, Path(tmp) / "rt", built_dir=Path(cfg.paths.built_dir).resolve())
+        try:
+            res = evaluate_checkpoint(ckpt, cfg, ("test",), progress=progress)["test"]
+        except ValueError as e:  # e.g. the catalogue changed size under an ID model
+            raise RegistryError(f"version {mv.version} cannot be evaluated on {cfg.paths.built_dir}: {e}") from e
+    art = tracking.attach(mv.run_id, cfg).log_eval_result(res, dv, log_as_metrics=False)
+    log.info("version %s re-evaluated on data %s: %s", mv.version, dv,
+             {k: round(v, 5) for k, v in res.metrics.items()})
+    return art
 
 
 # --------------------------------------------------------------------------- alias moves

@@ -139,10 +139,11 @@ def recommend_rows(rec, df, k: int, exclude_seen: bool = True) -> dict[str, list
     return {"item_ids": item_ids, "scores": scores}
 
 
-def runtime_checkpoint(arts: dict[str, str], work: Path) -> Path:
+def runtime_checkpoint(arts: dict[str, str], work: Path, built_dir: str | Path | None = None) -> Path:
     """A loadable checkpoint over the bundled files: the weights (linked, not copied) and meta.json
-    with the tower paths and ``paths.built_dir`` pointed at the bundle. The bundle itself is never
-    written to (it may be a shared, read-only download); the token cache is rebuilt under ``work``."""
+    with the tower paths and ``paths.built_dir`` pointed at the bundle (or at ``built_dir``, e.g. to
+    evaluate the model on newer data). The bundle itself is never written to (it may be a shared,
+    read-only download); the token cache is rebuilt under ``work``."""
     src = Path(arts["checkpoint"])
     ckpt = work / "checkpoint"
     ckpt.mkdir(parents=True)
@@ -154,9 +155,10 @@ def runtime_checkpoint(arts: dict[str, str], work: Path) -> Path:
             model_cfg[tower]["path"] = arts[f"hf_{tower}"]
     built = work / "built"
     built.mkdir()
+    src_built = Path(built_dir) if built_dir is not None else Path(arts["built"])
     for name in BUILT_FILES:
-        if (Path(arts["built"]) / name).exists():
-            _link(Path(arts["built"]) / name, built / name)
+        if (src_built / name).exists():
+            _link(src_built / name, built / name)
     meta["config"]["paths"]["built_dir"] = str(built)
     (ckpt / "meta.json").write_text(json.dumps(meta))
     return ckpt
@@ -271,3 +273,12 @@ def save_pyfunc(path: str | Path, export_dir: str | Path, checkpoint_dir: str | 
             metadata={"hllm_export_manifest": json.loads((Path(export_dir) / "manifest.json").read_text())},
         )
     return path
+
+
+def model_artifacts(model_dir: str | Path) -> dict[str, str]:
+    """name -> local path of the pyfunc artifacts of a downloaded model folder."""
+    from mlflow.models import Model
+
+    model_dir = Path(model_dir)
+    conf = Model.load(str(model_dir / "MLmodel")).flavors["python_function"]
+    return {k: str(model_dir / v["path"]) for k, v in (conf.get("artifacts") or {}).items()}

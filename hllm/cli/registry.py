@@ -1,4 +1,4 @@
-"""`hllm registry list|promote|rollback|end-ab|register|attach-eval|audit`.
+"""`hllm registry list|promote|rollback|end-ab|register|reevaluate|attach-eval|audit`.
 
 Refusals exit 1 with the reason on stderr and move nothing; config errors exit 2.
 """
@@ -154,6 +154,21 @@ def attach_eval(
     except ValueError as e:
         fail(str(e))
     typer.echo(f"attached {metrics.name} + {per_user.name} to run {run_id} as {art}/")
+
+
+@app.command()
+def reevaluate(
+    version: Annotated[Optional[str], typer.Argument(help="model version (default: the champion)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    sets: SetOpt = None,
+) -> None:
+    """Evaluate a registered version on the current data (paths.built_dir) and attach it to its run,
+    so the gate can compare a candidate trained on newer data with it."""
+    from hllm.registry import reevaluate as do_reevaluate
+
+    cfg = load(params, sets)
+    art = _run(do_reevaluate, cfg, version, progress=True)
+    typer.echo(f"evaluation attached as {art}/")
 
 
 @app.command()

@@ -59,7 +59,7 @@ def train_tiny(root: Path) -> dict:
     items, seqs = testing.synthetic_lists(n_users=30, n_items=40)
     built = testing.write_built(root / "built", items, seqs)
     bert = testing.tiny_bert(root / "bert")
-    out = {"built": built}
+    out = {"built": built, "items": items, "seqs": seqs}
     for kind in ("hllm", "pop"):
         c = testing.tiny_config(root, bert, built, **{"model.kind": kind, "train.max_steps": 2,
                                                      "train.checkpoint_every": 0, "train.run_name": kind})

@@ -104,3 +104,60 @@ def test_registering_a_mismatched_checkpoint_is_refused(cfg, tiny):
     assert registry.list_versions(cfg) == []
     c = tracking.client(cfg)
     assert not c.list_artifacts(run_id, "model")
+
+
+@pytest.mark.slow
+def test_reevaluate_champion_on_new_data_unblocks_the_gate(cfg, tiny, tmp_path):
+    """Nightly: the data moved on, so the new candidate cannot be compared with the champion until
+    the champion is evaluated on the new data, from its registered bundle."""
+    import copy
+
+    import numpy as np
+
+    from hllm import testing
+    from hllm.evaluate import evaluate_checkpoint
+
+    _, v1 = log_trained(cfg, tiny, "hllm")
+    registry.promote(cfg, v1)
+    # new snapshot: same catalogue, every user has one more interaction
+    rng = np.random.default_rng(1)
+    new_built = testing.write_built(tmp_path / "built_new", tiny["items"],
+                                    [s + [int(rng.integers(1, len(tiny["items"]) + 1))] for s in tiny["seqs"]])
+    new = copy.deepcopy(tiny)
+    for kind in ("hllm", "pop"):
+        new[kind]["cfg"].paths.built_dir = str(new_built)
+    new["pop"]["eval"] = evaluate_checkpoint(tiny["pop"]["checkpoint"], new["pop"]["cfg"], ("test",),
+                                             built_dir=new_built, progress=False)["test"]
+    _, v2 = log_trained(cfg, new, "pop")
+    with pytest.raises(registry.PromotionRefused, match="dataset version differs.*hllm registry reevaluate"):
+        registry.promote(cfg, v2)
+
+    on_new = copy.deepcopy(cfg)
+    on_new.paths.built_dir = str(new_built)
+    on_new.eval = new["hllm"]["cfg"].eval
+    art = registry.reevaluate(on_new)
+    dv = tracking.data_version(on_new).version
+    assert art.endswith(dv)
+    want = evaluate_checkpoint(tiny["hllm"]["checkpoint"], on_new, ("test",), built_dir=new_built,
+                               progress=False)["test"]
+    c = tracking.client(cfg)
+    champ = c.get_model_version(cfg.registry.model_name, v1)
+    local = Path(tracking_download(champ.run_id, art, tmp_path / "dl"))
+    got = json.loads((local / "metrics.json").read_text())["metrics"]
+    assert got == pytest.approx(want.metrics, abs=1e-6)
+    # the champion run's own metrics stay those of its training data
+    assert c.get_run(champ.run_id).data.metrics["test/ndcg_at_10"] == pytest.approx(
+        tiny["hllm"]["eval"].metrics["ndcg@10"])
+
+    # now the gate compares the two on the new data (whatever it decides, it is not a data refusal)
+    try:
+        res = registry.promote(cfg, v2)
+        assert res.gate.data_version == dv and res.gate.champion == pytest.approx(want.metrics["ndcg@10"], abs=1e-6)
+    except registry.PromotionRefused as e:
+        assert "differs" not in str(e) and e.gate.champion == pytest.approx(want.metrics["ndcg@10"], abs=1e-6)
+
+
+def tracking_download(run_id: str, path: str, dst: Path) -> str:
+    import mlflow
+
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst))
