@@ -39,8 +39,8 @@ test-integration: install  ## local production stack (PostgreSQL, moto S3, mlflo
 
 test-all: test test-integration
 
-mlflow-ui: install  ## the MLflow UI over the local store, on http://127.0.0.1:5000
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --default-artifact-root ./mlflow/artifacts --host 127.0.0.1 --port 5000
+mlflow-ui: install  ## the MLflow UI over the local store, on http://127.0.0.1:5000 (MLFLOW_PORT=... to change)
+	MLFLOW=$(BIN)/mlflow mlflow/ui.sh
 
 clean:
 	rm -rf data/built reports runs exports .pytest_cache
