@@ -85,7 +85,7 @@ class ItemLLMConfig:
     pooling: str = "item_token"  # "item_token" (paper) | "mean"
     attn_implementation: str = "sdpa"
     layout: str = "padded"  # "padded" (CPU) | "packed": one row per forward, positions restart per item (GPU varlen)
-    max_tokens_per_forward: int = 8192  # padded tokens per Item-LLM forward; items are grouped by length
+    max_tokens_per_forward: int = 2048  # padded tokens per Item-LLM forward (items grouped by length); raise on GPU
 
 
 @dataclass
@@ -126,15 +126,15 @@ class ModelConfig:
 class TrainConfig:
     seed: int = 2020
     epochs: int = 1
-    max_steps: int = 0  # > 0 caps the run (smoke runs, CI); 0 = epochs decide
+    max_steps: int = 30  # > 0 caps the run; 0 = epochs decide. 30 keeps the nightly CPU run to minutes
     batch_size: int = 8  # sequences per rank per micro-step
     grad_accum: int = 1
     lr: float = 1e-4
-    new_params_lr: float = 0.0  # lr of parameters trained from scratch (User LLM from config, [ITEM], projection, scale); 0 = lr
+    new_params_lr: float = 1e-3  # lr of parameters trained from scratch (User LLM from config, [ITEM], projection, scale); 0 = lr
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
-    num_negatives: int = 64  # global shared pool, split across ranks
+    num_negatives: int = 32  # global shared pool, split across ranks (paper: 512 to 28,672)
     nce_threshold: float = 0.99  # drop negatives whose cosine to the target exceeds this
     scale_init: float = 14.285714  # 1 / 0.07
     scale_max: float = 100.0
