@@ -290,6 +290,8 @@ class _Trainer:
             if not info.is_main:
                 tokens = ensure_tokens(cfg, self.built.dir)
         self.model = build_model(cfg, self.built, tokens).to(info.device)
+        # identical init on every rank (above), then distinct dropout streams per rank
+        torch.manual_seed(t.seed + 1_000_003 * info.rank)
         self.trainable = any(p.requires_grad for p in self.model.parameters())
         if t.gradient_checkpointing:
             n = _enable_gradient_checkpointing(self.model)
@@ -430,12 +432,14 @@ class _Trainer:
     def run(self, resume: bool) -> TrainResult:
         t0 = time.perf_counter()
         cfg, info = self.cfg, self.info
-        if info.is_main and not resume and (ckpt.latest_checkpoint(self.run_dir) is not None or (self.run_dir / "best").exists()):
+        taken = info.is_main and not resume and (
+            ckpt.latest_checkpoint(self.run_dir) is not None or (self.run_dir / "best").exists()
+        )
+        if D.broadcast_object(taken):  # every rank stops, not only rank 0
             raise FileExistsError(
                 f"{self.run_dir} already holds checkpoints: pass --resume to continue it, or choose another "
                 "train.run_name (nothing was overwritten)"
             )
-        D.barrier()
         self._build()
         if info.is_main:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
