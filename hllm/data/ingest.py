@@ -202,7 +202,9 @@ def read_amazon(files: list[Path]) -> RawTables:
                 u, i, ts = "user", "item", "timestamp"
             rating_tables.append(_interactions(t.column(u), t.column(i), t.column(ts), str(f)))
         elif any(name.endswith(s) for s in (".json", ".jsonl", ".json.gz", ".jsonl.gz")):
-            for n, rec in iter_json_lines(f):
+            from tqdm.auto import tqdm
+
+            for n, rec in tqdm(iter_json_lines(f), desc=f.name, unit=" lines", disable=None, mininterval=2):
                 if "reviewerID" in rec:
                     missing = [k for k in ("reviewerID", "asin", "unixReviewTime") if k not in rec]
                     if missing:

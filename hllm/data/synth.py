@@ -255,7 +255,9 @@ def generate(p: SynthConfig) -> RawTables:
     repeat = np.zeros((p.n_users, T), dtype=bool)  # item already in the history after all re-draws
     users = np.arange(p.n_users)
     cur_cat = pick_pref(users)
-    for t in range(T):
+    from tqdm.auto import tqdm
+
+    for t in tqdm(range(T), desc="synth", unit="step", disable=None if p.n_users >= 100_000 else True):
         # interest drift: one liked category is replaced by a random one
         drift = rng.random(p.n_users) < P_DRIFT
         if drift.any():

@@ -107,6 +107,7 @@ def test_build_writes_the_contract(tmp_path):
     assert stats["raw"] == {"interactions": 21, "users": 6, "items_interacted": 8, "catalogue_items": 9}
 
 
+@pytest.mark.slow  # loads transformers + the MiniLM tokenizer (~5-10 s on 2 busy cores)
 def test_build_pre_tokenises_item_text_with_the_item_tokenizer(tmp_path):
     cfg, b = built(tmp_path, "build.k_core_user=3", "build.k_core_item=2", tokenize=True)
     files = list((Path(cfg.paths.built_dir) / "tokens").glob("*.npz"))
