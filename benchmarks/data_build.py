@@ -6,7 +6,8 @@
 1. generates raw data with the synthetic generator (`hllm.data.synth`, the
    default dataset's generator scaled up: ~18 interactions per user) in a child
    process;
-2. builds it in a fresh child process (k-core, ids, stable sort, sequences,
+2. optionally (--validate) runs the GX validation in a fresh child process;
+3. builds it in a fresh child process (k-core, ids, stable sort, sequences,
    stats; no validation gate and, unless --tokenize, no tokenisation, which is a
    per-item cost measured separately) and reports that process's own wall time
    and peak RSS (``getrusage`` ru_maxrss), so the generator's memory is not
@@ -39,6 +40,11 @@ CHILD = textwrap.dedent(
         import pyarrow.parquet as pq
         synthesize(cfg)
         rows = pq.ParquetFile(f"{work}/raw/interactions.parquet").metadata.num_rows
+    elif phase == "validate":
+        from hllm.data.validate import validate_raw
+        rep = validate_raw(cfg, data_docs=False)
+        assert rep.passed, rep.summary()
+        rows = rep.tables["interactions"]["rows"]
     else:
         from hllm.data.build import build_dataset, load_stats
         build_dataset(cfg, tokenize=tokenize, require_validation=False)
@@ -65,12 +71,15 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=200_000, help="catalogue size")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the data here (default: a temp dir)")
     ap.add_argument("--tokenize", action="store_true", help="include pre-tokenising item text (MiniLM)")
+    ap.add_argument("--validate", action="store_true", help="also time GX validation (no Data Docs)")
     args = ap.parse_args()
     n_users = int(args.interactions / 18)  # synth default lengths 6..30: 18 per user on average
     with tempfile.TemporaryDirectory(prefix="hllm-bench-") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         gen = run("synth", work, n_users, args.items, False)
+        if args.validate:
+            run("validate", work, n_users, args.items, False)
         b = run("build", work, n_users, args.items, args.tokenize)
         stats = json.loads((work / "built" / "stats.json").read_text())
         print(f"build: {b['rows']:,} interactions ({n_users:,} users, {args.items:,} items) in {b['seconds']} s "
