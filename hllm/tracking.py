@@ -33,7 +33,6 @@ import platform
 import subprocess
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
@@ -341,19 +340,10 @@ class Tracker:
             if self.active:
                 log.warning("%s has no sequences.parquet: dataset version tags only, no dataset input", built)
             return dv
-        import mlflow.data
-        import pandas as pd
         from mlflow.entities import DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-        df = pd.read_parquet(built / "sequences.parquet", columns=["user_idx", "items"])
-        with warnings.catch_warnings():
-            # a local path matches two registered (identical) local source types; MLflow picks one and warns
-            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
-            warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column.*")
-            ds = mlflow.data.from_pandas(df, source=str(built.resolve()), name=f"hllm-sequences@{dv.version}",
-                                         digest=dv.sequences_md5[:20])
-            entity = ds._to_mlflow_entity()  # the schema is inferred here
+        entity = _sequences_dataset(built, dv)
         inp = DatasetInput(entity, tags=[
             InputTag(MLFLOW_DATASET_CONTEXT, context),
             InputTag("dvc_md5", dv.dvc_md5),
@@ -478,6 +468,32 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         if self.active:
             self.client.set_terminated(self.run_id, status)
+
+
+def _sequences_dataset(built: Path, dv: DataVersion):
+    """The MLflow dataset entity of ``sequences.parquet`` from its footer alone: schema, users and
+    interactions without reading the data (``mlflow.data.from_pandas`` infers the schema row by row:
+    ~40 s for 300k users)."""
+    import pyarrow.parquet as pq
+    from mlflow.entities import Dataset
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    path = built / "sequences.parquet"
+    meta = pq.ParquetFile(path).metadata
+    interactions = sum(meta.row_group(g).column(c).num_values for g in range(meta.num_row_groups)
+                       for c in range(meta.num_columns) if meta.row_group(g).column(c).path_in_schema.startswith("items"))
+    schema = Schema([ColSpec("integer", "user_idx"), ColSpec(Array("integer"), "items")])
+    stats = {}
+    if (built / "stats.json").is_file():
+        try:
+            stats = json.loads((built / "stats.json").read_text())
+        except ValueError:
+            stats = {}
+    profile = {"num_rows": meta.num_rows, "num_interactions": int(interactions),
+               **{f"num_{k}": stats[k] for k in ("items", "users") if isinstance(stats.get(k), int)}}
+    return Dataset(name=f"hllm-sequences@{dv.version}", digest=dv.sequences_md5[:20], source_type="local",
+                   source=json.dumps({"uri": str(path.resolve())}),
+                   schema=json.dumps({"mlflow_colspec": schema.to_dict()}), profile=json.dumps(profile))
 
 
 def eval_artifact_dir(split: str, protocol: str, data_ver: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import numpy as np
@@ -48,7 +49,8 @@ def test_parent_and_sibling_runs_carry_config_lineage_and_system_info(cfg, store
     assert t[tracking.TAG_DATA_VERSION] == tracking.data_version(cfg).version
     (inp,) = h.inputs.dataset_inputs
     assert inp.dataset.digest == t[tracking.TAG_SEQ_MD5][:20]
-    assert '"num_rows": 4' in inp.dataset.profile and "items" in inp.dataset.schema
+    assert json.loads(inp.dataset.profile) == {"num_rows": 4, "num_interactions": 16}
+    assert "items" in inp.dataset.schema and json.loads(inp.dataset.source)["uri"].endswith("sequences.parquet")
     assert {x.key: x.value for x in inp.tags}["mlflow.data.context"] == "training"
 
     # system info
