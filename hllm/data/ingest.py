@@ -35,6 +35,7 @@ not to) and only then swaps them in, so a bad file never replaces good data.
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -105,11 +106,7 @@ def to_timestamp(values: pa.Array | pa.ChunkedArray, where: str) -> pa.Array:
 
 
 def _interactions(user: Any, item: Any, ts: Any, where: str) -> pa.Table:
-    def as_str(a: Any) -> pa.Array:
-        a = a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
-        return a.cast(pa.string())
-
-    return pa.table({"user_id": as_str(user), "item_id": as_str(item), "timestamp": to_timestamp(ts, where)})
+    return pa.table({"user_id": _strings(user), "item_id": _strings(item), "timestamp": to_timestamp(ts, where)})
 
 
 def _source_entries(files: list[Path]) -> list[dict[str, Any]]:
@@ -361,8 +358,6 @@ def read_source(fmt: str, sources: list[str | Path]) -> RawTables:
 
 def drop_duplicate_interactions(t: pa.Table) -> tuple[pa.Table, int]:
     """Keep the first of rows equal on (user_id, item_id, timestamp), in file order."""
-    import pandas as pd
-
     df = t.select(["user_id", "item_id", "timestamp"]).to_pandas()
     dup = df.duplicated(keep="first").to_numpy()
     n = int(dup.sum())
@@ -397,8 +392,6 @@ def import_dataset(cfg: Config, fmt: str, sources: list[str | Path], raw_dir: st
         replace_dir(stage, target)
     finally:
         if stage.exists():
-            import shutil
-
             shutil.rmtree(stage, ignore_errors=True)
     if report is not None:  # the report checked the staged copy; record where the data now lives
         report.relocate(target)
