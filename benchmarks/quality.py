@@ -1,0 +1,205 @@
+"""Offline quality of HLLM vs SASRec vs popularity on a real dataset, over several seeds.
+
+Everything goes through the user-facing commands, so the numbers are what a
+user gets: ``hllm data import`` -> ``hllm data build`` -> ``hllm train
+--model M`` -> ``hllm evaluate --split test`` (full ranking, the protocol in
+params.yaml). Prints one table: test R@10/50/200 and N@10/50/200 in percent,
+mean ± sample standard deviation over the seeds, and the training time.
+
+    python benchmarks/quality.py ml-100k                  # the README table (3 seeds)
+    python benchmarks/quality.py ml-100k --models sasrec pop --seeds 0
+
+Datasets:
+    ml-100k   MovieLens-100K (943 users, 1,682 movies: title, year, genres) in
+              RecBole's atomic format, read from the PyPI wheel recbole==1.2.1
+              (``pip download recbole==1.2.1 --no-deps``; no hub, no account).
+
+Runs are resumable: a finished (model, seed) run under ``--work`` is reused.
+The configuration of each model is printed with the table and saved to
+``<work>/quality.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+METRICS = ["recall@10", "recall@50", "recall@200", "ndcg@10", "ndcg@50", "ndcg@200"]
+
+# Shared by all models: dataset-level text and protocol settings (params.yaml defaults otherwise:
+# 5-core users / 2-core items, L = 10, leave-one-out, full ranking, history masked).
+COMMON = [
+    "model.item.text_fields=[title,tag,release_year]",  # title, genres and year of each movie
+    "train.device=cpu",
+    "train.log_every=50",
+    "train.checkpoint_every=0",
+]
+
+# Sized for 2 CPU cores and a total of well under an hour for 3 seeds x 3 models.
+MODELS = {
+    "hllm": [
+        # Item LLM: the embedded all-MiniLM-L6-v2 (22.6 M params, pretrained); User LLM: 2-layer
+        # Llama, 384 hidden, from scratch (params.yaml defaults). One epoch over each user's most
+        # recent window (L = 10, 943 windows -> 118 steps of 8 sequences), lr 1e-4 as in the paper.
+        "build.window_mode=last",
+        "train.epochs=1",
+        "train.batch_size=8",
+        "train.lr=1e-4",
+        "train.num_negatives=64",
+        "model.item.max_text_len=32",
+    ],
+    "sasrec": [
+        # 2 layers, 2 heads, d = 64, dropout 0.2 (params.yaml defaults); all windows, up to 30 epochs
+        # with early stopping on validation NDCG@200 (patience 3), same InfoNCE as HLLM.
+        "train.epochs=30",
+        "train.batch_size=64",
+        "train.lr=1e-3",
+        "train.num_negatives=256",
+        "train.patience=3",
+    ],
+    "pop": [],  # training interaction counts; nothing to optimise
+}
+
+WHEEL = "recbole==1.2.1"
+ML100K = ("recbole/dataset_example/ml-100k/ml-100k.inter", "recbole/dataset_example/ml-100k/ml-100k.item")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def hllm(*args: str, cwd: Path) -> str:
+    """Run the ``hllm`` command (the venv's, next to this interpreter); fail loudly."""
+    exe = Path(sys.executable).with_name("hllm")
+    cmd = [str(exe) if exe.exists() else "hllm", *args]
+    log("$ " + " ".join(cmd))
+    res = subprocess.run(cmd, cwd=cwd, text=True, capture_output=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    if res.returncode != 0:
+        sys.stderr.write(res.stdout + res.stderr)
+        raise SystemExit(f"command failed ({res.returncode}): {' '.join(cmd)}")
+    return res.stdout
+
+
+def fetch_ml100k(work: Path) -> list[Path]:
+    """The two atomic files, extracted from the recbole wheel (downloaded once)."""
+    dl = work / "download"
+    dl.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(dl.glob("recbole-1.2.1-*.whl"))
+    if not wheels:
+        log(f"pip download {WHEEL} --no-deps")
+        subprocess.run([sys.executable, "-m", "pip", "download", WHEEL, "--no-deps", "-d", str(dl)], check=True,
+                       stdout=subprocess.DEVNULL)
+        wheels = sorted(dl.glob("recbole-1.2.1-*.whl"))
+    out = []
+    with zipfile.ZipFile(wheels[0]) as z:
+        for name in ML100K:
+            p = dl / Path(name).name
+            p.write_bytes(z.read(name))
+            out.append(p)
+    return out
+
+
+def prepare(dataset: str, work: Path) -> None:
+    """Import + build once; params.yaml in ``work`` points every path inside it."""
+    from hllm.config import Config, save_config
+
+    if dataset != "ml-100k":
+        raise SystemExit(f"unknown dataset {dataset!r}; supported: ml-100k")
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = Config()
+    cfg.paths.raw_dir, cfg.paths.built_dir = "raw", "built"
+    cfg.paths.reports_dir, cfg.paths.runs_dir, cfg.paths.export_dir = "reports", "runs", "exports"
+    save_config(cfg, work / "params.yaml")
+    if (work / "built" / "sequences.parquet").exists():
+        return
+    files = fetch_ml100k(work)
+    hllm("data", "import", "--format", "recbole", *map(str, files), "--params", "params.yaml", cwd=work)
+    hllm("data", "build", "--params", "params.yaml", cwd=work)
+
+
+def run_one(work: Path, model: str, seed: int) -> dict:
+    name = f"{model}-seed{seed}"
+    sets = [*COMMON, *MODELS[model], f"train.seed={seed}", f"train.run_name={name}"]
+    flags = [x for s in sets for x in ("--set", s)]
+    run_dir = work / "runs" / name
+    result_file = run_dir / "result.json"
+    if not result_file.exists():
+        if run_dir.exists():  # an interrupted run: start it over
+            import shutil
+
+            shutil.rmtree(run_dir)
+        hllm("train", "--model", model, "--params", "params.yaml", *flags, cwd=work)
+    result = json.loads(result_file.read_text())
+    ckpt = result["best_checkpoint"] or result["last_checkpoint"]
+    out = work / "reports" / "eval" / name
+    if not (out / "test" / "metrics.json").exists():
+        hllm("evaluate", "--checkpoint", str(ckpt), "--split", "test", "--out", str(out), "--params", "params.yaml",
+             *flags, cwd=work)
+    m = json.loads((out / "test" / "metrics.json").read_text())
+    return {"model": model, "seed": seed, "train_seconds": result["seconds"], "steps": result["steps"],
+            "best_step": result.get("best_step"), "metrics": m["metrics"], "protocol_hash": m["protocol_hash"],
+            "n_users": m["n_users"], "overrides": sets}
+
+
+def table(rows: list[dict], models: list[str]) -> str:
+    head = "| model | " + " | ".join(k.replace("recall", "R").replace("ndcg", "N") for k in METRICS) + " | train time (s) |"
+    lines = [head, "|---|" + "---:|" * (len(METRICS) + 1)]
+    for model in models:
+        rs = [r for r in rows if r["model"] == model]
+        if not rs:
+            continue
+
+        def cell(vals, scale=100.0, fmt="{:.2f}"):
+            v = np.asarray(vals, dtype=float) * scale
+            sd = v.std(ddof=1) if len(v) > 1 else 0.0
+            return f"{fmt.format(v.mean())} ± {fmt.format(sd)}"
+
+        cells = [cell([r["metrics"][k] for r in rs]) for k in METRICS]
+        cells.append(cell([r["train_seconds"] for r in rs], 1.0, "{:.0f}"))
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dataset", help="ml-100k")
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--work", type=Path, default=None, help="working folder (default: build/quality/<dataset>)")
+    args = ap.parse_args()
+    work = (args.work or Path("build") / "quality" / args.dataset).resolve()
+    t0 = time.perf_counter()
+    prepare(args.dataset, work)
+    rows = []
+    for seed in args.seeds:
+        for model in args.models:
+            rows.append(run_one(work, model, seed))
+            r = rows[-1]
+            log(f"{model} seed {seed}: " + " ".join(f"{k}={100 * r['metrics'][k]:.2f}" for k in METRICS)
+                + f" train {r['train_seconds']:.0f}s")
+    hashes = {r["protocol_hash"] for r in rows}
+    if len(hashes) != 1:
+        raise SystemExit(f"runs were evaluated under different protocols {sorted(hashes)}; refusing to tabulate")
+    stats = json.loads((work / "built" / "stats.json").read_text())
+    (work / "quality.json").write_text(json.dumps({"dataset": args.dataset, "runs": rows, "stats": stats}, indent=2))
+    print(f"{args.dataset}: {stats['users']} users, {stats['items']} items, {stats['interactions']} interactions "
+          f"after k-core; test split, full ranking over all items, history masked; protocol {hashes.pop()}")
+    print(f"mean ± std over seeds {args.seeds}, percent\n")
+    print(table(rows, args.models))
+    print("\nconfigs (on top of params.yaml defaults):")
+    for model in args.models:
+        print(f"  {model}: {' '.join(COMMON + MODELS[model]) or '-'}")
+    print(f"\ntotal wall time {time.perf_counter() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
