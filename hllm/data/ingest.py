@@ -272,10 +272,11 @@ def read_movielens(files: list[Path]) -> RawTables:
     else:
         raise DataError(f"movielens: expected u.data + u.item (ML-100K) or ratings.dat + movies.dat (ML-1M); "
                         f"got {[f.name for f in files]}")
-    items = pa.table({"item_id": pc.utf8_trim_whitespace(item_id), "title": title, "tag": tag,
-                      "description": desc})
+    items = pa.table({"item_id": item_id, "title": title, "tag": tag, "description": desc})
+    used = [f for f in (fi, fitems, _pick(files, "u.genre") if version == "ml-100k" else None) if f is not None]
     return RawTables(_interactions(u, i, ts, str(fi)), items,
-                     {"format": "movielens", "version": version, "text_columns": ["title", "tag", "description"]})
+                     {"format": "movielens", "version": version, "text_columns": ["title", "tag", "description"],
+                      "_used": used})
 
 
 def _flags_to_tags(flags: list[pa.Array], names: list[str]) -> pa.Array:
@@ -338,7 +339,8 @@ def read_recbole(files: list[Path]) -> RawTables:
     out = {k: pc.if_else(pc.equal(v, ""), pa.scalar(None, pa.string()), v) if k != "item_id" else v
            for k, v in out.items()}
     return RawTables(_interactions(c["user_id"], c["item_id"], c["timestamp"], str(fi)), pa.table(out),
-                     {"format": "recbole", "field_mapping": mapping, "text_columns": [k for k in out if k != "item_id"]})
+                     {"format": "recbole", "field_mapping": mapping, "text_columns": [k for k in out if k != "item_id"],
+                      "_used": [fi, fitems]})
 
 
 READERS: dict[str, Callable[[list[Path]], RawTables]] = {
@@ -351,7 +353,8 @@ def read_source(fmt: str, sources: list[str | Path]) -> RawTables:
         raise DataError(f"unknown format {fmt!r}; choose one of {list(FORMATS)}")
     files = _expand(sources)
     tables = READERS[fmt](files)
-    tables.manifest.update({"sources": _source_entries(files), "interactions": tables.interactions.num_rows,
+    used = tables.manifest.pop("_used", files)  # a MovieLens folder also holds files we do not read
+    tables.manifest.update({"sources": _source_entries(used), "interactions": tables.interactions.num_rows,
                             "items": tables.items.num_rows})
     return tables
 

@@ -85,6 +85,7 @@ def test_movielens_100k_latin1_genres_and_release_date(cfg):
         ("3", "Café au lait (1994)", "Comedy", "Released 01-Jan-1994."),
         ("4", "unknown", "unknown", None)]
     assert raw.manifest["version"] == "ml-100k"
+    assert [s["name"] for s in raw.manifest["sources"]] == ["u.data", "u.item", "u.genre"]
 
 
 def test_movielens_1m_double_colon_files(cfg):
