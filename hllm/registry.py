@@ -270,10 +270,19 @@ def register_version(cfg: Config, run_id: str, source: str | None = None,
 
 def register_model(cfg: Config, run_id: str, export_dir: str | Path, checkpoint_dir: str | Path | None = None,
                    tags: dict[str, Any] | None = None) -> "ModelVersion":
-    """Log the serving pyfunc (see :mod:`hllm.serving`) into run ``run_id`` and register it."""
+    """Log the serving pyfunc (see :mod:`hllm.serving`) into run ``run_id`` and register it.
+
+    Idempotent (safe to retry): a run that already has a registered version gets that version back,
+    and its model artifacts are not rewritten.
+    """
     from hllm import serving
 
     client = _client(cfg)
+    existing = [mv for mv in _versions(client, cfg.registry.model_name) if mv.run_id == run_id]
+    if existing:
+        mv = max(existing, key=lambda m: int(m.version))
+        log.info("run %s is already registered as %s version %s", run_id, cfg.registry.model_name, mv.version)
+        return mv
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / MODEL_ARTIFACT
         serving.save_pyfunc(model_dir, export_dir, checkpoint_dir)

@@ -48,6 +48,9 @@ def test_champion_pyfunc_matches_hllm_recommend(cfg, tiny, tmp_path):
     run_id, v = log_trained(cfg, tiny, "hllm")
     assert registry.promote(cfg, v).action == "champion"
     name = cfg.registry.model_name
+    # a retried registration returns the same version and leaves the model alone
+    again = registry.register_model(cfg, run_id, tiny["hllm"]["export"], tiny["hllm"]["checkpoint"])
+    assert str(again.version) == v and len(registry.list_versions(cfg)) == 1
     exp = tiny["hllm"]["export"]
     ckpt = tiny["hllm"]["checkpoint"]
 
