@@ -106,8 +106,10 @@ class MoveResult:
 
 
 def default_actor() -> str:
-    if os.environ.get("HLLM_ACTOR"):
-        return os.environ["HLLM_ACTOR"]
+    """``$HLLM_ACTOR``, else the MLflow login of an authenticated server, else ``user@host``."""
+    for var in ("HLLM_ACTOR", "MLFLOW_TRACKING_USERNAME"):
+        if os.environ.get(var):
+            return os.environ[var]
     try:
         user = getpass.getuser()
     except Exception:  # no passwd entry in some containers
