@@ -204,16 +204,22 @@ def train_model(cfg: Config, run_id: str, nproc: int = 1) -> dict[str, Any]:
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_model(cfg: Config, checkpoint: str, run_id: str) -> dict[str, Any]:
-    """Full-ranking test metrics of a checkpoint (``hllm evaluate``), saved under
-    ``reports/eval/<run_name>/test`` and logged to its MLflow run for the promotion gate."""
+    """Full-ranking valid + test metrics of a checkpoint, as ``hllm evaluate --split both`` (the
+    dvc.yaml stage) writes them: ``reports/eval/<run_name>/<split>/{metrics.json,per_user.npz}``;
+    both are logged to the model's MLflow run (the test ones are what the promotion gate compares)."""
     from hllm import tracking
     from hllm.evaluate import evaluate_checkpoint
 
-    res = evaluate_checkpoint(checkpoint, cfg, ("test",))["test"]
-    out = res.save(Path(cfg.paths.reports_dir) / "eval" / cfg.train.run_name / "test")
+    results = evaluate_checkpoint(checkpoint, cfg, ("valid", "test"))
+    base = Path(cfg.paths.reports_dir) / "eval" / cfg.train.run_name
     data_ver = tracking.data_version(cfg).version
-    tracking.attach(run_id, cfg).log_eval_result(res, data_ver)
-    return {"dir": str(out), "metrics": res.metrics, "protocol_hash": res.protocol_hash, "data_version": data_ver}
+    tracker = tracking.attach(run_id, cfg)
+    for split, res in results.items():
+        res.save(base / split)
+        tracker.log_eval_result(res, data_ver)
+    test = results["test"]
+    return {"dir": str(base / "test"), "metrics": test.metrics, "protocol_hash": test.protocol_hash,
+            "data_version": data_ver}
 
 
 @task(name="export", cache_policy=NO_CACHE)

@@ -32,6 +32,7 @@ def tiny_params(root: Path, item_model: Path, **overrides: Any) -> dict[str, Any
         "paths": {"raw_dir": "data/raw", "built_dir": "data/built", "reports_dir": "reports", "runs_dir": "runs",
                   "export_dir": "exports"},
         "synth": {"seed": 15, "n_items": 200, "n_users": 70, "min_seq_len": 6, "max_seq_len": 12},
+        "validate": {"data_docs": False},
         "build": {"k_core_user": 5, "k_core_item": 2, "max_seq_len": 6},
         "model": {"item": {"path": str(item_model), "max_text_len": 24}, "user": {"config": dict(TINY_USER)},
                   "sasrec_dim": 16, "sasrec_heads": 2, "sasrec_layers": 1},
@@ -79,3 +80,17 @@ def dvc_md5(root: Path) -> str | None:
 
 def dump(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=str)
+
+
+def upload(folder: Path, bucket: str, prefix: str) -> str:
+    import boto3
+
+    s3 = boto3.client("s3")
+    try:
+        s3.create_bucket(Bucket=bucket)
+    except s3.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            s3.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(folder)}")
+    return f"s3://{bucket}/{prefix}"

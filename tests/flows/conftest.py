@@ -1,0 +1,112 @@
+"""Fixtures for the flow tests: one Prefect test API per session, tiny models, a raw snapshot,
+and moto's S3 server on 127.0.0.1 behind a fault injector."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # flowkit
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A temporary Prefect API (SQLite) for every flow run of the session (starting one takes ~10 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def bert(tmp_path_factory) -> Path:
+    from hllm.testing import tiny_bert
+
+    return tiny_bert(tmp_path_factory.mktemp("models") / "bert")
+
+
+@pytest.fixture(scope="session")
+def raw_snapshot(tmp_path_factory, bert) -> Path:
+    """A snapshot folder in the canonical raw layout: the tiny synthetic shop of flowkit's params.
+
+    Duplicate (user, item, timestamp) rows are dropped: on a catalogue this small the generator
+    can repeat one, which validation rightly rejects (the default-size shop has none)."""
+    from flowkit import tiny_params
+
+    from hllm.config import config_from_dict
+    from hllm.data.ingest import drop_duplicate_interactions
+    from hllm.data.raw import write_raw
+    from hllm.data.synth import generate
+
+    root = tmp_path_factory.mktemp("snapshot")
+    cfg = config_from_dict(tiny_params(root, bert))
+    tables = generate(cfg.synth)
+    tables.interactions, _ = drop_duplicate_interactions(tables.interactions)
+    return write_raw(tables, root / "2026-11-23")
+
+
+class FaultyS3:
+    """WSGI middleware in front of moto's S3 app.
+
+    ``fail`` = N answers the next N requests with 503 SlowDown (what S3 says under load);
+    clearing ``gate`` holds every request until it is set again.
+    """
+
+    def __init__(self, app):
+        self.app = app
+        self.fail = 0
+        self.failed = 0
+        self.requests = 0
+        self.gate = threading.Event()
+        self.gate.set()
+        self._lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        self.gate.wait(timeout=120)
+        with self._lock:
+            self.requests += 1
+            inject = self.fail > 0
+            if inject:
+                self.fail -= 1
+                self.failed += 1
+        if inject:
+            body = b"<Error><Code>SlowDown</Code><Message>injected by the test</Message></Error>"
+            start_response("503 Slow Down", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+            return [body]
+        return self.app(environ, start_response)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server (a real HTTP endpoint) on 127.0.0.1, behind :class:`FaultyS3`."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    faulty = FaultyS3(DomainDispatcherApplication(create_backend_app))
+    server = make_server("127.0.0.1", 0, faulty, threaded=True, request_handler=MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    faulty.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    yield faulty
+    server.shutdown()
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """boto3 pointed at the moto server, with botocore's own retries off so that every injected
+    error reaches the flow's task retries."""
+    for k, v in {"AWS_ENDPOINT_URL_S3": s3_server.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "legacy"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    s3_server.fail, s3_server.failed = 0, 0
+    s3_server.gate.set()
+    yield s3_server
+    s3_server.fail = 0
+    s3_server.gate.set()
+
