@@ -169,9 +169,11 @@ class ProtocolConfig:
 @dataclass
 class EvalConfig:
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
-    user_chunk: int = 256
+    user_chunk: int = 256  # users scored per chunk; scores in memory = user_chunk x item_chunk floats
     item_chunk: int = 65_536
     item_batch: int = 128  # items per Item-LLM forward when encoding the catalogue
+    item_cache: bool = True  # cache a saved checkpoint's item embeddings under <runs_dir>/.item_emb_cache
+    item_cache_keep: int = 3  # newest cache files kept (one per checkpoint x catalogue)
 
 
 @dataclass

@@ -5,8 +5,9 @@ One path for every model (HLLM, SASRec, popularity) through the
 
 1. Item embeddings are computed once per evaluation (``eval.item_batch`` items
    per forward), sharded across ranks under torchrun and all-gathered, and
-   cached next to a saved checkpoint (``item_emb_cache.npy``, keyed by the
-   weights, the item table and the item-text settings).
+   cached for a saved checkpoint (``<runs_dir>/.item_emb_cache/<key>.npy``,
+   keyed by the weights, the item table and the item-text settings; never
+   inside the checkpoint, which may be read-only or a DVC stage output).
 2. User embeddings come from ``model.user_embeddings`` on the last
    ``protocol.max_history`` items before the target.
 3. Scoring is chunked over users (``eval.user_chunk``) and items
@@ -25,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +42,6 @@ from hllm.data.artifacts import PAD, BuiltData, Sequences, eval_split
 
 log = logging.getLogger(__name__)
 
-CACHE_NAME = "item_emb_cache"  # <checkpoint>/item_emb_cache.{npy,json}
 
 
 # --------------------------------------------------------------------------- results
@@ -347,31 +348,51 @@ def item_cache_key(ckpt_dir: str | Path, built: BuiltData, cfg: Config) -> str:
     }, n=16)
 
 
+def item_cache_dir(cfg: Config) -> Path:
+    """Outside every run folder, so that caching never modifies a checkpoint (which may be read-only,
+    or a DVC-tracked stage output)."""
+    return Path(cfg.paths.runs_dir) / ".item_emb_cache"
+
+
 def cached_item_embeddings(model, built: BuiltData, cfg: Config, ckpt_dir: str | Path, progress: bool = True) -> torch.Tensor:
-    """Item table from ``<ckpt>/item_emb_cache.npy`` when its key still matches, else computed and saved."""
-    d = Path(ckpt_dir)
-    key = item_cache_key(d, built, cfg)
-    npy, meta = d / f"{CACHE_NAME}.npy", d / f"{CACHE_NAME}.json"
-    if npy.exists() and meta.exists():
+    """Item table of a saved checkpoint, from ``<runs_dir>/.item_emb_cache/<key>.npy`` when present,
+    else computed and saved there. The key hashes the weights, the item table and the item-text
+    settings, so a changed checkpoint or catalogue never reads stale embeddings."""
+    if not cfg.eval.item_cache:
+        return item_embedding_table(model, built.n_items, cfg.eval.item_batch, progress)
+    d = item_cache_dir(cfg)
+    key = item_cache_key(ckpt_dir, built, cfg)
+    npy = d / f"{key}.npy"
+    if npy.exists():
         try:
-            if json.loads(meta.read_text()).get("key") == key:
-                arr = np.load(npy)
-                if arr.shape[0] == built.n_items:
-                    log.info("item embeddings from cache %s", npy)
-                    return torch.from_numpy(arr).to(model_device(_unwrap(model)))
+            arr = np.load(npy)
+            if arr.ndim == 2 and arr.shape[0] == built.n_items:
+                log.info("item embeddings of %s from cache %s", ckpt_dir, npy)
+                os.utime(npy)  # most recently used, for pruning
+                return torch.from_numpy(arr).to(model_device(_unwrap(model)))
         except (ValueError, OSError) as e:  # a torn or foreign file is recomputed, not trusted
             log.warning("ignoring unreadable item-embedding cache %s: %s", npy, e)
     table = item_embedding_table(model, built.n_items, cfg.eval.item_batch, progress)
     rank, _ = _dist()
     if rank == 0:
         try:
-            tmp = d / f"{CACHE_NAME}.tmp.npy"
+            d.mkdir(parents=True, exist_ok=True)
+            tmp = d / f".{key}.{os.getpid()}.tmp.npy"
             np.save(tmp, table.cpu().numpy())
             tmp.replace(npy)
-            _atomic_write_text(meta, json.dumps({"key": key, "n_items": built.n_items, "dim": table.shape[1]}))
-        except OSError as e:  # a read-only checkpoint (e.g. downloaded) still evaluates
+            _atomic_write_text(d / f"{key}.json", json.dumps({"checkpoint": str(ckpt_dir), "n_items": built.n_items,
+                                                              "dim": table.shape[1], "built_dir": str(built.dir)}))
+            _prune_cache(d, cfg.eval.item_cache_keep)
+        except OSError as e:  # caching is an optimisation; evaluation goes on
             log.warning("could not write item-embedding cache in %s: %s", d, e)
     return table
+
+
+def _prune_cache(d: Path, keep: int) -> None:
+    files = sorted(d.glob("*.npy"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for p in files[max(keep, 1):]:
+        p.unlink(missing_ok=True)
+        p.with_suffix(".json").unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -10,7 +10,7 @@ import torch
 from evalkit import TableModel, make_built, random_dataset, small_cfg
 from safetensors.torch import save_file
 
-from hllm.evaluate import CACHE_NAME, evaluate
+from hllm.evaluate import evaluate, item_cache_dir
 
 TABLE = np.array([[0, 0], [1, 0], [0, 1], [1, 1], [2, 0], [0, 2], [1, 0]], dtype=np.float32)
 SEQS = [[1, 2, 4, 3], [5, 2, 2], [6, 3]]
@@ -21,17 +21,31 @@ def _save(model, d):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
 
 
+def _cfg(tmp_path, **kw):
+    cfg = small_cfg(ks=(1, 2, 5))
+    cfg.paths.runs_dir = str(tmp_path / "runs")
+    for k, v in kw.items():
+        setattr(cfg.eval, k, v)
+    return cfg
+
+
+def _cache_files(cfg):
+    return sorted(item_cache_dir(cfg).glob("*.npy"))
+
+
 def test_item_embeddings_cached_per_checkpoint(tmp_path):
     built = make_built(tmp_path / "b", SEQS, n_items=7)
-    cfg = small_cfg(ks=(1, 2, 5))
-    ck = tmp_path / "ckpt"
+    cfg = _cfg(tmp_path)
+    ck = tmp_path / "runs" / "r" / "best"
     model = TableModel(TABLE)
     _save(model, ck)
+    before = sorted(p.name for p in ck.iterdir())
 
     first = evaluate(model, built, cfg, "test", checkpoint_dir=ck, progress=False)
     assert model.item_calls == 6
-    assert (ck / f"{CACHE_NAME}.npy").exists()
-    np.testing.assert_array_equal(np.load(ck / f"{CACHE_NAME}.npy")[1:], TABLE[1:])
+    (cache,) = _cache_files(cfg)
+    np.testing.assert_array_equal(np.load(cache)[1:], TABLE[1:])
+    assert sorted(p.name for p in ck.iterdir()) == before  # the checkpoint folder is never written to
 
     again = evaluate(model, built, cfg, "test", checkpoint_dir=ck, progress=False)
     assert model.item_calls == 6  # served from the cache
@@ -42,24 +56,40 @@ def test_item_embeddings_cached_per_checkpoint(tmp_path):
     _save(model2, ck)
     evaluate(model2, built, cfg, "test", checkpoint_dir=ck, progress=False)
     assert model2.item_calls == 6
-    assert np.load(ck / f"{CACHE_NAME}.npy")[1, 0] == 2.0
+    newest = max(_cache_files(cfg), key=lambda p: p.stat().st_mtime)
+    assert np.load(newest)[1, 0] == 2.0
 
     # a torn cache file is ignored and rewritten, not trusted
-    (ck / f"{CACHE_NAME}.npy").write_bytes(b"garbage")
+    newest.write_bytes(b"garbage")
     evaluate(model2, built, cfg, "test", checkpoint_dir=ck, progress=False)
     assert model2.item_calls == 12
-    assert json.loads((ck / f"{CACHE_NAME}.json").read_text())["n_items"] == 7
+    assert json.loads(newest.with_suffix(".json").read_text())["n_items"] == 7
+    assert np.load(newest).shape == (7, 2)
 
 
-def test_cache_invalidated_by_new_items(tmp_path):
+def test_cache_invalidated_by_new_items_and_pruned(tmp_path):
     ck = tmp_path / "ckpt"
     model = TableModel(np.vstack([TABLE, [[3, 3]]]))
     _save(model, ck)
-    cfg = small_cfg(ks=(1, 2, 5))
+    cfg = _cfg(tmp_path, item_cache_keep=1)
     evaluate(model, make_built(tmp_path / "b1", SEQS, n_items=7), cfg, "test", checkpoint_dir=ck, progress=False)
-    res = evaluate(model, make_built(tmp_path / "b2", SEQS + [[7, 1]], n_items=8), cfg, "test", checkpoint_dir=ck, progress=False)
+    res = evaluate(model, make_built(tmp_path / "b2", SEQS + [[7, 1]], n_items=8), cfg, "test", checkpoint_dir=ck,
+                   progress=False)
     assert model.item_calls == 6 + 7
     assert res.n_items == 8
+    (only,) = _cache_files(cfg)  # item_cache_keep=1
+    assert np.load(only).shape[0] == 8
+
+
+def test_cache_can_be_disabled(tmp_path):
+    ck = tmp_path / "ckpt"
+    model = TableModel(TABLE)
+    _save(model, ck)
+    cfg = _cfg(tmp_path, item_cache=False)
+    built = make_built(tmp_path / "b", SEQS, n_items=7)
+    evaluate(model, built, cfg, "test", checkpoint_dir=ck, progress=False)
+    evaluate(model, built, cfg, "test", checkpoint_dir=ck, progress=False)
+    assert model.item_calls == 12 and _cache_files(cfg) == []
 
 
 def _worker(rank, world, init_file, built_dir, out_dir, table):
