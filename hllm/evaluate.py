@@ -224,7 +224,7 @@ def rank_items(
                 s[:, PAD] = neg_inf
             x0, x1 = np.searchsorted(cols_x, [a, e])
             if x1 > x0:
-                s[torch.from_numpy(rows_x[x0:x1]), torch.from_numpy(cols_x[x0:x1] - a)] = neg_inf
+                s[torch.from_numpy(rows_x[x0:x1]).to(s.device), torch.from_numpy(cols_x[x0:x1] - a).to(s.device)] = neg_inf
             if targets is not None:
                 higher += _count_ge(s, t_floor)
                 inside = np.nonzero((t_idx >= a) & (t_idx < e))[0]
