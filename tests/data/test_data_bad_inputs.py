@@ -14,7 +14,7 @@ from hllm.cli import app
 from hllm.data.ingest import read_source
 from hllm.data.raw import fingerprint, write_raw
 
-from conftest import BAD, FORMATS
+from datakit import BAD, FORMATS
 
 # case -> (stage that rejects it, substrings the message must contain)
 CASES: dict[str, tuple[str, list[str]]] = {

@@ -17,7 +17,7 @@ from hllm.data.errors import DataError
 from hllm.data.ingest import import_dataset
 from hllm.data.raw import INTERACTIONS
 
-from conftest import FORMATS, make_cfg
+from datakit import FORMATS, make_cfg
 
 # The fixture (tests/fixtures/formats/hllm/interactions.csv), per user in FILE order:
 #   u1: i1@100 i2@100 i3@120 i4@90    u2: i3@105 i1@110 i2@110 i5@115    u3: i5@130 i1@131 i2@132

@@ -12,7 +12,7 @@ from hllm.data.errors import DataError
 from hllm.data.ingest import import_dataset, read_source
 from hllm.data.raw import read_raw
 
-from conftest import FORMATS
+from datakit import FORMATS
 
 
 def frames(tables):

@@ -15,7 +15,7 @@ from hllm.data.ingest import read_source
 from hllm.data.raw import INTERACTIONS, fingerprint, read_raw, write_raw
 from hllm.data.validate import SUITES, ValidationFailed, load_suite, validate_raw
 
-from conftest import FORMATS, make_cfg
+from datakit import FORMATS, make_cfg
 
 
 @pytest.fixture
