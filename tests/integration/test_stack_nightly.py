@@ -56,7 +56,8 @@ def project(stack, tmp_path) -> Path:
     return root
 
 
-def test_nightly_retrain_runs_through_the_worker_against_the_stack(stack, project, tmp_path):
+def test_nightly_retrain_runs_through_the_worker_against_the_stack(stack_env, project, tmp_path):
+    stack = stack_env  # the MLflow client below reads the credentials from the environment
     env = stack.env
     script = textwrap.dedent(
         f"""
@@ -103,12 +104,12 @@ def test_nightly_retrain_runs_through_the_worker_against_the_stack(stack, projec
     s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
                       aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
     bucket, _, prefix = env["HLLM_MLFLOW_ARTIFACTS"].removeprefix("s3://").partition("/")
-    # mlflow-artifacts:/<exp>/... (proxied) is s3://<bucket>/<prefix>/<exp>/... on the server's side
-    model_dir = client.get_model_version_download_uri("hllm-recommender", "1")
-    assert model_dir.startswith("mlflow-artifacts:/"), model_dir
-    key_prefix = f"{prefix}/{model_dir.removeprefix('mlflow-artifacts:/').strip('/')}/"
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=key_prefix).get("Contents", [])]
-    assert f"{key_prefix}MLmodel" in keys, keys[:20]
+    # The registered model (source runs:/<run>/<path>) went through the server's proxy into the bucket.
+    run_id, _, model_path = mv.source.removeprefix("runs:/").partition("/")
+    assert run_id == mv.run_id and model_path, mv.source
+    exp_id = client.get_run(run_id).info.experiment_id
+    key = f"{prefix}/{exp_id}/{run_id}/artifacts/{model_path}/MLmodel"
+    assert "python_function" in s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
 
     # ---- DVC: the dataset version is in the S3 remote and comes back in a fresh clone
     md5 = yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
