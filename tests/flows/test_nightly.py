@@ -61,10 +61,11 @@ def mlflow_runs(root: Path) -> list:
     return client.search_runs(exps, max_results=1000)
 
 
-def test_nightly_registers_a_champion_then_gates_a_challenger(project, raw_snapshot):
+def test_nightly_registers_a_champion_then_gates_a_challenger(project):
+    """The default run, as `make run` does it: the embedded synthetic data, HLLM + both baselines."""
     from flows.nightly import nightly_retrain
 
-    state = nightly_retrain(snapshot=str(raw_snapshot), return_state=True)
+    state = nightly_retrain(return_state=True)
     assert state.is_completed(), state.message
     res = state.result()
     fr_id = str(state.state_details.flow_run_id)
@@ -108,8 +109,7 @@ def test_nightly_registers_a_champion_then_gates_a_challenger(project, raw_snaps
 
     # a second night on the same data: the candidate is gated against the champion and becomes
     # challenger (identical seeds and data; min_rel_gain=-1 keeps float noise from deciding)
-    state2 = nightly_retrain(snapshot=str(raw_snapshot), baselines=False, overrides=["registry.min_rel_gain=-1.0"],
-                             return_state=True)
+    state2 = nightly_retrain(baselines=False, overrides=["registry.min_rel_gain=-1.0"], return_state=True)
     assert state2.is_completed(), state2.message
     res2 = state2.result()
     assert res2["registered_version"] == "2" and res2["alias"] == "challenger", res2["promotion"]
