@@ -180,6 +180,8 @@ cmd_up() {
   rm -rf "$STATE"
   mkdir -p "$STATE/run" "$STATE/logs" "$STATE/mlflow" "$STATE/prefect"
   chmod 700 "$STATE"
+  # A failed start leaves nothing running (the logs stay in $STATE/logs).
+  trap 'rc=$?; if (( rc != 0 )); then log "up failed (exit $rc): stopping what it started"; cmd_down; fi' EXIT
 
   local pg_port s3_port mlflow_port prefect_port pg_pw aws_key aws_secret ml_user ml_pw pf_pw flask_key
   pg_port=$(free_port); s3_port=$(free_port); mlflow_port=$(free_port); prefect_port=$(free_port)
@@ -264,6 +266,7 @@ EOF
     sleep 1
   done
   log "prefect worker polling pool '$WORK_POOL'"
+  trap - EXIT
   log "up. Point the project at it with: source $STATE/env"
 }
 
