@@ -215,7 +215,11 @@ class FlowConfig:
     snapshot_format: str = "raw"  # "raw" (interactions/items.parquet) | an import format: hllm, amazon, movielens, recbole
     dvc_remote: str = ""  # remote the new data version is pushed to; "" = the default remote
     baselines: list[str] = field(default_factory=lambda: ["sasrec", "pop"])  # trained + evaluated beside HLLM
-    baseline_overrides: dict[str, Any] = field(default_factory=dict)  # kind -> ["train.lr=1e-3", ...] for that baseline
+    # kind -> overrides for that baseline's run: SASRec is an ID model that needs many cheap epochs at a
+    # higher LR (the settings of benchmarks/quality.py), not HLLM's few expensive steps
+    baseline_overrides: dict[str, Any] = field(default_factory=lambda: {"sasrec": [
+        "train.max_steps=0", "train.epochs=10", "train.patience=2", "train.batch_size=64", "train.lr=0.001",
+        "train.num_negatives=256", "train.checkpoint_every=0"]})
     promote: bool = True  # run the promotion gate after registering (first version -> champion, pass -> challenger)
     concurrency_limit: str = "hllm-nightly-retrain"  # global concurrency limit (1 slot) a running flow holds
     slot_timeout_s: float = 14400.0  # a second run waits this long for the slot, then fails without touching anything
