@@ -10,7 +10,8 @@ optimizer steps on real training windows and prints:
     item-tokens/s   real (text + [ITEM]) tokens through the Item LLM per second
     steps/s         optimizer steps per second
     distinct        distinct items / item slots of a step (history + targets + negatives)
-    speed-up        every-slot step time / dedup step time
+    cpu-s/step      process CPU seconds per step (less sensitive than wall time to other load)
+    speed-up        every-slot step time / dedup step time (wall; CPU-time ratio in the JSON)
     peak mem        peak RSS of the process on CPU, peak CUDA allocation on GPU
 
 Usage (needs the built dataset, e.g. ``hllm data synth && hllm data validate && hllm data build``)::
@@ -59,13 +60,13 @@ def one(params: str, sets: list[str], dedup: bool, steps: int, warmup: int) -> d
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=t.bf16)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times, stats = [], []
+    times, cpu, stats = [], [], []
     for step in range(warmup + steps):
         w = torch.from_numpy(windows[batches.micro_indices(step, 0, 0)]).long().to(dev)
         neg = torch.from_numpy(sample_negatives(t.seed, step, 0, built.n_items, k, 1, 0)).to(dev)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with autocast:
             out = model.train_loss(w, neg)
         out.loss.backward()
@@ -75,6 +76,7 @@ def one(params: str, sets: list[str], dedup: bool, steps: int, warmup: int) -> d
             torch.cuda.synchronize()
         if step >= warmup:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             stats.append(out.stats)
     mean = lambda key: float(np.mean([s[key] for s in stats]))  # noqa: E731
     sec = float(np.mean(times))
@@ -83,6 +85,7 @@ def one(params: str, sets: list[str], dedup: bool, steps: int, warmup: int) -> d
     return {
         "device": str(dev), "threads": torch.get_num_threads(), "batch_size": t.batch_size,
         "num_negatives": t.num_negatives, "seconds_per_step": sec, "steps_per_s": 1 / sec,
+        "cpu_seconds_per_step": float(np.mean(cpu)), "load_avg": os.getloadavg()[0],
         "item_tokens_per_s": mean("item_tokens") / sec, "items_encoded": mean("items"), "slots": mean("slots"),
         "distinct_ratio": mean("items") / mean("slots"), "padding_waste": 1 - mean("item_tokens") / mean("padded_tokens"),
         "peak_mem_gb": peak / 1e9,
@@ -117,13 +120,14 @@ def main() -> None:
             res[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append({"config": name, "mode": mode, **res[mode]})
         rows[-2]["speedup"] = res["every-slot"]["seconds_per_step"] / res["dedup"]["seconds_per_step"]
-    print(f"{'config':8} {'mode':10} {'batch':>5} {'negs':>5} {'item-tok/s':>10} {'steps/s':>8} {'distinct':>8} "
-          f"{'speed-up':>8} {'peak mem':>9}  device")
+        rows[-2]["speedup_cpu"] = res["every-slot"]["cpu_seconds_per_step"] / res["dedup"]["cpu_seconds_per_step"]
+    print(f"{'config':8} {'mode':10} {'batch':>5} {'negs':>5} {'item-tok/s':>10} {'steps/s':>8} {'cpu-s/step':>10} "
+          f"{'distinct':>8} {'speed-up':>8} {'peak mem':>9}  device (load average)")
     for r in rows:
         sp = f"{r['speedup']:.2f}x" if "speedup" in r else ""
         print(f"{r['config']:8} {r['mode']:10} {r['batch_size']:5d} {r['num_negatives']:5d} {r['item_tokens_per_s']:10.0f} "
-              f"{r['steps_per_s']:8.3f} {r['distinct_ratio']:8.2f} {sp:>8} {r['peak_mem_gb']:7.2f}GB  "
-              f"{r['device']} ({r['threads']} threads)")
+              f"{r['steps_per_s']:8.3f} {r['cpu_seconds_per_step']:10.1f} {r['distinct_ratio']:8.2f} {sp:>8} "
+              f"{r['peak_mem_gb']:7.2f}GB  {r['device']}, {r['threads']} threads ({r['load_avg']:.1f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -382,6 +382,9 @@ class _Trainer:
             if saved_cfg.get(section) != self.cfg.to_dict()[section]:
                 raise ValueError(f"--resume: {latest} was trained with a different `{section}` config; "
                                  "resume with the same params or start a new train.run_name")
+        if self.info.is_main and meta.get("data_version") not in (None, self.data_version):
+            log.warning("--resume: %s was trained on data version %s, the built data is now %s",
+                        latest, meta.get("data_version"), self.data_version)
         state = ckpt.load_training_state(latest, model=self.model, optimizer=self.optimizer,
                                          scheduler=self.scheduler, rank=self.info.rank)
         self.best_value = state.get("best_value")
@@ -488,7 +491,9 @@ class _Trainer:
             torch.autocast(device_type=info.device.type, dtype=torch.bfloat16) if t.bf16 else contextlib.nullcontext()
         )
         step = start
-        stopped_early = False
+        stopped_early = start > 0 and self.bad_epochs >= t.patience  # resuming a run that had stopped early
+        if stopped_early:
+            self.total_steps = start
         window_stats: dict[str, float] = {}
         window_t0, window_steps = time.perf_counter(), 0
         self.step_module.train()
