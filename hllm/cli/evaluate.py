@@ -73,6 +73,7 @@ def evaluate_cmd(
 def export_cmd(
     checkpoint: CkptOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="export folder (default: <export_dir>/<run_name>)")] = None,
+    built: Annotated[Optional[Path], typer.Option("--built", help="built dataset folder (default: the checkpoint's)")] = None,
     params: ParamsOpt = Path("params.yaml"),
     sets: SetOpt = None,
 ) -> None:
@@ -84,7 +85,7 @@ def export_cmd(
     cfg = load(params, sets)
     ckpt = _checkpoint(cfg, checkpoint)
     try:
-        res = export(ckpt, out, cfg)
+        res = export(ckpt, out, cfg, built_dir=built)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     c = res.manifest["counts"]
