@@ -126,7 +126,7 @@ class ModelConfig:
 class TrainConfig:
     seed: int = 2020
     epochs: int = 1
-    max_steps: int = 30  # > 0 caps the run; 0 = epochs decide. 30 keeps the nightly CPU run to minutes
+    max_steps: int = 20  # > 0 caps the run; 0 = epochs decide. 20 keeps the nightly CPU run to ~3-4 minutes
     batch_size: int = 8  # sequences per rank per micro-step
     grad_accum: int = 1
     lr: float = 1e-4
