@@ -225,12 +225,11 @@ def nightly_retrain(
                 report.models.append(ModelRow(f"{label} (this run)" if kind == "hllm" else label, kind,
                                               ev["metrics"], child))
             if champion:
-                comparable = (champion["data_version"] == results["hllm"]["eval"]["data_version"]
-                              and champion["protocol_hash"] == report.protocol_hash)
-                note = "" if comparable else (f"trained and tested on data {champion['data_version']}, protocol "
-                                               f"{champion['protocol_hash']}: not comparable")
+                with stage("evaluate-champion"):
+                    champ = T.evaluate_champion(cfg, champion, report.protocol_hash,
+                                                results["hllm"]["eval"]["data_version"])
                 report.models.insert(1, ModelRow(f"champion v{champion['version']}", champion["model_kind"],
-                                                 champion["metrics"], champion["run_id"], note))
+                                                 champ["metrics"], champion["run_id"], champ["note"]))
             if len(results) > 1:
                 T.log_comparison.with_options(**io)(
                     cfg, parent, {MODEL_LABELS.get(k, k): r["run_id"] for k, r in results.items()})

@@ -252,20 +252,42 @@ def current_champion(cfg: Config) -> dict[str, Any] | None:
     return None
 
 
-@task(name="register", cache_policy=NO_CACHE)
-def register(cfg: Config, run_id: str, export_dir: str, checkpoint: str) -> str:
-    """Log the serving pyfunc into the HLLM run and register it. Idempotent, so safe to retry:
-    a version already registered from this run is returned as is."""
+@task(name="evaluate-champion", cache_policy=NO_CACHE)
+def evaluate_champion(cfg: Config, champion: dict[str, Any], protocol_hash: str, data_version: str
+                      ) -> dict[str, Any]:
+    """The champion's test metrics on today's data under today's protocol, for the comparison table
+    and the promotion gate. When it was trained on other data (or under another protocol) its
+    registered bundle is re-evaluated on today's built data (``hllm registry reevaluate``) and the
+    result attached to its run. Returns ``{"metrics": ..., "note": ...}``; a champion that cannot be
+    evaluated on this data (e.g. an ID model and a changed catalogue) is a note, not a failure: the
+    gate then refuses and says why."""
+    import json
+    import tempfile
+
+    import mlflow
+
     from hllm import registry, tracking
 
-    client = tracking.client(cfg)
-    name = cfg.registry.model_name
+    if champion["data_version"] == data_version and champion["protocol_hash"] == protocol_hash:
+        return {"metrics": champion["metrics"], "note": ""}
     try:
-        existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
-    except Exception:  # the registered model does not exist yet
-        existing = []
-    if existing:
-        return str(max(int(v.version) for v in existing))
+        art = registry.reevaluate(cfg, champion["version"])
+    except registry.RegistryError as e:
+        return {"metrics": champion["metrics"], "note": f"not comparable: {e}"}
+    tracking.configure(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=champion["run_id"], artifact_path=f"{art}/metrics.json",
+                                                   dst_path=tmp)
+        metrics = json.loads(Path(path).read_text())["metrics"]
+    return {"metrics": metrics, "note": f"re-evaluated on today's data (trained on {champion['data_version']})"}
+
+
+@task(name="register", cache_policy=NO_CACHE)
+def register(cfg: Config, run_id: str, export_dir: str, checkpoint: str) -> str:
+    """Log the serving pyfunc into the HLLM run and register it (``hllm registry register``).
+    Safe to retry: a run already registered gets its version back."""
+    from hllm import registry
+
     return str(registry.register_model(cfg, run_id, export_dir, checkpoint).version)
 
 

@@ -118,6 +118,44 @@ def test_nightly_registers_a_champion_then_gates_a_challenger(project):
     assert "| champion v1 |" in md2 and "| SASRec |" not in md2
     assert dvc_md5(project) == md5  # same snapshot, same data version
 
+    # a third night on a new data version (the same log, every timestamp a day later: a new DVC hash,
+    # the same catalogue): the champion is re-evaluated on it, so the gate compares like with like
+    import pyarrow.compute as pc
+
+    from hllm.config import load_config
+    from hllm.data.raw import write_raw
+    from hllm.data.synth import generate
+
+    tables = generate(load_config("params.yaml").synth)
+    ts = tables.interactions.column("timestamp")
+    i = tables.interactions.column_names.index("timestamp")
+    tables.interactions = tables.interactions.set_column(i, "timestamp", pc.add(ts, 86_400))
+    later = write_raw(tables, project.parent / "snapshot-later")
+    state3 = nightly_retrain(snapshot=str(later), baselines=False, overrides=["registry.min_rel_gain=-1.0"],
+                             return_state=True)
+    assert state3.is_completed(), state3.message
+    res3 = state3.result()
+    assert dvc_md5(project) != md5 and res3["data"]["data_version"] != res["data"]["data_version"]
+    champ_row = next(m for m in res3["models"] if m["label"] == "champion v1")
+    assert champ_row["note"].startswith("re-evaluated on today's data")
+    assert "no evaluation comparable" not in res3["promotion"] and "v1" in res3["promotion"]
+    v1_run = next(v for v in registered_versions(project) if str(v.version) == "1").run_id
+    import mlflow
+
+    arts = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}").list_artifacts(
+        v1_run, f"eval/test/{res3['protocol_hash']}")
+    assert {Path(a.path).name for a in arts} == {res["data"]["data_version"], res3["data"]["data_version"]}
+
+    # the registry flows, as a user of the Prefect UI runs them
+    from flows.registry_flows import promote, rollback
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
+    challenger = client.get_model_version_by_alias("hllm-recommender", "challenger").version
+    assert promote(to="champion")["action"] == "champion"  # the challenger wins its A/B test
+    assert str(client.get_model_version_by_alias("hllm-recommender", "champion").version) == str(challenger)
+    assert rollback(reason="test")["version"] == "1"
+    assert str(client.get_model_version_by_alias("hllm-recommender", "champion").version) == "1"
+
 
 def test_bad_snapshot_fails_at_validation_and_changes_nothing(project, raw_snapshot):
     from flows.nightly import nightly_retrain
@@ -205,3 +243,19 @@ def test_a_second_run_does_not_start_while_one_runs(project, s3, raw_snapshot):
         assert c.read_global_concurrency_limit_by_name(limit).active_slots == 0  # released at the end
     assert [str(v.version) for v in registered_versions(project)] == ["1"]  # only A registered
     assert os.path.isdir(project / "data" / "raw")
+
+
+def test_a_run_whose_training_fails_registers_nothing(project):
+    from flows.nightly import nightly_retrain
+
+    state = nightly_retrain(overrides=["train.batch_size=0"], return_state=True)  # passes build, fails in train
+    assert state.is_failed() and "train.batch_size must be >= 1" in state.message
+    fr_id = str(state.state_details.flow_run_id)
+    tr = task_runs(fr_id)
+    assert tr["train"].state.is_failed() and tr["train"].run_count == 1  # training is never retried
+    assert not {"evaluate", "export", "register", "promotion-gate"} & set(tr)
+    assert registered_versions(project) == []
+    runs = {r.data.tags.get("hllm.kind"): r for r in mlflow_runs(project)}
+    assert runs["flow"].info.status == "FAILED" and runs["train"].info.status == "FAILED"
+    assert not (project / "exports").exists()
+    assert "FAILED at stage 'train-hllm'" in summary_artifact(fr_id)
