@@ -1,12 +1,15 @@
 """``nightly-retrain``: snapshot -> validate -> DVC version -> build -> train -> evaluate -> export ->
 register -> promotion gate, as one Prefect flow (see README, "Nightly flow").
 
-Stage graph (each box a task from :mod:`flows.tasks`, each calling the library function that
-the matching ``hllm`` command / ``dvc.yaml`` stage runs)::
+Stage graph (each box a task from :mod:`flows.tasks`, each calling the library function that the
+matching ``hllm`` command / ``dvc.yaml`` stage runs)::
 
-    snapshot ─ validate ─ publish ─ dvc-add ─ dvc-push ─ build ─┬─ train hllm ─ evaluate ─ export ─ register ─ gate
-    (S3/folder/  (GX, stops    (swap into                       ├─ train sasrec ─ evaluate
-     synth)       the flow)     data/raw)                       └─ train pop ─ evaluate
+    snapshot -> validate -> publish -> dvc-add -> dvc-push -> build -+-> train hllm -> evaluate --+
+    (folder,    (GX: a      (swap into  (data.dvc)  (remote)          +-> train sasrec -> evaluate  |
+     s3://,     failure     data/raw)                                 +-> train pop -> evaluate     |
+     synth)     stops all)                                                                          |
+       +----------------------------------------------------------------------------------------+
+       +-> evaluate-champion (on today's data, if needed) -> export -> register -> promotion-gate
 
 MLflow: one parent run per flow run (tagged ``prefect.flow_run_id``) holding the data lineage,
 the validation report and the summary; HLLM and each baseline are child runs.

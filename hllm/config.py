@@ -218,7 +218,7 @@ class FlowConfig:
     # kind -> overrides for that baseline's run: SASRec is an ID model that needs many cheap epochs at a
     # higher LR (the settings of benchmarks/quality.py), not HLLM's few expensive steps
     baseline_overrides: dict[str, Any] = field(default_factory=lambda: {"sasrec": [
-        "train.max_steps=0", "train.epochs=10", "train.patience=2", "train.batch_size=64", "train.lr=0.001",
+        "train.max_steps=0", "train.epochs=6", "train.patience=2", "train.batch_size=64", "train.lr=0.001",
         "train.num_negatives=256", "train.checkpoint_every=0"]})
     promote: bool = True  # run the promotion gate after registering (first version -> champion, pass -> challenger)
     concurrency_limit: str = "hllm-nightly-retrain"  # global concurrency limit (1 slot) a running flow holds
