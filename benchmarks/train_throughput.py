@@ -63,7 +63,7 @@ def one(params: str, sets: list[str], dedup: bool, steps: int, warmup: int) -> d
     times, cpu, stats = [], [], []
     for step in range(warmup + steps):
         w = torch.from_numpy(windows[batches.micro_indices(step, 0, 0)]).long().to(dev)
-        neg = torch.from_numpy(sample_negatives(t.seed, step, 0, built.n_items, k, 1, 0)).to(dev)
+        neg = torch.from_numpy(sample_negatives(t.seed, step, built.n_items, k, 1, 0)).to(dev)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()

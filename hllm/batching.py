@@ -81,17 +81,20 @@ def negatives_per_rank(num_negatives: int, world_size: int) -> int:
     return -(-num_negatives // world_size)
 
 
-def sample_negatives(seed: int, step: int, micro: int, n_items: int, k_local: int, world_size: int, rank: int) -> np.ndarray:
+def sample_negatives(seed: int, step: int, n_items: int, k_local: int, world_size: int, rank: int) -> np.ndarray:
     """Uniform item idx in [1, n_items) for this rank's slice of the global pool.
 
-    The whole pool is drawn from a generator keyed by (seed, step, micro), and
-    rank r keeps slice r, so the gathered pool is the same whatever the number
-    of ranks (given the same global pool size). No history exclusion, as in the
-    paper's ``num_negatives`` mode: the false-negative filter handles collisions.
+    The whole pool is drawn from a generator keyed by (seed, step), and rank r
+    keeps slice r, so the gathered pool is the same whatever the number of
+    ranks (given the same global pool size). Every micro-step of a step uses
+    the same pool (re-encoded each time, which costs what a fresh pool would),
+    so gradient accumulation equals the larger batch exactly. No history
+    exclusion, as in the paper's ``num_negatives`` mode: the false-negative
+    filter handles collisions.
     """
     if n_items < 2:
         raise ValueError("need at least one real item to sample negatives")
-    rng = np.random.default_rng([seed, 7919, step, micro])
+    rng = np.random.default_rng([seed, 7919, step])
     pool = rng.integers(1, n_items, size=k_local * world_size, dtype=np.int64)
     return pool[rank * k_local : (rank + 1) * k_local]
 

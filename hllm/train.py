@@ -230,7 +230,7 @@ def validation_loss(model: nn.Module, built, cfg: Config, info: D.DistInfo) -> f
     bs = max(cfg.train.batch_size, 1) * 4
     for b, s in enumerate(range(0, len(windows), bs)):
         w = windows[s : s + bs]
-        neg = sample_negatives(cfg.train.seed + 1, b, 0, built.n_items, k_local, info.world_size, info.rank)
+        neg = sample_negatives(cfg.train.seed + 1, b, built.n_items, k_local, info.world_size, info.rank)
         out = model.train_loss(torch.from_numpy(w).to(info.device), torch.from_numpy(neg).to(info.device))
         n = _n_targets(w)
         total += float(out.loss) * n
@@ -533,10 +533,10 @@ class _Trainer:
     def _train_step(self, step: int, autocast, acc: dict[str, float]) -> None:
         cfg, info, t = self.cfg, self.info, self.cfg.train
         n_global = _n_targets(self.windows[self.batches.step_indices(step)])
+        neg = sample_negatives(t.seed, step, self.built.n_items, self.k_local, info.world_size, info.rank)
         for micro in range(t.grad_accum):
             idx = self.batches.micro_indices(step, micro, info.rank)
             w = self.windows[idx]
-            neg = sample_negatives(t.seed, step, micro, self.built.n_items, self.k_local, info.world_size, info.rank)
             last = micro == t.grad_accum - 1
             sync = contextlib.nullcontext()
             if not last and hasattr(self.wrapped, "no_sync"):

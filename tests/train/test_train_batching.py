@@ -30,11 +30,11 @@ def test_each_epoch_visits_every_window_and_reshuffles():
 
 
 def test_negative_pool_is_the_same_whatever_the_number_of_ranks():
-    single = sample_negatives(7, step=4, micro=0, n_items=1000, k_local=64, world_size=1, rank=0)
-    split = np.concatenate([sample_negatives(7, 4, 0, 1000, 32, 2, r) for r in range(2)])
+    single = sample_negatives(7, step=4, n_items=1000, k_local=64, world_size=1, rank=0)
+    split = np.concatenate([sample_negatives(7, 4, 1000, 32, 2, r) for r in range(2)])
     assert np.array_equal(single, split)
     assert single.min() >= 1 and single.max() < 1000  # never the padding item
-    other_step = sample_negatives(7, 5, 0, 1000, 64, 1, 0)
+    other_step = sample_negatives(7, 5, 1000, 64, 1, 0)
     assert not np.array_equal(single, other_step)
     assert negatives_per_rank(64, 3) == 22
     with pytest.raises(ValueError):

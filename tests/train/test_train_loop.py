@@ -150,3 +150,18 @@ def test_model_without_parameters_skips_optimisation_and_saves_a_checkpoint(tmp_
     assert res.history and res.history[0]["split"] == "valid"
     model, _, _ = load_model(res.best_checkpoint)
     assert isinstance(model, _Constant)
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tiny_llama_dir, built_dir):
+    """batch 4 x 2 micro-steps == batch 8: the same windows and the same negative pool per step
+    (every micro-step re-encodes the step's pool), and the loss is normalised over the whole step."""
+    common = {"train.max_steps": 3, "train.checkpoint_every": 0, "train.num_negatives": 16}
+    big = train(cfg_for(tmp_path, tiny_llama_dir, built_dir, **common, **{"train.batch_size": 8,
+                                                                          "train.run_name": "big"}), progress=False)
+    acc = train(cfg_for(tmp_path, tiny_llama_dir, built_dir, **common, **{"train.batch_size": 4, "train.grad_accum": 2,
+                                                                          "train.run_name": "acc"}), progress=False)
+    a = load_file(str(big.last_checkpoint / "model.safetensors"))
+    b = load_file(str(acc.last_checkpoint / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
