@@ -213,7 +213,7 @@ def nightly_retrain(
                 with stage(f"train-{kind}"):
                     child = T.open_run.with_options(**io)(
                         mcfg, mcfg.train.run_name, "train" if kind == "hllm" else "baseline", parent_run_id=parent,
-                        tags={tracking.TAG_FLOW_RUN: run_id})
+                        tags={tracking.TAG_FLOW_RUN: run_id}, world_size=nproc if kind == "hllm" else 1)
                     open_children.append(child)
                     report.run_ids[label] = child
                     trained = T.train_model(mcfg, child, nproc if kind == "hllm" else 1)

@@ -115,7 +115,7 @@ def build(cfg: Config) -> dict[str, Any]:
 
 @task(name="mlflow-open-run", cache_policy=NO_CACHE)
 def open_run(cfg: Config, name: str, kind: str, parent_run_id: str | None = None,
-             tags: dict[str, str] | None = None, log_data: bool = True) -> str:
+             tags: dict[str, str] | None = None, log_data: bool = True, world_size: int = 1) -> str:
     """Create an MLflow run (RUNNING) with config, git, system info and dataset lineage; returns its id.
 
     The run stays open across tasks (and torchrun workers, via ``MLFLOW_RUN_ID``) until
@@ -135,7 +135,7 @@ def open_run(cfg: Config, name: str, kind: str, parent_run_id: str | None = None
         tr = tracking.Tracker(run_id, cfg)
         if kind != "flow":
             tr.log_config(cfg)
-            tr.log_system_info(world_size=max(1, cfg.train.nproc))
+            tr.log_system_info(world_size=max(1, world_size))
         tr.log_git()
         if log_data:
             tr.log_dataset(cfg)
