@@ -278,6 +278,13 @@ class _Trainer:
         for name, v in (("batch_size", t.batch_size), ("grad_accum", t.grad_accum), ("epochs", t.epochs)):
             if v < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {v}")
+        if t.eval_every_epoch:  # a bad protocol should fail now, not after the first epoch
+            try:
+                from hllm.evaluate import check_protocol
+            except ImportError:
+                check_protocol = None
+            if check_protocol is not None:
+                check_protocol(cfg.eval.protocol)
         seed_everything(t.seed)
         self.built = load_built(cfg.paths.built_dir)
         tokens = None

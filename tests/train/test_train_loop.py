@@ -96,6 +96,11 @@ def test_run_folder_is_never_overwritten_without_resume(tmp_path, tiny_bert_dir,
     before = (res.last_checkpoint / "model.safetensors").read_bytes()
     with pytest.raises(FileExistsError, match="--resume"):
         train(cfg, progress=False)
+    # a bad selection metric fails before any training step
+    bad = cfg_for(tmp_path, tiny_bert_dir, built_dir, **{"train.run_name": "bad", "eval.protocol.select_metric": "ndcg@7"})
+    with pytest.raises(ValueError, match="select_metric"):
+        train(bad, progress=False)
+    assert not (tmp_path / "runs" / "bad" / "checkpoints").exists()
     assert (res.last_checkpoint / "model.safetensors").read_bytes() == before
     # checkpoint contents and the result file
     names = {p.name for p in res.last_checkpoint.iterdir()}
