@@ -44,6 +44,9 @@ def _worker(rank: int, world: int, init_file: str, cfg_dict: dict) -> None:
         train(cfg, progress=False)
         cfg.train.run_name, cfg.train.fsdp = "fsdp", True
         train(cfg, progress=False)
+        # resuming a sharded run: full weights + optimizer state loaded into the shards
+        cfg.train.max_steps = STEPS + 2
+        train(cfg, resume=True, progress=False)
     finally:
         dist.destroy_process_group()
 
@@ -80,10 +83,14 @@ def test_two_gloo_processes_match_one_process(tmp_path, tiny_llama_dir, built_di
     for name in ("ddp", "fsdp"):
         meta = json.loads((runs / name / "checkpoints" / "step-000004" / "meta.json").read_text())
         assert meta["world_size"] == 2 and meta["fsdp"] == (name == "fsdp")
-        assert _losses(runs / name) == pytest.approx(_losses(single.run_dir), rel=1e-5)
+        assert _losses(runs / name)[:STEPS] == pytest.approx(_losses(single.run_dir), rel=1e-5)
         _assert_same_weights(single.last_checkpoint, runs / name / "checkpoints" / "step-000004")
     # each run also validated with the (sharded) evaluation and kept a best checkpoint
     assert (runs / "fsdp" / "best" / "model.safetensors").exists()
+    resumed = json.loads((runs / "fsdp" / "checkpoints" / f"step-{STEPS + 2:06d}" / "meta.json").read_text())
+    assert resumed["step"] == STEPS + 2 and resumed["fsdp"]
+    history = json.loads((runs / "fsdp" / "history.json").read_text())
+    assert [h["step"] for h in history if h["split"] == "train"][-2:] == [STEPS + 1, STEPS + 2]
 
 
 @pytest.mark.slow
