@@ -252,6 +252,8 @@ def nightly_retrain(
                     report.alias, report.promotion = gate["alias"], gate["message"]
             else:
                 report.promotion = "skipped (promote=false)"
+            with stage("prune-old-runs"):
+                T.prune_old_runs(cfg)
             report.status = "COMPLETED"
     except BaseException as e:
         report.status = "FAILED"

@@ -306,3 +306,12 @@ def promotion_gate(cfg: Config, version: str, reason: str) -> dict[str, Any]:
     mv = tracking.client(cfg).get_model_version(cfg.registry.model_name, version)
     aliases = sorted(mv.aliases or [])
     return {"alias": aliases[0] if aliases else None, "message": message, "passed": passed}
+
+
+@task(name="prune-old-runs", cache_policy=NO_CACHE)
+def prune_old_runs(cfg: Config) -> int:
+    """Delete the local folders of all but the newest ``flow.keep_runs`` nightly runs."""
+    from hllm.retention import prune_nightly_runs
+
+    p = cfg.paths
+    return len(prune_nightly_runs([p.runs_dir, p.export_dir, Path(p.reports_dir) / "eval"], cfg.flow.keep_runs))

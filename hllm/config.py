@@ -225,6 +225,7 @@ class FlowConfig:
     slot_timeout_s: float = 14400.0  # a second run waits this long for the slot, then fails without touching anything
     io_retries: int = 3  # retries of I/O tasks (S3 snapshot, DVC push, MLflow registry); none on training
     io_retry_delay_s: float = 10.0  # first back-off; doubles on each retry
+    keep_runs: int = 5  # local folders (runs/, exports/, reports/eval/) of the newest N nightly runs; 0 = all
 
 
 @dataclass

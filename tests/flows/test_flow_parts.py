@@ -112,3 +112,21 @@ def test_cli_rejects_a_bad_config_before_starting_prefect(tmp_path, monkeypatch,
     assert res.exit_code == 2 and "unknown key(s) ['nope']" in res.output
     res = CliRunner().invoke(app, ["flows", "--help"])
     assert res.exit_code == 0 and "serve" in res.output and "run" in res.output
+
+
+def test_old_nightly_run_folders_are_pruned_others_kept(tmp_path):
+    from hllm.retention import prune_nightly_runs
+
+    runs, exports = tmp_path / "runs", tmp_path / "exports"
+    stamps = ["20261120-020000-aaaa1111", "20261121-020000-bbbb2222", "20261122-020000-cccc3333"]
+    for st in stamps:
+        for kind in ("hllm", "sasrec"):
+            (runs / f"nightly-{st}-{kind}").mkdir(parents=True)
+        (exports / f"nightly-{st}-hllm").mkdir(parents=True)
+    (runs / "default").mkdir()  # `hllm train` by hand: never touched
+    (runs / "nightly-notes").mkdir()
+    removed = prune_nightly_runs([runs, exports, tmp_path / "missing"], keep=2)
+    assert sorted(p.name for p in removed) == [f"nightly-{stamps[0]}-{k}" for k in ("hllm", "hllm", "sasrec")]
+    assert sorted(p.name for p in runs.iterdir()) == sorted(
+        ["default", "nightly-notes"] + [f"nightly-{st}-{k}" for st in stamps[1:] for k in ("hllm", "sasrec")])
+    assert prune_nightly_runs([runs], keep=0) == []
