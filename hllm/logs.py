@@ -22,13 +22,27 @@ class _Rank0Filter(logging.Filter):
         return is_rank0() or record.levelno >= logging.ERROR
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is *now*. A handler bound to the stream
+    of the moment breaks once that stream closes (a test runner's capture, a
+    CLI invoked in-process), and every later record then fails."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(level: str | int = "INFO") -> None:
     """Idempotent; called by the CLI and by torchrun entry points, never at import."""
     root = logging.getLogger()
     if any(getattr(h, "_hllm", False) for h in root.handlers):
         root.setLevel(level)
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
     handler.addFilter(_Rank0Filter())
     handler._hllm = True  # type: ignore[attr-defined]
