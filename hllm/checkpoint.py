@@ -305,13 +305,51 @@ def load_training_state(
     return json.loads(state_path.read_text()) if state_path.exists() else {}
 
 
+def catalogue_hash(item_ids) -> str:
+    """Identity of an item catalogue *and its idx order*: the hash of the original ids by idx."""
+    h = hashlib.sha256()
+    for x in item_ids:
+        h.update(str(x).encode())
+        h.update(b"\x1f")
+    return h.hexdigest()[:16]
+
+
+def check_catalogue(meta: dict[str, Any], built, ckpt_dir: str | Path) -> None:
+    """Refuse built data whose items an ID-based checkpoint cannot score.
+
+    Text-based item towers (``hllm.models.TEXT_KINDS``: HLLM) embed every item from its text,
+    so their weights hold nothing sized or ordered by the catalogue: any built dataset works,
+    its token cache (row = that dataset's idx) is what the Item LLM reads, and new items are
+    simply encoded. ID-based models (SASRec's embedding table, popularity's counts) have one
+    row per training idx: the catalogue must be the training one, same ids in the same idx
+    order (a rebuild assigns idx by first appearance, so a changed log can move them)."""
+    from hllm.models import TEXT_KINDS
+
+    kind = meta.get("kind") or meta.get("config", {}).get("model", {}).get("kind")
+    if kind in TEXT_KINDS:
+        return
+    why = None
+    if meta.get("n_items") is not None and meta["n_items"] != built.n_items:
+        why = f"it was trained on {meta['n_items']} item slots, {built.dir} has {built.n_items}"
+    elif meta.get("catalogue") and meta["catalogue"] != catalogue_hash(built.item_ids):
+        why = (f"{built.dir} has the same number of items ({built.n_items} slots) but other item ids or another "
+               f"idx order (catalogue {catalogue_hash(built.item_ids)}, trained on {meta['catalogue']})")
+    if why:
+        raise ValueError(
+            f"{ckpt_dir}: a {kind!r} model cannot score this catalogue: {why}. Its item table is indexed by "
+            "the training catalogue (ID-based); retrain it on the new data. (Text-based item towers such as "
+            "HLLM embed items from their text and accept a changed catalogue.)")
+
+
 def load_model(ckpt_dir: str | Path, built_dir: str | Path | None = None, device: str | torch.device = "cpu"):
     """Rebuild the model saved in ``ckpt_dir`` -> ``(model, cfg, built)``, in eval mode.
 
     The config comes from ``meta.json``; ``built_dir`` overrides its
-    ``paths.built_dir`` (e.g. the same data at another path). The built
-    dataset's content must match the one the model was trained on when the
-    model depends on it (item count, token cache).
+    ``paths.built_dir`` (the same data at another path, or newer data). A
+    text-based model (HLLM) is rebuilt over that dataset's items and token
+    cache, whatever its catalogue (new, removed or re-indexed items: idx are
+    those of ``built``); an ID-based model (SASRec, popularity) must see its
+    training catalogue (:func:`check_catalogue`).
     """
     from hllm.config import config_from_dict
     from hllm.data.artifacts import load_built
@@ -322,11 +360,10 @@ def load_model(ckpt_dir: str | Path, built_dir: str | Path | None = None, device
     if built_dir is not None:
         cfg.paths.built_dir = str(built_dir)
     built = load_built(cfg.paths.built_dir)
-    if meta.get("n_items") is not None and meta["n_items"] != built.n_items:
-        raise ValueError(f"{ckpt_dir} was trained on {meta['n_items']} item slots, {built.dir} has {built.n_items}")
+    check_catalogue(meta, built, ckpt_dir)
     if meta.get("data_version") and meta["data_version"] != data_version(built.dir):
-        log.warning("%s: built data at %s differs from the training data (version %s)", ckpt_dir, built.dir,
-                    meta["data_version"])
+        log.info("%s: built data at %s differs from the training data (version %s)", ckpt_dir, built.dir,
+                 meta["data_version"])
     build_cfg = copy.deepcopy(cfg)
     # Architecture only: the weights come from the checkpoint.
     for tower in (build_cfg.model.item, build_cfg.model.user):

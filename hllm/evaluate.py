@@ -337,14 +337,18 @@ def checkpoint_fingerprint(ckpt_dir: str | Path) -> str:
     return _file_sha(p)[:16]
 
 
-def item_cache_key(ckpt_dir: str | Path, built: BuiltData, cfg: Config) -> str:
-    """What decides the item embeddings: weights, item table, item-text settings."""
+def item_cache_key(ckpt_dir: str | Path, built: BuiltData, cfg: Config, model=None) -> str:
+    """What decides the item table: the checkpoint's weights, the item table (ids by idx), the
+    item-text settings and, for a text tower, the exact token cache it reads (``model``'s
+    ``item_inputs_fingerprint``)."""
     items = built.dir / "items.parquet"
+    m = _unwrap(model) if model is not None else None
     return stable_hash({
         "weights": checkpoint_fingerprint(ckpt_dir),
         "items": _file_sha(items) if items.exists() else list(map(str, built.item_ids)),
         "n_items": built.n_items,
         "item_model": dataclasses.asdict(cfg.model.item),
+        "inputs": m.item_inputs_fingerprint() if m is not None and hasattr(m, "item_inputs_fingerprint") else None,
     }, n=16)
 
 
@@ -354,37 +358,66 @@ def item_cache_dir(cfg: Config) -> Path:
     return Path(cfg.paths.runs_dir) / ".item_emb_cache"
 
 
+def _cache_enabled(model, cfg: Config) -> bool:
+    return bool(cfg.eval.item_cache) and getattr(_unwrap(model), "cache_item_embeddings", True)
+
+
+def load_cached_items(model, built: BuiltData, cfg: Config, ckpt_dir: str | Path) -> np.ndarray | None:
+    """The cached ``[n_items, d]`` item table of checkpoint ``ckpt_dir`` over ``built``, or None.
+
+    Shared by evaluation and export (``hllm.export``), so the items of one checkpoint are encoded
+    once whichever runs first."""
+    if not _cache_enabled(model, cfg):
+        return None
+    npy = item_cache_dir(cfg) / f"{item_cache_key(ckpt_dir, built, cfg, model)}.npy"
+    if not npy.exists():
+        return None
+    try:
+        arr = np.load(npy)
+    except (ValueError, OSError) as e:  # a torn or foreign file is recomputed, not trusted
+        log.warning("ignoring unreadable item-embedding cache %s: %s", npy, e)
+        return None
+    if arr.ndim != 2 or arr.shape[0] != built.n_items or not np.isfinite(arr).all():
+        log.warning("ignoring item-embedding cache %s of shape %s (want %d rows)", npy, arr.shape, built.n_items)
+        return None
+    try:
+        os.utime(npy)  # most recently used, for pruning
+    except OSError:
+        pass
+    log.info("item embeddings of %s from cache %s", ckpt_dir, npy)
+    return arr.astype(np.float32, copy=False)
+
+
+def store_cached_items(table: np.ndarray, model, built: BuiltData, cfg: Config, ckpt_dir: str | Path) -> None:
+    """Save an item table under its key (rank 0; atomic; failures only logged: it is an optimisation)."""
+    if not _cache_enabled(model, cfg) or _dist()[0] != 0:
+        return
+    d = item_cache_dir(cfg)
+    try:
+        key = item_cache_key(ckpt_dir, built, cfg, model)
+        d.mkdir(parents=True, exist_ok=True)
+        npy = d / f"{key}.npy"
+        tmp = d / f".{key}.{os.getpid()}.tmp.npy"
+        np.save(tmp, np.asarray(table, dtype=np.float32))
+        tmp.replace(npy)
+        _atomic_write_text(d / f"{key}.json", json.dumps({"checkpoint": str(ckpt_dir), "n_items": built.n_items,
+                                                          "dim": int(table.shape[1]), "built_dir": str(built.dir)}))
+        _prune_cache(d, cfg.eval.item_cache_keep)
+    except OSError as e:
+        log.warning("could not write item-embedding cache in %s: %s", d, e)
+
+
 def cached_item_embeddings(model, built: BuiltData, cfg: Config, ckpt_dir: str | Path, progress: bool = True) -> torch.Tensor:
     """Item table of a saved checkpoint, from ``<runs_dir>/.item_emb_cache/<key>.npy`` when present,
-    else computed and saved there. The key hashes the weights, the item table and the item-text
-    settings, so a changed checkpoint or catalogue never reads stale embeddings."""
-    if not cfg.eval.item_cache:
-        return item_embedding_table(model, built.n_items, cfg.eval.item_batch, progress)
-    d = item_cache_dir(cfg)
-    key = item_cache_key(ckpt_dir, built, cfg)
-    npy = d / f"{key}.npy"
-    if npy.exists():
-        try:
-            arr = np.load(npy)
-            if arr.ndim == 2 and arr.shape[0] == built.n_items:
-                log.info("item embeddings of %s from cache %s", ckpt_dir, npy)
-                os.utime(npy)  # most recently used, for pruning
-                return torch.from_numpy(arr).to(model_device(_unwrap(model)))
-        except (ValueError, OSError) as e:  # a torn or foreign file is recomputed, not trusted
-            log.warning("ignoring unreadable item-embedding cache %s: %s", npy, e)
+    else computed and saved there. The key (:func:`item_cache_key`) hashes the weights, the item
+    table, the item-text settings and the token cache, so a changed checkpoint or catalogue never
+    reads stale embeddings. Models whose items are a table lookup (``cache_item_embeddings =
+    False``) are not cached."""
+    arr = load_cached_items(model, built, cfg, ckpt_dir)
+    if arr is not None:
+        return torch.from_numpy(arr).to(model_device(_unwrap(model)))
     table = item_embedding_table(model, built.n_items, cfg.eval.item_batch, progress)
-    rank, _ = _dist()
-    if rank == 0:
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            tmp = d / f".{key}.{os.getpid()}.tmp.npy"
-            np.save(tmp, table.cpu().numpy())
-            tmp.replace(npy)
-            _atomic_write_text(d / f"{key}.json", json.dumps({"checkpoint": str(ckpt_dir), "n_items": built.n_items,
-                                                              "dim": table.shape[1], "built_dir": str(built.dir)}))
-            _prune_cache(d, cfg.eval.item_cache_keep)
-        except OSError as e:  # caching is an optimisation; evaluation goes on
-            log.warning("could not write item-embedding cache in %s: %s", d, e)
+    store_cached_items(table.cpu().numpy(), model, built, cfg, ckpt_dir)
     return table
 
 

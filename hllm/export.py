@@ -19,6 +19,11 @@ the old export only once complete, so a failed export leaves the previous one
 intact. Re-exporting reuses item embeddings whose ``text_key`` (hash of item
 id + item text) and ``item_model_version`` (hash of the item tower's weights
 and item-text settings) are unchanged, and encodes only new or changed items.
+Rows are matched by original item id + text, never by idx, so a rebuilt
+catalogue that renumbers items still reuses them. When an evaluation of the same
+checkpoint over the same built data has cached its item table
+(``<runs_dir>/.item_emb_cache/``), the export reads it instead of running the
+Item LLM again (and leaves its own table there for a later evaluation).
 """
 
 from __future__ import annotations
@@ -125,13 +130,19 @@ def export(ckpt_dir: str | Path, out_dir: str | Path | None = None, cfg: Config 
         "run_name": cfg.train.run_name,
     }
     out = Path(out_dir) if out_dir is not None else Path(cfg.paths.export_dir) / cfg.train.run_name
-    return export_model(model, built, cfg, out, model_info=info, progress=progress)
+    return export_model(model, built, cfg, out, model_info=info, progress=progress, checkpoint_dir=ckpt_dir)
 
 
 @torch.inference_mode()
 def export_model(model, built: BuiltData, cfg: Config, out_dir: str | Path, *,
-                 model_info: dict[str, Any] | None = None, progress: bool = True) -> ExportResult:
-    """Write an export of ``model`` over ``built`` to ``out_dir`` atomically."""
+                 model_info: dict[str, Any] | None = None, progress: bool = True,
+                 checkpoint_dir: str | Path | None = None) -> ExportResult:
+    """Write an export of ``model`` over ``built`` to ``out_dir`` atomically.
+
+    Item embeddings come, in this order, from the previous export in ``out_dir`` (same item
+    tower, same text), from the evaluation's item cache of ``checkpoint_dir`` over ``built``
+    (``hllm.evaluate.load_cached_items``: `hllm evaluate` just encoded them), and only then from
+    the Item LLM; the full table is left in that cache for a later evaluation."""
     from hllm.evaluate import _unwrap, model_device, user_embedding_fn
 
     out = Path(out_dir)
@@ -141,7 +152,7 @@ def export_model(model, built: BuiltData, cfg: Config, out_dir: str | Path, *,
     try:
         items, keys = item_text_keys(built, cfg)
         version = item_model_version(m, cfg)
-        table, n_new = _item_table(m, built, keys, version, out, cfg.export.batch, progress)
+        table, n_new, sources = _item_table(m, built, cfg, keys, version, out, progress, checkpoint_dir)
         table_t = torch.from_numpy(table).to(model_device(m))
         seqs = built.sequences
         users = np.arange(seqs.n_users)
@@ -169,7 +180,7 @@ def export_model(model, built: BuiltData, cfg: Config, out_dir: str | Path, *,
         "counts": {"items": len(item_vecs), "users": len(users), "interactions": int(len(seqs.items))},
         "index": {"type": cfg.export.faiss_index, "metric": "inner_product",
                   **({"m": cfg.export.hnsw_m, "ef_search": cfg.export.hnsw_ef_search} if cfg.export.faiss_index == "hnsw" else {})},
-        "refresh": {"items_encoded": n_new, "items_reused": len(item_vecs) - n_new},
+        "refresh": {"items_encoded": n_new, "items_reused": len(item_vecs) - n_new, "reused_from": sources},
     }
     import pandas as pd
 
@@ -194,13 +205,15 @@ def export_model(model, built: BuiltData, cfg: Config, out_dir: str | Path, *,
     return ExportResult(out, manifest, n_new, len(item_vecs) - n_new)
 
 
-def _item_table(m, built: BuiltData, keys: list[str], version: str, out: Path, batch: int,
-                progress: bool) -> tuple[np.ndarray, int]:
-    """[n_items, d] float32 item table (row 0 zero); reuses the previous export's rows where possible."""
+def _item_table(m, built: BuiltData, cfg: Config, keys: list[str], version: str, out: Path, progress: bool,
+                checkpoint_dir: str | Path | None) -> tuple[np.ndarray, int, dict[str, int]]:
+    """[n_items, d] float32 item table (row 0 zero), the number of items encoded, and where the
+    others came from (``previous_export`` / ``evaluation_cache`` counts)."""
     from tqdm.auto import tqdm
 
-    from hllm.evaluate import model_device
+    from hllm.evaluate import load_cached_items, model_device, store_cached_items
 
+    sources = {"previous_export": 0, "evaluation_cache": 0}
     reuse: dict[str, np.ndarray] = {}
     prev = read_manifest(out)
     if prev is not None and prev.get("item_model_version") == version:
@@ -215,8 +228,18 @@ def _item_table(m, built: BuiltData, keys: list[str], version: str, out: Path, b
             reuse = {}
     elif prev is not None:
         log.info("item model changed (%s -> %s): encoding every item", prev.get("item_model_version"), version)
+    # rows are matched by text_key (original id + text), never by idx: a rebuilt catalogue may renumber
     todo = np.array([i + 1 for i, k in enumerate(keys) if k not in reuse], dtype=np.int64)
+    sources["previous_export"] = len(keys) - len(todo)
+    cached = None
+    if len(todo) and checkpoint_dir is not None:
+        cached = load_cached_items(m, built, cfg, checkpoint_dir)
+    if cached is not None:
+        table = np.array(cached, dtype=np.float32)
+        sources = {"previous_export": 0, "evaluation_cache": len(keys)}
+        return table, 0, sources
     device = model_device(m)
+    batch = cfg.export.batch
     parts = []
     for s in tqdm(range(0, len(todo), batch), desc="encode items", unit="batch", disable=not progress or not len(todo)):
         parts.append(m.item_embeddings(torch.from_numpy(todo[s : s + batch]).to(device)).float().cpu().numpy())
@@ -232,7 +255,9 @@ def _item_table(m, built: BuiltData, keys: list[str], version: str, out: Path, b
             table[i + 1] = reuse[k]
     if parts:
         table[todo] = np.concatenate(parts)
-    return table, len(todo)
+        if checkpoint_dir is not None and np.isfinite(table).all():
+            store_cached_items(table, m, built, cfg, checkpoint_dir)  # a later `hllm evaluate` reads it
+    return table, len(todo), sources
 
 
 def write_index(vectors: np.ndarray, normalize: bool, cfg: Config, path: Path) -> None:

@@ -353,6 +353,7 @@ class _Trainer:
             "data_version": self.data_version,
             "built_dir": str(self.built.dir),
             "n_items": self.built.n_items,
+            "catalogue": ckpt.catalogue_hash(self.built.item_ids),  # ids by idx: ID models need the same
             "code_sha": self.code_sha,
             "world_size": self.info.world_size,
             "fsdp": self.fsdp,

@@ -33,6 +33,17 @@ class SeqRecModel(nn.Module):
     """
 
     normalize: bool = True
+    # state_dict key prefixes of the item tower (None: the whole model counts), so that a retrained
+    # user tower alone does not invalidate exported item embeddings (``hllm.export.item_model_version``)
+    item_state_prefixes: tuple[str, ...] | None = None
+    # whether the item table is worth an on-disk cache (``hllm.evaluate.cached_item_embeddings``):
+    # yes for an encoder over item text, no for an ID-table lookup that costs nothing to recompute
+    cache_item_embeddings: bool = True
+
+    def item_inputs_fingerprint(self) -> str | None:
+        """Hash of what the item tower reads besides its weights (HLLM: the item token cache), or
+        None when the weights alone decide the item embeddings."""
+        return None
 
     def train_loss(self, windows: torch.Tensor, negatives: torch.Tensor) -> LossOutput:
         raise NotImplementedError

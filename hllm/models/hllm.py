@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -41,6 +42,8 @@ PROJECTIONS = ("auto", "linear", "none")
 
 class HLLM(SeqRecModel):
     normalize = True
+    # item embeddings depend on the Item LLM (+ [ITEM] vector) and the projection only
+    item_state_prefixes = ("item.", "proj.")
 
     def __init__(
         self,
@@ -72,6 +75,7 @@ class HLLM(SeqRecModel):
         self.dim = d_user
         # parameters that start from random init (set by ``build``; the trainer may give them their own lr)
         self._new_prefixes = ["item.item_token", "proj", "scale"]
+        self._tokens_fp: str | None = None
 
     # ------------------------------------------------------------------ towers
 
@@ -91,6 +95,19 @@ class HLLM(SeqRecModel):
             emb, _ = self.encode_items(idx[real])
             out[real.to(out.device)] = emb.float()
         return out
+
+    def item_inputs_fingerprint(self) -> str:
+        """Hash of the token cache the Item LLM reads (row = item idx of the built data)."""
+        if self._tokens_fp is None:
+            import hashlib
+
+            h = hashlib.sha256()
+            for a in (self.item.tokens.offsets, self.item.tokens.ids):
+                a = np.ascontiguousarray(a)
+                h.update(f"{a.dtype}:{a.shape};".encode())
+                h.update(a.view(np.uint8).reshape(-1).data)
+            self._tokens_fp = h.hexdigest()[:16]
+        return self._tokens_fp
 
     def user_embeddings(self, history_emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Prediction of the next item from left-padded history embeddings: the last position."""

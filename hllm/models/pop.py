@@ -21,6 +21,7 @@ from hllm.models.base import LossOutput, SeqRecModel
 
 class Popularity(SeqRecModel):
     normalize = False
+    cache_item_embeddings = False  # a table lookup: recomputing is cheaper than a disk cache
 
     def __init__(self, counts: np.ndarray | torch.Tensor):
         super().__init__()

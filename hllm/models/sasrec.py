@@ -46,6 +46,7 @@ class _Block(nn.Module):
 
 class SASRec(SeqRecModel):
     normalize = True  # cosine scores, as in the InfoNCE it is trained with
+    cache_item_embeddings = False  # a table lookup: recomputing is cheaper than a disk cache
 
     def __init__(
         self,

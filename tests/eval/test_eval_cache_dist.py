@@ -126,3 +126,44 @@ def test_sharded_evaluation_equals_single_process(tmp_path):
         assert z["rank"].tolist() == single.per_user["rank"].tolist()
         assert float(z["ndcg"]) == pytest.approx(single.metrics["ndcg@20"])
         assert int(z["calls"]) == 20  # 40 real items split over 2 ranks: each encodes half
+
+
+def test_evaluation_and_export_share_one_item_encoding(tmp_path):
+    """Whichever of `evaluate` and `export` runs first for a checkpoint encodes the items; the
+    other reads the cached table (same key: weights + item table + item-text settings)."""
+    from hllm.export import export_model
+
+    built = make_built(tmp_path / "b", SEQS, n_items=7)
+    cfg = _cfg(tmp_path)
+    ck = tmp_path / "runs" / "r" / "best"
+    model = TableModel(TABLE)
+    _save(model, ck)
+    evaluate(model, built, cfg, "test", checkpoint_dir=ck, progress=False)
+    assert model.item_calls == 6
+    res = export_model(model, built, cfg, tmp_path / "exp", progress=False, checkpoint_dir=ck)
+    assert model.item_calls == 6 and res.items_encoded == 0
+    assert res.manifest["refresh"]["reused_from"] == {"previous_export": 0, "evaluation_cache": 6}
+    np.testing.assert_array_equal(np.load(tmp_path / "exp" / "item_embeddings.npy"), TABLE[1:])
+
+    # the other order, on a second checkpoint: the export leaves its table for the evaluation
+    model2 = TableModel(TABLE * 3)
+    ck2 = tmp_path / "runs" / "r2" / "best"
+    _save(model2, ck2)
+    res = export_model(model2, built, cfg, tmp_path / "exp2", progress=False, checkpoint_dir=ck2)
+    assert model2.item_calls == 6 and res.items_encoded == 6
+    ev = evaluate(model2, built, cfg, "test", checkpoint_dir=ck2, progress=False)
+    assert model2.item_calls == 6
+    assert ev.metrics == evaluate(model2, built, cfg, "test", progress=False).metrics
+
+
+def test_id_table_models_are_not_cached(tmp_path):
+    """A table lookup (SASRec, popularity) costs less than the cache: nothing is written."""
+    from hllm.models import pop
+
+    built = make_built(tmp_path / "b", SEQS, n_items=7)
+    cfg = _cfg(tmp_path)
+    model = pop.build(cfg, built)
+    ck = tmp_path / "runs" / "pop" / "best"
+    _save(model, ck)
+    evaluate(model, built, cfg, "test", checkpoint_dir=ck, progress=False)
+    assert _cache_files(cfg) == []

@@ -175,3 +175,37 @@ def test_validation_loss_fallback_without_the_evaluation_module(tmp_path, tiny_b
     loss = validation_loss(model, built, cfg, DistInfo())
     assert np.isfinite(loss) and loss > 0
     assert model.training  # restored
+
+
+def test_item_model_version_keys_on_the_item_tower_only(tmp_path, tiny_bert_dir, built_dir):
+    """Export refresh (``hllm.export.item_model_version``) and the item-embedding cache must change
+    with the Item LLM, the [ITEM] vector and the projection, and not with the User LLM or the scale."""
+    from hllm.export import item_model_version
+
+    user = {**T.TINY_USER, "hidden_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2}
+    model, cfg, _ = make(tmp_path, tiny_bert_dir, built_dir, **{"model.user.config": user})
+    assert model.item_state_prefixes == ("item.", "proj.") and model.proj is not None
+    base = item_model_version(model, cfg)
+    keys = [k for k in model.state_dict() if not k.startswith(model.item_state_prefixes)]
+    assert any(k.startswith("user.") for k in keys) and "scale.log_scale" in keys
+    with torch.no_grad():
+        for p in model.user.parameters():
+            p.mul_(1.5)
+        model.scale.log_scale.add_(0.3)
+    assert item_model_version(model, cfg) == base
+    for name in ("item.item_token", "proj.weight", "item.backbone.embeddings.word_embeddings.weight"):
+        p = model.get_parameter(name)
+        keep = p.detach().clone()
+        with torch.no_grad():
+            p.mul_(1.5)
+        assert item_model_version(model, cfg) != base, name
+        with torch.no_grad():
+            p.copy_(keep)
+    assert item_model_version(model, cfg) == base
+
+
+def test_item_inputs_fingerprint_is_the_token_cache(tmp_path, tiny_bert_dir, built_dir):
+    model, cfg, built = make(tmp_path, tiny_bert_dir, built_dir)
+    other, _, _ = make(tmp_path, tiny_bert_dir, built_dir, **{"model.item.max_text_len": 8})
+    assert model.item_inputs_fingerprint() == make(tmp_path, tiny_bert_dir, built_dir)[0].item_inputs_fingerprint()
+    assert model.item_inputs_fingerprint() != other.item_inputs_fingerprint()

@@ -160,6 +160,50 @@ def test_reevaluate_champion_on_new_data_unblocks_the_gate(cfg, tiny, tmp_path):
         assert "differs" not in str(e) and e.gate.champion == pytest.approx(want.metrics["ndcg@10"], abs=1e-6)
 
 
+@pytest.mark.slow
+def test_reevaluate_hllm_champion_on_a_changed_catalogue(cfg, tiny, tmp_path):
+    """The nightly case "the catalogue changed": new items, a retired one, every idx renumbered. An
+    HLLM champion embeds items from their text, so it is re-evaluated on the new catalogue (its
+    bundle's weights over today's token cache) and the gate can compare; an ID-based champion
+    (popularity) cannot, and says so."""
+    import copy
+
+    from hllm import testing
+    from hllm.evaluate import evaluate_checkpoint
+
+    _, v_hllm = log_trained(cfg, tiny, "hllm")
+    registry.promote(cfg, v_hllm)
+    _, v_pop = log_trained(cfg, tiny, "pop")
+    retired = tiny["items"][-1]["item_id"]
+    rows = [it for it in tiny["items"] if it["item_id"] != retired][::-1]  # renumbered
+    rows += [{"item_id": f"new{j}", "title": f"classic coffee mug {j}", "tag": "coffee",
+              "description": "a mug for coffee"} for j in range(3)]
+    items = [{**{k: v for k, v in it.items() if k != "idx"}, "idx": i + 1} for i, it in enumerate(rows)]
+    new_idx = {it["item_id"]: it["idx"] for it in items}
+    old_ids = {it["idx"]: it["item_id"] for it in tiny["items"]}
+    seqs = [[new_idx[old_ids[i]] for i in s if old_ids[i] != retired] + [new_idx[f"new{u % 3}"]]
+            for u, s in enumerate(tiny["seqs"])]
+    new_built = testing.write_built(tmp_path / "built_new", items, seqs)
+    on_new = copy.deepcopy(cfg)
+    on_new.paths.built_dir = str(new_built)
+    on_new.eval = tiny["hllm"]["cfg"].eval
+
+    art = registry.reevaluate(on_new)
+    assert art.endswith(tracking.data_version(on_new).version)
+    want = evaluate_checkpoint(tiny["hllm"]["checkpoint"], on_new, ("test",), built_dir=new_built,
+                               progress=False)["test"]
+    assert want.n_items == len(items) + 1 != len(tiny["items"]) + 1
+    c = tracking.client(cfg)
+    local = Path(tracking_download(c.get_model_version(cfg.registry.model_name, v_hllm).run_id, art,
+                                   tmp_path / "dl"))
+    saved = json.loads((local / "metrics.json").read_text())
+    assert saved["metrics"] == pytest.approx(want.metrics, abs=1e-6)
+
+    with pytest.raises(registry.RegistryError, match=f"version {v_pop} cannot be evaluated.*cannot score this "
+                                                     "catalogue.*retrain"):
+        registry.reevaluate(on_new, v_pop)
+
+
 def tracking_download(run_id: str, path: str, dst: Path) -> str:
     import mlflow
 
