@@ -198,23 +198,33 @@ def _n_targets(windows: np.ndarray) -> int:
 # --------------------------------------------------------------------------- validation
 
 
-def validate(model: nn.Module, built, cfg: Config, info: D.DistInfo) -> tuple[dict[str, float], str, bool]:
-    """Validation metrics, the selection key and whether higher is better.
+def validate(model: nn.Module, built, cfg: Config, info: D.DistInfo
+             ) -> tuple[dict[str, float], str, bool, torch.Tensor | None]:
+    """Validation metrics, the selection key, whether higher is better, and the item table the
+    metrics were computed with (None for the loss fallback).
 
     Uses ``hllm.evaluate.evaluate`` (full-ranking metrics, selection metric
     ``eval.protocol.select_metric``) when that module is present; otherwise the
     InfoNCE loss on the validation targets."""
     try:
-        from hllm.evaluate import evaluate
+        from hllm.evaluate import evaluate, item_embedding_table
     except ImportError:
         evaluate = None
     if evaluate is not None:
-        res = evaluate(model, built, cfg, split="valid", progress=info.is_main)
+        m = getattr(model, "module", model)
+        was = m.training
+        m.eval()
+        try:
+            with torch.inference_mode():
+                table = item_embedding_table(model, built.n_items, cfg.eval.item_batch, progress=info.is_main)
+        finally:
+            m.train(was)
+        res = evaluate(model, built, cfg, split="valid", item_table=table, progress=info.is_main)
         key = cfg.eval.protocol.select_metric
         if key not in res.metrics:
             raise ValueError(f"eval.protocol.select_metric {key!r} not among the metrics {sorted(res.metrics)}")
-        return dict(res.metrics), key, True
-    return {"loss": validation_loss(model, built, cfg, info)}, "loss", False
+        return dict(res.metrics), key, True, table
+    return {"loss": validation_loss(model, built, cfg, info)}, "loss", False, None
 
 
 @torch.no_grad()
@@ -266,6 +276,7 @@ class _Trainer:
         self.best_step: int | None = None
         self.bad_epochs = 0
         self.last_saved: Path | None = None
+        self._val_table: torch.Tensor | None = None  # item table of the last validation (see _cache_items)
 
     # -------------------------------------------------------------- building
 
@@ -410,7 +421,7 @@ class _Trainer:
         if root is not None:
             root.unshard()  # root-level params (embeddings, [ITEM], projection) for direct method calls
         try:
-            metrics, key, higher = validate(self.model, self.built, self.cfg, self.info)
+            metrics, key, higher, self._val_table = validate(self.model, self.built, self.cfg, self.info)
         finally:
             if root is not None:
                 root.reshard()
@@ -429,6 +440,16 @@ class _Trainer:
             if self.logger is not None:
                 self.logger.log_metrics({f"valid/{k}": float(v) for k, v in metrics.items()}, step)
         return metrics
+
+    def _cache_items(self, saved: Path) -> None:
+        """Leave the validation's item table in the evaluation cache under the checkpoint just
+        saved (same weights), so `hllm evaluate` / `hllm export` of it do not encode the items again."""
+        table, self._val_table = self._val_table, None
+        if table is None or not self.info.is_main:
+            return
+        from hllm.evaluate import store_cached_items
+
+        store_cached_items(table.cpu().numpy(), self.model, self.built, self.cfg, saved)
 
     def _publish_best(self) -> Path | None:
         if self.best_step is None or not self.info.is_main:
@@ -463,6 +484,7 @@ class _Trainer:
             # Nothing to optimise (popularity): one validation, one checkpoint.
             metrics = self._validate(0) if cfg.train.eval_every_epoch else {}
             last = self._save(0, metrics)
+            self._cache_items(last)
             step = 0
         else:
             step, stopped_early = self._loop(start)
@@ -525,6 +547,7 @@ class _Trainer:
             if epoch_end and t.eval_every_epoch:
                 metrics = self._validate(step)
                 self._save(step, metrics)
+                self._cache_items(self.last_saved)
                 validated = True
                 if info.is_main and self.best_step == step:
                     ckpt.publish_copy(self.last_saved, self.run_dir / "best")

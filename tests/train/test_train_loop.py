@@ -170,3 +170,25 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tiny_llama_dir,
     b = load_file(str(acc.last_checkpoint / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_final_validation_leaves_the_item_table_for_evaluate_and_export(tmp_path, tiny_bert_dir, built_dir):
+    """The last validation encoded every item with the weights it saved: `hllm evaluate` and
+    `hllm export` of that checkpoint read the table instead of running the Item LLM again."""
+    from hllm.evaluate import evaluate_checkpoint, item_cache_dir
+    from hllm.export import export
+    from hllm.models.item_llm import ItemLLM
+
+    cfg = cfg_for(tmp_path, tiny_bert_dir, built_dir, **{"train.max_steps": 2, "train.checkpoint_every": 0})
+    res = train(cfg, progress=False)
+    assert len(list(item_cache_dir(cfg).glob("*.npy"))) == 1
+    encoded = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, args, out: encoded.append(len(args[0])) if isinstance(mod, ItemLLM) else None)
+    try:
+        valid = evaluate_checkpoint(res.best_checkpoint, cfg, ("valid",), progress=False)["valid"]
+        exp = export(res.best_checkpoint, tmp_path / "exp", cfg, progress=False)
+    finally:
+        handle.remove()
+    assert encoded == [] and exp.items_encoded == 0
+    assert valid.metrics[res.select_metric] == res.best_value  # the same table, the same numbers
