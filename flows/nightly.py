@@ -11,6 +11,10 @@ matching ``hllm`` command / ``dvc.yaml`` stage runs)::
        +----------------------------------------------------------------------------------------+
        +-> evaluate-champion (on today's data, if needed) -> export -> register -> promotion-gate
 
+HLLM trains where ``train_backend`` says: this process, torchrun here, or a Kubeflow PyTorchJob
+on Kubernetes (:mod:`hllm.k8s`) whose checkpoints come back on the shared volume; the stages after
+it are the same for all three.
+
 MLflow: one parent run per flow run (tagged ``prefect.flow_run_id``) holding the data lineage,
 the validation report and the summary; HLLM and each baseline are child runs.
 """
@@ -122,6 +126,7 @@ def nightly_retrain(
     snapshot: str | None = None,
     snapshot_format: str | None = None,
     nproc: int | None = None,
+    train_backend: str | None = None,
     params: str = "params.yaml",
     overrides: list[str] | None = None,
     baselines: bool = True,
@@ -133,7 +138,11 @@ def nightly_retrain(
         snapshot: a folder or ``s3://bucket/prefix`` with the new data; default ``flow.snapshot``
             ("" = the embedded synthetic dataset).
         snapshot_format: ``raw`` (canonical parquet) or an import format; default ``flow.snapshot_format``.
-        nproc: training processes; 1 = this process, N = torchrun; default ``train.nproc``.
+        nproc: training processes here; 1 = this process, N = torchrun; default ``train.nproc``.
+        train_backend: where HLLM trains: ``local`` (this process, torchrun when nproc > 1),
+            ``torchrun`` (torchrun with nproc ranks) or ``k8s`` (a PyTorchJob of ``flow.k8s``
+            nodes x GPUs on Kubernetes, see :mod:`hllm.k8s`); default ``flow.train_backend``.
+            The baselines always train here, in this process.
         params: the params.yaml to load (relative to the working directory).
         overrides: ``key=value`` config overrides, e.g. ``["train.max_steps=50"]``.
         baselines: also train and evaluate ``flow.baselines`` (SASRec, popularity).
@@ -153,6 +162,8 @@ def nightly_retrain(
     source = fc.snapshot if snapshot is None else snapshot
     fmt = snapshot_format or fc.snapshot_format
     nproc = cfg.train.nproc if nproc is None else nproc
+    backend = train_backend or fc.train_backend
+    world = (fc.k8s.workers + 1) * fc.k8s.gpus_per_node if backend == "k8s" else max(1, nproc)
     do_promote = fc.promote if promote is None else promote
     run_id = str(flow_run.id or "local")
     run_name = f"nightly-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{run_id[:8]}"
@@ -165,6 +176,12 @@ def nightly_retrain(
     open_children: list[str] = []
 
     try:
+        if backend not in T.TRAIN_BACKENDS:
+            raise ValueError(f"train_backend {backend!r}: expected one of {', '.join(T.TRAIN_BACKENDS)}")
+        if backend == "k8s":  # settings, shared volume, template: wrong ones fail before any data is touched
+            from hllm import k8s
+
+            k8s.check(_model_cfg(cfg, "hllm", run_name))
         t_wait = time.perf_counter()
         with nightly_slot(fc.concurrency_limit, fc.slot_timeout_s):
             report.stage_seconds["wait-for-slot"] = round(time.perf_counter() - t_wait, 1)
@@ -213,10 +230,13 @@ def nightly_retrain(
                 with stage(f"train-{kind}"):
                     child = T.open_run.with_options(**io)(
                         mcfg, mcfg.train.run_name, "train" if kind == "hllm" else "baseline", parent_run_id=parent,
-                        tags={tracking.TAG_FLOW_RUN: run_id}, world_size=nproc if kind == "hllm" else 1)
+                        tags={tracking.TAG_FLOW_RUN: run_id}, world_size=world if kind == "hllm" else 1)
                     open_children.append(child)
                     report.run_ids[label] = child
-                    trained = T.train_model(mcfg, child, nproc if kind == "hllm" else 1)
+                    trained = (T.train_model(mcfg, child, nproc, backend) if kind == "hllm"
+                               else T.train_model(mcfg, child, 1, "local"))
+                    if trained.get("k8s_job"):
+                        report.paths[f"{kind}_k8s_job"] = trained["k8s_job"]
                 with stage(f"evaluate-{kind}"):
                     ev = T.evaluate_model(mcfg, trained["checkpoint"], child)
                 T.close_run.with_options(**io)(mcfg, child, "FINISHED")

@@ -168,15 +168,29 @@ def log_lineage(cfg: Config, run_id: str, validation_report: str | None, data: d
 # --------------------------------------------------------------------------- models
 
 
+TRAIN_BACKENDS = ("local", "torchrun", "k8s")
+
+
 @task(name="train", cache_policy=NO_CACHE, retries=0)
-def train_model(cfg: Config, run_id: str, nproc: int = 1) -> dict[str, Any]:
-    """Train ``cfg.model.kind``: in this process (nproc 1) or under torchrun (nproc > 1). Never retried."""
+def train_model(cfg: Config, run_id: str, nproc: int = 1, backend: str = "local") -> dict[str, Any]:
+    """Train ``cfg.model.kind``: in this process (``local``, nproc 1), under torchrun here (``local``
+    with nproc > 1, or ``torchrun``), or as a PyTorchJob on Kubernetes (``k8s``, :mod:`hllm.k8s`:
+    the checkpoints come back on the shared volume). Never retried."""
     from hllm import tracking
     from hllm.train import TrainResult
 
+    if backend not in TRAIN_BACKENDS:
+        raise ValueError(f"train backend {backend!r}: expected one of {', '.join(TRAIN_BACKENDS)}")
     tracker = tracking.attach(run_id, cfg)
     run_dir = Path(cfg.paths.runs_dir) / cfg.train.run_name
-    if nproc <= 1:
+    extra: dict[str, Any] = {}
+    if backend == "k8s":
+        from hllm import k8s
+
+        res, sub = k8s.train(cfg, run_id)
+        tracker.set_tags({"hllm.k8s_job": sub.ref, "hllm.train_backend": "k8s"})
+        extra["k8s_job"] = sub.ref
+    elif nproc <= 1 and backend == "local":
         from hllm.train import train
 
         res = train(cfg, logger=tracker)
@@ -188,7 +202,7 @@ def train_model(cfg: Config, run_id: str, nproc: int = 1) -> dict[str, Any]:
         save_config(cfg, params)
         env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": tracking.resolve_tracking_uri(cfg)}
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        cmd = torchrun_command(nproc, params, [], resume=False)
+        cmd = torchrun_command(max(1, nproc), params, [], resume=False)
         log.info("launching: %s", " ".join(cmd))
         rc = subprocess.call(cmd, env=env)
         if rc != 0:
@@ -199,7 +213,7 @@ def train_model(cfg: Config, run_id: str, nproc: int = 1) -> dict[str, Any]:
     if res.steps:
         tracker.log_loss_curve()
     return {"run_dir": str(res.run_dir), "checkpoint": str(ckpt), "steps": res.steps, "seconds": res.seconds,
-            "best_value": res.best_value, "select_metric": res.select_metric}
+            "best_value": res.best_value, "select_metric": res.select_metric, **extra}
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

@@ -204,6 +204,30 @@ class RegistryConfig:
 
 
 @dataclass
+class K8sTrainConfig:
+    """Training on Kubernetes (``flow.train_backend: k8s``): one Kubeflow ``PyTorchJob`` rendered from
+    ``infra/k8s/pytorchjob.yaml`` (see infra/README.md, "Training on the cluster")."""
+
+    namespace: str = "hllm"
+    image: str = ""  # the CUDA image of infra/Dockerfile, e.g. registry.example.com/ml/hllm:cuda (required)
+    workers: int = 1  # Worker replicas beside the Master: nodes = workers + 1
+    gpus_per_node: int = 8  # GPUs per node = torchrun ranks per node (nprocPerNode)
+    cpus_per_node: int = 32
+    memory_per_node: str = "256Gi"
+    shared_pvc: str = "hllm-shared"  # ReadWriteMany claim mounted by the flow run and every training pod
+    # Where the training pods mount the claim; the flow must see it at the same path (the hllm-k8s pool's
+    # job template mounts it at /shared) with paths.built_dir and paths.runs_dir on it
+    shared_mount: str = "/shared"
+    stack_secret: str = "hllm-stack"  # Secret with the client variables (MLFLOW_TRACKING_URI, AWS_*, ...)
+    job_prefix: str = "hllm-train"  # job name = <prefix>-<run name>, shortened to a valid Kubernetes name
+    template: str = "infra/k8s/pytorchjob.yaml"  # relative to the working directory, else to the checkout
+    kubeconfig: str = ""  # "" = the pod's service account in a cluster, else $KUBECONFIG or ~/.kube/config
+    context: str = ""  # kubeconfig context; "" = its current context
+    poll_s: float = 15.0  # job status poll interval
+    timeout_s: float = 43200.0  # a job not finished after this is deleted and the flow run fails
+
+
+@dataclass
 class FlowConfig:
     """The ``nightly-retrain`` Prefect flow (``flows/``); its parameters override these defaults."""
 
@@ -226,6 +250,10 @@ class FlowConfig:
     io_retries: int = 3  # retries of I/O tasks (S3 snapshot, DVC push, MLflow registry); none on training
     io_retry_delay_s: float = 10.0  # first back-off; doubles on each retry
     keep_runs: int = 5  # local folders (runs/, exports/, reports/eval/) of the newest N nightly runs; 0 = all
+    # where the HLLM model trains: "local" (this process, or torchrun when nproc > 1), "torchrun" (always
+    # torchrun with nproc ranks) or "k8s" (a PyTorchJob on the cluster, settings in flow.k8s); baselines stay local
+    train_backend: str = "local"
+    k8s: K8sTrainConfig = field(default_factory=K8sTrainConfig)
 
 
 @dataclass

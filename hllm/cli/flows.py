@@ -17,6 +17,8 @@ import typer
 
 from hllm.cli.common import ParamsOpt, SetOpt, fail, load
 
+BACKENDS = ("local", "torchrun", "k8s")  # = flows.tasks.TRAIN_BACKENDS (not imported: Prefect is slow to load)
+
 app = typer.Typer(no_args_is_help=True)
 run_app = typer.Typer(no_args_is_help=True)
 app.add_typer(run_app, name="run", help="Run a flow here and now (in-process): nightly, promote, rollback.")
@@ -43,6 +45,8 @@ def nightly(
     fmt: Annotated[Optional[str], typer.Option(
         "--format", help="raw (interactions/items.parquet) or hllm | amazon | movielens | recbole")] = None,
     nproc: Annotated[Optional[int], typer.Option("--nproc", "-n", min=1, help="training processes (torchrun when > 1)")] = None,
+    backend: Annotated[Optional[str], typer.Option(
+        "--train-backend", help="local | torchrun | k8s (a PyTorchJob, settings in flow.k8s); default flow.train_backend")] = None,
     baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="train and evaluate flow.baselines")] = True,
     promote: Annotated[Optional[bool], typer.Option("--promote/--no-promote", help="run the promotion gate")] = None,
     params: ParamsOpt = Path("params.yaml"),
@@ -51,13 +55,15 @@ def nightly(
     """The nightly retraining flow, once, in this process; ends with a summary and the elapsed time."""
     t0 = time.perf_counter()
     load(params, sets)  # config errors exit 2 here, before Prefect starts
+    if backend is not None and backend not in BACKENDS:
+        fail(f"--train-backend {backend!r}: expected one of {', '.join(BACKENDS)}", code=2)
     _prefect_env()
     from flows.nightly import nightly_retrain
     from hllm.report import RunReport
 
     try:
-        result = nightly_retrain(snapshot=snapshot, snapshot_format=fmt, nproc=nproc, params=str(params),
-                                 overrides=list(sets or []), baselines=baselines, promote=promote)
+        result = nightly_retrain(snapshot=snapshot, snapshot_format=fmt, nproc=nproc, train_backend=backend,
+                                 params=str(params), overrides=list(sets or []), baselines=baselines, promote=promote)
     except Exception as e:  # noqa: BLE001 - the flow run failed; its report says where and why
         report = getattr(e, "run_report", None)
         if report is not None:
@@ -123,9 +129,11 @@ def serve_cmd(
     params: ParamsOpt = Path("params.yaml"),
     sets: SetOpt = None,
 ) -> None:
-    """Serve the deployments (nightly-retrain/<flow.deployment> on its cron, promote/manual,
-    rollback/manual) from this process until Ctrl-C. Needs a Prefect API: PREFECT_API_URL or
-    `prefect server start`. Trigger by hand: prefect deployment run 'nightly-retrain/nightly'."""
+    """Serve the nightly (on its cron), promote and rollback deployments from this process until Ctrl-C.
+
+    The deployments are nightly-retrain/<flow.deployment>, promote/manual and rollback/manual. Needs a
+    Prefect API: PREFECT_API_URL or `prefect server start`. Trigger by hand:
+    prefect deployment run 'nightly-retrain/nightly'."""
     cfg = load(params, sets)
     _prefect_env()
     from flows.deploy import serve
