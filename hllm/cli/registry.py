@@ -162,8 +162,9 @@ def reevaluate(
     params: ParamsOpt = Path("params.yaml"),
     sets: SetOpt = None,
 ) -> None:
-    """Evaluate a registered version on the current data (paths.built_dir) and attach it to its run,
-    so the gate can compare a candidate trained on newer data with it."""
+    """Evaluate a registered version on the current data and attach the result to its run.
+
+    The data is paths.built_dir's, so the gate can compare a candidate trained on newer data with it."""
     from hllm.registry import reevaluate as do_reevaluate
 
     cfg = load(params, sets)
