@@ -94,3 +94,11 @@ def upload(folder: Path, bucket: str, prefix: str) -> str:
         if f.is_file():
             s3.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(folder)}")
     return f"s3://{bucket}/{prefix}"
+
+
+def evaluate_stage_files(run_name: str) -> set[str]:
+    """The files dvc.yaml's evaluate stage declares (metrics and outs) for one run name, relative to
+    the project: what `hllm evaluate --split both`, and so the flow's evaluate task, must write."""
+    stage = yaml.safe_load((Path(__file__).resolve().parents[2] / "dvc.yaml").read_text())["stages"]["evaluate"]
+    paths = [next(iter(x)) if isinstance(x, dict) else x for x in stage.get("metrics", []) + stage.get("outs", [])]
+    return {p.replace("${train.run_name}", run_name) for p in paths}

@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 import yaml
 from fakekube import FakeKube
-from flowkit import make_project, registered_versions
+from flowkit import evaluate_stage_files, make_project, registered_versions
 
 from hllm.config import ConfigError, load_config
 
@@ -204,6 +204,9 @@ def test_nightly_trains_on_kubernetes_and_registers(tmp_path, bert, monkeypatch)
     # ... and the flow went on from those checkpoints: evaluation, export, registration
     assert [str(v.version) for v in registered_versions(root)] == ["1"] and res["alias"] == "champion"
     assert (root / "exports" / f"{res['run_name']}-hllm" / "manifest.json").is_file()
+    run = f"{res['run_name']}-hllm"  # evaluation wrote what dvc.yaml's evaluate stage declares, no more
+    written = {str(f.relative_to(root)) for f in (root / "reports" / "eval" / run).rglob("*") if f.is_file()}
+    assert written == evaluate_stage_files(run)
 
 
 @pytest.mark.slow
