@@ -8,6 +8,8 @@ mean ± sample standard deviation over the seeds, and the training time.
 
     python benchmarks/quality.py ml-100k                  # the README table (3 seeds)
     python benchmarks/quality.py ml-100k --models sasrec pop --seeds 0
+    python benchmarks/quality.py ml-100k --models hllm --work build/quality/ml-100k-gpu \
+        --set train.device=cuda --set train.bf16=true --set train.epochs=5 ...   # a GPU recipe
 
 Datasets:
     ml-100k   MovieLens-100K (943 users, 1,682 movies: title, year, genres) in
@@ -141,9 +143,12 @@ def prepare(dataset: str, work: Path) -> None:
     hllm("data", "build", "--params", "params.yaml", cwd=work)
 
 
+EXTRA: list[str] = []  # --set values, applied after COMMON and MODELS[model]
+
+
 def run_one(work: Path, model: str, seed: int) -> dict:
     name = f"{model}-seed{seed}"
-    sets = [*COMMON, *MODELS[model], f"train.seed={seed}", f"train.run_name={name}"]
+    sets = [*COMMON, *MODELS[model], *EXTRA, f"train.seed={seed}", f"train.run_name={name}"]
     flags = [x for s in sets for x in ("--set", s)]
     run_dir = work / "runs" / name
     result_file = run_dir / "result.json"
@@ -194,9 +199,13 @@ def main() -> None:
                     help="intra-op threads per run (default 1: on a shared 2-core machine OpenMP threads spin "
                          "against other jobs; measured SASRec step 37 ms with 1 thread vs 220-490 ms with 2, "
                          "HLLM step 9 s vs 24 s)")
+    ap.add_argument("--set", "-s", action="append", default=[], dest="sets", metavar="KEY=VALUE",
+                    help="extra config override for every model run, after the built-in ones (repeatable); "
+                         "use a separate --work per recipe, since finished runs there are reused")
     args = ap.parse_args()
     global THREADS
     THREADS = args.threads
+    EXTRA[:] = args.sets
     work = (args.work or Path("build") / "quality" / args.dataset).resolve()
     t0 = time.perf_counter()
     prepare(args.dataset, work)
@@ -219,7 +228,7 @@ def main() -> None:
     print(table(rows, args.models))
     print("\nconfigs (on top of params.yaml defaults):")
     for model in args.models:
-        print(f"  {model}: {' '.join(COMMON + MODELS[model]) or '-'}")
+        print(f"  {model}: {' '.join(COMMON + MODELS[model] + EXTRA) or '-'}")
     print(f"\ntotal wall time {time.perf_counter() - t0:.0f}s")
 
 
