@@ -3,9 +3,19 @@
 Fed ``inputs_embeds`` only (its word-embedding table is dropped), left-padded
 with an attention mask, so the most recent item is always the last position.
 The output at position i predicts the item at position i + 1.
+
+Position ids count real items only (the first real item is position 0,
+padding slots are clamped to 0 and masked anyway): HF's default positions
+count padding too, which RoPE decoders (Llama, Qwen) shrug off (relative)
+but absolute-position decoders (GPT-2's learned ``wpe``) do not, so the same
+history would score differently depending on how much padding its batch has.
+Training, evaluation, user-embedding export and serving all come through
+``forward``.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -24,8 +34,12 @@ class UserLLM(nn.Module):
         drop_input_embeddings(backbone)
         self.backbone = backbone
         self.hidden_size = hidden_size(backbone)
+        # ALiBi decoders (bloom, mpt) take no position ids: their bias is relative already
+        self._takes_positions = "position_ids" in inspect.signature(backbone.forward).parameters
 
     def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """embeds [B, L, d], mask bool [B, L] (True = real item, left padding) -> [B, L, d]."""
-        out = self.backbone(inputs_embeds=embeds, attention_mask=mask.long(), use_cache=False)
+        mask = mask.long()
+        kwargs = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if self._takes_positions else {}
+        out = self.backbone(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **kwargs)
         return out.last_hidden_state
