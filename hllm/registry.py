@@ -211,11 +211,13 @@ def audit_log(cfg: Config) -> list[dict[str, Any]]:
 
 def _move(cfg: Config, client: "MlflowClient", alias: str, version: str, *, actor: str, reason: str,
           action: str, previous: str | None, extra: dict | None = None) -> dict:
-    """Point ``alias`` at ``version``; tag who/when/why on the version (and on the one it left); audit."""
+    """Point ``alias`` at ``version``; tag who/when/why/how (``action``) and from which version on the
+    version (and on the one it left); audit."""
     name = cfg.registry.model_name
     now = _now()
     client.set_registered_model_alias(name, alias, version)
-    for k, v in {"set_by": actor, "set_at": now, "reason": reason}.items():
+    for k, v in {"set_by": actor, "set_at": now, "reason": reason, "set_action": action,
+                 "set_from": previous or ""}.items():
         client.set_model_version_tag(name, version, f"alias.{alias}.{k}", v)
     if previous and previous != version:
         for k, v in {"removed_by": actor, "removed_at": now, "removed_reason": reason}.items():
@@ -569,17 +571,30 @@ def end_ab(cfg: Config, reason: str = "", actor: str | None = None) -> MoveResul
 
 
 def rollback(cfg: Config, reason: str = "", actor: str | None = None,
-             expect_current: str | int | None = None) -> MoveResult:
-    """Put the previous champion back. With ``expect_current`` the call is idempotent: it only rolls
-    back while that version is still the champion (a retried rollback does not go back twice)."""
+             expect_current: str | int | None = None, force: bool = False) -> MoveResult:
+    """Put the previous champion back. Safe to repeat:
+
+    - with ``expect_current`` it only rolls back while that version is still the champion;
+    - without it, a champion that a rollback put in place (its ``alias.champion.set_action`` tag)
+      is not rolled back again: a repeated or retried rollback is a no-op that says so, and the
+      audit log gets nothing. ``force`` (or ``expect_current`` naming that champion) goes one
+      further step back on purpose.
+    """
     client = _client(cfg)
     name = cfg.registry.model_name
     champion = _alias(client, name, CHAMPION)
     if champion is None:
         raise RegistryError(f"model {name!r} has no champion; nothing to roll back")
-    if expect_current is not None and str(expect_current) != str(champion.version):
-        return MoveResult("noop", str(champion.version), f"champion is v{str(champion.version)}, not v{expect_current}: "
-                                                    "already rolled back; nothing moved")
+    cur = str(champion.version)
+    if expect_current is not None and str(expect_current) != cur:
+        return MoveResult("noop", cur, f"champion is v{cur}, not v{expect_current}: already rolled back; nothing moved")
+    t = champion.tags or {}
+    if expect_current is None and not force and t.get(f"alias.{CHAMPION}.set_action") == "rollback":
+        frm = t.get(f"alias.{CHAMPION}.set_from") or "?"
+        return MoveResult("noop", cur, f"champion v{cur} is already the result of a rollback from v{frm} "
+                                       f"({t.get(f'alias.{CHAMPION}.set_at', '?')} by {t.get(f'alias.{CHAMPION}.set_by', '?')})"
+                                       f"; nothing moved. To roll v{cur} back as well: --from {cur} (or --force)",
+                          previous=frm)
     history = _history(client, name)
     while history and history[-1] == str(champion.version):
         history.pop()

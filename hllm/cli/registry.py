@@ -89,14 +89,16 @@ def rollback(
     by: ByOpt = None,
     expect_current: Annotated[Optional[str], typer.Option(
         "--from", help="only roll back while this version is the champion (safe to retry)")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="roll back even when the champion is itself the result of a rollback")] = False,
     params: ParamsOpt = Path("params.yaml"),
     sets: SetOpt = None,
 ) -> None:
-    """Put the previous champion back."""
+    """Put the previous champion back (repeating it right after a rollback is a no-op)."""
     from hllm.registry import rollback as do_rollback
 
     cfg = load(params, sets)
-    typer.echo(_run(do_rollback, cfg, reason=reason, actor=by, expect_current=expect_current).message)
+    typer.echo(_run(do_rollback, cfg, reason=reason, actor=by, expect_current=expect_current, force=force).message)
 
 
 @app.command("end-ab")

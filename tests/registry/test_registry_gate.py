@@ -190,8 +190,9 @@ def test_end_ab_to_champion_and_rollback(cfg):
     r = _cli(cfg, "rollback", "--from", v2)
     assert r.exit_code == 0 and "nothing moved" in r.output
     assert _aliases(cfg) == {"champion": v1}
+    assert registry.rollback(cfg).action == "noop"  # v1 is a rollback's result: a plain rollback stops there
     with pytest.raises(registry.RegistryError, match="no previous champion"):
-        registry.rollback(cfg)
+        registry.rollback(cfg, force=True)
     assert _aliases(cfg) == {"champion": v1}
 
     # v3 now gates against v1 (better) -> challenger; end the A/B test in favour of the champion
@@ -223,6 +224,41 @@ def test_rollback_after_a_challenger_gated_against_the_rolled_back_champion(cfg)
     assert _aliases(cfg) == {"champion": v1, "challenger": v3}
     res = registry.promote(cfg, None, to="champion")
     assert res.version == v3 and _aliases(cfg) == {"champion": v3}
+
+
+def test_plain_rollback_is_safe_to_repeat(cfg):
+    v1 = make_version(cfg, BASE)
+    registry.promote(cfg, v1)
+    v2 = make_version(cfg, BASE + 0.1)
+    registry.promote(cfg, v2)
+    registry.promote(cfg, v2, to="champion")
+    v3 = make_version(cfg, BASE + 0.2)
+    registry.promote(cfg, v3)
+    registry.promote(cfg, v3, to="champion")
+    assert _aliases(cfg) == {"champion": v3}
+
+    r = _cli(cfg, "rollback", "--reason", "errors")
+    assert r.exit_code == 0 and f"from v{v3} to v{v2}" in r.output, r.output
+    events = registry.audit_log(cfg)
+    tags = tracking.client(cfg).get_model_version(cfg.registry.model_name, v2).tags
+    assert tags["alias.champion.set_action"] == "rollback" and tags["alias.champion.set_from"] == v3
+    # the same command again (a retry, a double click): nothing moves, the audit log is unchanged
+    for _ in range(2):
+        r = _cli(cfg, "rollback", "--reason", "errors")
+        assert r.exit_code == 0 and "nothing moved" in r.output and f"rollback from v{v3}" in r.output, r.output
+        assert f"--from {v2}" in r.output  # how to go further on purpose
+        assert _aliases(cfg) == {"champion": v2}
+        assert registry.audit_log(cfg) == events
+    # going further back is explicit: --from the current champion, or --force
+    r = _cli(cfg, "rollback", "--force")
+    assert r.exit_code == 0 and f"from v{v2} to v{v1}" in r.output, r.output
+    assert _aliases(cfg) == {"champion": v1}
+    assert [e["action"] for e in registry.audit_log(cfg)][-2:] == ["rollback", "rollback"]
+    # once a promotion moved the champion again, a plain rollback undoes that promotion
+    registry.promote(cfg, v3)
+    registry.promote(cfg, v3, to="champion")
+    res = registry.rollback(cfg)
+    assert res.action == "rollback" and res.version == v1 and res.previous == v3
 
 
 def test_errors_name_the_problem(cfg):
