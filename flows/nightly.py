@@ -16,7 +16,8 @@ on Kubernetes (:mod:`hllm.k8s`) whose checkpoints come back on the shared volume
 it are the same for all three.
 
 MLflow: one parent run per flow run (tagged ``prefect.flow_run_id``) holding the data lineage,
-the validation report and the summary; HLLM and each baseline are child runs.
+the validation report, the comparison bars and the summary; HLLM and each baseline are child runs,
+and the HLLM run (the one registered) also holds the validation report and the comparison bars.
 """
 
 from __future__ import annotations
@@ -195,7 +196,9 @@ def nightly_retrain(
 
             # ---- data: nothing below runs unless the snapshot passes validation
             with stage("snapshot"):
-                staged = T.stage_snapshot.with_options(**io)(cfg, source, fmt)
+                snap = T.stage_snapshot.with_options(**io)(cfg, source, fmt)
+                staged, source = snap["staged"], snap["source"]  # "dir/" -> its newest dated child
+                report.snapshot = source
             with stage("validate"):
                 try:
                     vreport = T.validate_snapshot(cfg, staged, source)
@@ -230,7 +233,9 @@ def nightly_retrain(
                 with stage(f"train-{kind}"):
                     child = T.open_run.with_options(**io)(
                         mcfg, mcfg.train.run_name, "train" if kind == "hllm" else "baseline", parent_run_id=parent,
-                        tags={tracking.TAG_FLOW_RUN: run_id}, world_size=world if kind == "hllm" else 1)
+                        tags={tracking.TAG_FLOW_RUN: run_id}, world_size=world if kind == "hllm" else 1,
+                        # the run that gets registered carries its data's GX report (the parent has it too)
+                        validation_report=vreport.report_path if kind == "hllm" else None)
                     open_children.append(child)
                     report.run_ids[label] = child
                     trained = (T.train_model(mcfg, child, nproc, backend) if kind == "hllm"
@@ -253,9 +258,10 @@ def nightly_retrain(
                                                 results["hllm"]["eval"]["data_version"])
                 report.models.insert(1, ModelRow(f"champion v{champion['version']}", champion["model_kind"],
                                                  champ["metrics"], champion["run_id"], champ["note"]))
-            if len(results) > 1:
+            if len(results) > 1:  # the bars on the parent and on the HLLM run that gets registered
                 T.log_comparison.with_options(**io)(
-                    cfg, parent, {MODEL_LABELS.get(k, k): r["run_id"] for k, r in results.items()})
+                    cfg, [parent, results["hllm"]["run_id"]],
+                    {MODEL_LABELS.get(k, k): r["run_id"] for k, r in results.items()})
 
             # ---- ship: export, register, gate
             hllm = results["hllm"]
@@ -317,7 +323,7 @@ def _finish(cfg, report: RunReport, parent: str | None, open_children: list[str]
         tr = tracking.attach(parent, cfg)
         _try(lambda: tr.log_text(md, "summary.md"))
         _try(lambda: tr.log_dict(report.to_dict(), "summary.json"))
-        _try(lambda: tr.set_tags({"hllm.flow_status": report.status,
+        _try(lambda: tr.set_tags({"hllm.flow_status": report.status, "hllm.snapshot": report.snapshot or "synth",
                                   **({"hllm.registered_version": report.registered_version}
                                      if report.registered_version else {})}))
         _try(lambda: tr.finish(status))

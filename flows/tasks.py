@@ -36,18 +36,42 @@ def io_retry(cfg: Config) -> dict[str, Any]:
         "retries": cfg.flow.io_retries,
         "retry_delay_seconds": exponential_backoff(backoff_factor=delay) if delay > 0 else 0,
         "retry_jitter_factor": 0.2 if delay > 0 else None,
+        "retry_condition_fn": retry_unless_bad_input,
     }
+
+
+def retry_unless_bad_input(task, task_run, state) -> bool:
+    """Prefect's ``retry_condition_fn``: retry I/O failures, not bad input.
+
+    A :class:`~hllm.data.errors.DataError` (a missing snapshot folder, an empty S3 prefix, an
+    unreadable file) or a :class:`~hllm.config.ConfigError` fails the same way every time, so
+    retrying it would only add the back-off (about a minute) before the same error.
+    """
+    from hllm.config import ConfigError
+    from hllm.data.errors import DataError
+
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception as e:  # noqa: BLE001 - the result could not be read: treat as the error
+            exc = e
+    return not isinstance(exc, (DataError, ConfigError))
 
 
 # --------------------------------------------------------------------------- data
 
 
 @task(name="snapshot", cache_policy=NO_CACHE)
-def stage_snapshot(cfg: Config, source: str, fmt: str) -> str:
-    """Fetch the snapshot (folder, s3:// prefix, or the embedded synthetic data) into a staging folder."""
+def stage_snapshot(cfg: Config, source: str, fmt: str) -> dict[str, str]:
+    """Fetch the snapshot (folder, s3:// prefix, or the embedded synthetic data) into a staging folder.
+
+    A source ending in ``/`` with dated child folders means its newest one (:func:`hllm.snapshot.resolve`).
+    Returns ``{"staged": folder, "source": the snapshot actually taken}``."""
     from hllm import snapshot
 
-    return str(snapshot.stage(cfg, source or None, fmt))
+    resolved = snapshot.resolve(source or None)
+    return {"staged": str(snapshot.stage(cfg, resolved, fmt)), "source": resolved or ""}
 
 
 @task(name="validate", cache_policy=NO_CACHE)
@@ -84,12 +108,41 @@ def dvc_add(cfg: Config) -> dict[str, Any]:
     return {"md5": v.md5, "nfiles": v.nfiles, "size": v.size, "dvc_file": str(v.dvc_file)}
 
 
-@task(name="dvc-push", cache_policy=NO_CACHE)
-def dvc_push(cfg: Config) -> str:
-    """Upload the version to the DVC remote (I/O: retried)."""
+DVC_REMOTE_URL_ENV = "HLLM_DVC_REMOTE_URL"
+STACK_REMOTE = "s3"  # the shared stack's remote, committed in .dvc/config
+
+
+def dvc_remote(cfg: Config, repo: str | Path = ".") -> str | None:
+    """The DVC remote the flow pushes a data version to; first match wins:
+
+    1. ``flow.dvc_remote`` (a remote name of ``.dvc/config``);
+    2. ``$HLLM_DVC_REMOTE_URL`` set (the shared stack, ``infra/client.env.example``): remote ``s3``,
+       pointed at that URL in the git-ignored ``.dvc/config.local`` when it differs from what
+       ``.dvc/config`` says (added there when the repository has no remote ``s3``); its endpoint and
+       keys come from the environment (``AWS_ENDPOINT_URL[_S3]``, ``AWS_ACCESS_KEY_ID``, ...);
+    3. ``None``: DVC's default remote (``core.remote`` of ``.dvc/config``, ``local`` in this repository).
+    """
     from hllm.data import versioning
 
-    remote = cfg.flow.dvc_remote or None
+    if cfg.flow.dvc_remote:
+        return cfg.flow.dvc_remote
+    url = os.environ.get(DVC_REMOTE_URL_ENV, "").strip()
+    if not url:
+        return None
+    current = versioning.dvc("config", f"remote.{STACK_REMOTE}.url", repo=repo).stdout.strip()  # all levels
+    if not current:
+        versioning.dvc("remote", "add", "--local", STACK_REMOTE, url, repo=repo)
+    elif current != url:
+        versioning.dvc("remote", "modify", "--local", STACK_REMOTE, "url", url, repo=repo)
+    return STACK_REMOTE
+
+
+@task(name="dvc-push", cache_policy=NO_CACHE)
+def dvc_push(cfg: Config) -> str:
+    """Upload the version to the DVC remote of :func:`dvc_remote` (I/O: retried); returns its name."""
+    from hllm.data import versioning
+
+    remote = dvc_remote(cfg)
     versioning.push(remote=remote)
     return remote or _default_remote()
 
@@ -115,8 +168,10 @@ def build(cfg: Config) -> dict[str, Any]:
 
 @task(name="mlflow-open-run", cache_policy=NO_CACHE)
 def open_run(cfg: Config, name: str, kind: str, parent_run_id: str | None = None,
-             tags: dict[str, str] | None = None, log_data: bool = True, world_size: int = 1) -> str:
-    """Create an MLflow run (RUNNING) with config, git, system info and dataset lineage; returns its id.
+             tags: dict[str, str] | None = None, log_data: bool = True, world_size: int = 1,
+             validation_report: str | None = None) -> str:
+    """Create an MLflow run (RUNNING) with config, git, system info, dataset lineage and, when given,
+    the GX validation report of its data; returns its id.
 
     The run stays open across tasks (and torchrun workers, via ``MLFLOW_RUN_ID``) until
     :func:`close_run`, so training and evaluation of one model land in one run.
@@ -139,6 +194,8 @@ def open_run(cfg: Config, name: str, kind: str, parent_run_id: str | None = None
         tr.log_git()
         if log_data:
             tr.log_dataset(cfg)
+        if validation_report and Path(validation_report).exists():
+            tr.log_validation_report(validation_report)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -228,9 +285,12 @@ def evaluate_model(cfg: Config, checkpoint: str, run_id: str) -> dict[str, Any]:
     base = Path(cfg.paths.reports_dir) / "eval" / cfg.train.run_name
     data_ver = tracking.data_version(cfg).version
     tracker = tracking.attach(run_id, cfg)
+    # Training already logged valid/* per epoch (at its steps): the curve. Logging the final valid
+    # values again as metrics would add a stray step-0 point to it; they stay in eval/valid/.
+    trained_valid = any(k.startswith("valid/") for k in tracker.client.get_run(run_id).data.metrics)
     for split, res in results.items():
         res.save(base / split)
-        tracker.log_eval_result(res, data_ver)
+        tracker.log_eval_result(res, data_ver, log_as_metrics=not (split == "valid" and trained_valid))
     test = results["test"]
     return {"dir": str(base / "test"), "metrics": test.metrics, "protocol_hash": test.protocol_hash,
             "data_version": data_ver}
@@ -246,10 +306,13 @@ def export_embeddings(cfg: Config, checkpoint: str) -> str:
 
 
 @task(name="mlflow-compare", cache_policy=NO_CACHE)
-def log_comparison(cfg: Config, run_id: str, runs: dict[str, str]) -> None:
+def log_comparison(cfg: Config, run_ids: list[str], runs: dict[str, str]) -> None:
+    """Recall@K / NDCG@K bars of ``runs`` (label -> run id) as ``plots/test_metrics.png`` on each of
+    ``run_ids`` (the flow's parent run and the HLLM run that gets registered)."""
     from hllm import tracking
 
-    tracking.attach(run_id, cfg).log_comparison(runs)
+    for run_id in run_ids:
+        tracking.attach(run_id, cfg).log_comparison(runs)
 
 
 # --------------------------------------------------------------------------- registry

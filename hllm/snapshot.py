@@ -7,7 +7,12 @@ A snapshot is one of:
 * a local folder;
 * an ``s3://bucket/prefix`` URI: every object under the prefix is downloaded with
   boto3 (endpoint and credentials from the usual AWS variables, e.g.
-  ``AWS_ENDPOINT_URL_S3`` for MinIO or moto).
+  ``AWS_ENDPOINT_URL_S3`` for MinIO or moto);
+* either of the two ending in ``/`` whose child folders are dated
+  (``.../2026-11-23/``, ``.../20261123/``): the newest dated child, so a fixed
+  parameter such as ``s3://shop-logs/`` takes the latest snapshot a producer
+  wrote (:func:`resolve`). A location ending in ``/`` without dated child
+  folders is the snapshot itself, as without the ``/``.
 
 The folder holds either the canonical raw layout of :mod:`hllm.data.raw`
 (``interactions.parquet`` + ``items.parquet``; ``fmt="raw"``) or files of one of
@@ -23,6 +28,7 @@ fails to download, parse or validate never replaces the raw data already there
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -33,6 +39,10 @@ from hllm.data.errors import DataError
 log = logging.getLogger(__name__)
 
 RAW_FORMAT = "raw"
+
+# A dated snapshot folder: YYYY-MM-DD or YYYYMMDD first (then anything, e.g. "T0200" or "-full");
+# the newest is the greatest (date digits, then the whole name).
+DATED = re.compile(r"^\d{4}-?\d{2}-?\d{2}(?!\d)")
 
 
 def is_s3(source: str | None) -> bool:
@@ -77,6 +87,41 @@ def download_s3(uri: str, dest: str | Path) -> Path:
         raise DataError(f"{uri}: no objects under this prefix")
     log.info("downloaded %d object(s) from %s", n, uri)
     return dest
+
+
+def dated_children_s3(uri: str) -> list[str]:
+    """Names of the dated "folders" (common prefixes) directly under an ``s3://`` prefix."""
+    import boto3
+
+    bucket, prefix = split_s3(uri)
+    names = []
+    for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix, Delimiter="/"):
+        for cp in page.get("CommonPrefixes", []):
+            name = cp["Prefix"][len(prefix):].rstrip("/")
+            if DATED.match(name):
+                names.append(name)
+    return names
+
+
+def resolve(source: str | None) -> str | None:
+    """The snapshot a source names: a location ending in ``/`` with dated child folders
+    resolves to the newest of them; anything else is returned unchanged."""
+    if not source or not str(source).endswith("/"):
+        return source
+    if is_s3(source):
+        names = dated_children_s3(source)
+    else:
+        folder = Path(source)
+        if not folder.is_dir():
+            raise DataError(f"{source}: snapshot folder does not exist")
+        names = [p.name for p in folder.iterdir() if p.is_dir() and DATED.match(p.name)]
+    if not names:
+        return source
+    name = max(names, key=lambda n: (DATED.match(n).group(0).replace("-", ""), n))
+    newest = source + name + ("/" if is_s3(source) else "")
+    log.info("snapshot %s: newest dated child %s (of %d)", source, newest, len(names))
+    return newest
 
 
 def _tables(cfg: Config, folder: Path, fmt: str, source: str):
