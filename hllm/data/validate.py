@@ -258,6 +258,7 @@ def validate_raw(cfg: Config, raw_dir: str | Path | None = None, report_dir: str
     """
     _quiet_gx()
     import great_expectations as gx
+    from tqdm.auto import tqdm
 
     raw = Path(raw_dir or cfg.paths.raw_dir)
     out = Path(report_dir or Path(cfg.paths.reports_dir) / "validation")
@@ -275,8 +276,12 @@ def validate_raw(cfg: Config, raw_dir: str | Path | None = None, report_dir: str
     ds = ctx.data_sources.add_or_update_pandas(name="raw")
     failures: list[Failure] = []
     summary: dict[str, dict[str, Any]] = {}
-    for name in SUITES:
+    # GX's own per-expectation bars are off (dozens of them); one bar over the suites instead:
+    # minutes at 10M rows. disable=None: silent when stderr is not a terminal (CI, Prefect logs).
+    bar = tqdm(SUITES, desc="validate", unit="suite", disable=None, dynamic_ncols=True)
+    for name in bar:
         df = frames[name]
+        bar.set_postfix(table=name, rows=len(df))
         spec = load_suite(name)
         exps = expand_suite(spec, list(df.columns), required_text, integer_cols)
         suite = ctx.suites.add_or_update(gx.ExpectationSuite(name=name, expectations=exps, meta=spec.get("meta", {})))
@@ -317,6 +322,7 @@ def validate_raw(cfg: Config, raw_dir: str | Path | None = None, report_dir: str
                                     result.get("element_count"), examples))
         summary[name] = {"rows": len(df), "expectations": len(res.results), "failed": n_failed,
                          "success": bool(res.success)}
+    bar.close()
 
     docs = None
     if cfg.validate.data_docs if data_docs is None else data_docs:

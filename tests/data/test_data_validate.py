@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -99,3 +101,22 @@ def test_cli_exit_codes(good, tmp_path):
     bad = CliRunner().invoke(app, ["data", "validate", "--no-docs", *sets])
     assert bad.exit_code == 1
     assert "validation FAILED" in bad.output and "row 1: -1" in bad.output
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_over_the_suites_on_a_terminal_only(good, monkeypatch):
+    """Long validations (minutes at 10M rows) show one bar over the suites on a terminal; none in logs/CI."""
+    tty = _Terminal()
+    monkeypatch.setattr(sys, "stderr", tty)
+    assert validate_raw(good, data_docs=False).passed
+    shown = tty.getvalue()
+    assert "validate: 100%" in shown and f"{len(SUITES)}/{len(SUITES)}" in shown
+    assert "table=interacted_items" in shown  # the postfix names the table being checked
+    pipe = io.StringIO()  # not a terminal: silent
+    monkeypatch.setattr(sys, "stderr", pipe)
+    assert validate_raw(good, data_docs=False).passed
+    assert "validate: " not in pipe.getvalue().replace("hllm.data.validate: ", "")  # log lines may go there
