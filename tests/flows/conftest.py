@@ -21,6 +21,19 @@ def prefect_api():
         yield
 
 
+@pytest.fixture
+def keep_root_logging():
+    """The CLI's callback installs a handler on CliRunner's stderr, closed once `invoke` returns:
+    take it out again, or every later log record fails to write."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def bert(tmp_path_factory) -> Path:
     from hllm.testing import tiny_bert
