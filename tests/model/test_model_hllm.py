@@ -92,11 +92,24 @@ def test_projection_when_hidden_sizes_differ(tmp_path, tiny_bert_dir, built_dir)
         make(tmp_path, tiny_bert_dir, built_dir, **{"model.user.config": user, "model.user.projection": "none"})
 
 
-def test_missing_model_path_is_a_clear_error(tmp_path, built_dir, tiny_bert_dir):
-    cfg = T.tiny_config(tmp_path, tiny_bert_dir, built_dir, **{"model.user.path": str(tmp_path / "nope")})
+def test_missing_model_path_is_a_clear_error_naming_the_setting(tmp_path, built_dir, tiny_bert_dir):
     built = load_built(built_dir)
-    with pytest.raises(FileNotFoundError, match="nope"):
+    nope = str(tmp_path / "nope" / "model")
+    cfg = T.tiny_config(tmp_path, tiny_bert_dir, built_dir, **{"model.user.path": nope})
+    with pytest.raises(FileNotFoundError, match=rf"^model\.user\.path '{nope}' does not exist$"):
         build_model(cfg, built, ensure_tokens(cfg, built.dir))
+    # the item tokenizer is loaded first (token cache), and names its setting too
+    cfg = T.tiny_config(tmp_path, nope, built_dir)
+    with pytest.raises(FileNotFoundError, match=rf"^model\.item\.path '{nope}' does not exist$"):
+        build_model(cfg, built)
+    cfg = T.tiny_config(tmp_path, "pkg:no_such_model_package", built_dir)
+    with pytest.raises(FileNotFoundError, match=r"^model\.item\.path 'pkg:no_such_model_package': package"):
+        build_model(cfg, built)
+    # a folder that exists but holds no tokenizer
+    (tmp_path / "empty").mkdir()
+    cfg = T.tiny_config(tmp_path, tmp_path / "empty", built_dir)
+    with pytest.raises(FileNotFoundError, match=r"^model\.item\.path .*empty.*: cannot load a tokenizer"):
+        build_model(cfg, built)
 
 
 def test_user_model_must_be_a_decoder(tmp_path, tiny_bert_dir, built_dir):
