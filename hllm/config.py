@@ -186,6 +186,7 @@ class ExportConfig:
 
 @dataclass
 class TrackingConfig:
+    enabled: bool = True  # false: `hllm train` logs nothing to MLflow (as --no-mlflow); the flows always track
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI or sqlite:///mlflow/mlflow.db
     experiment: str = "hllm"
     artifact_location: str = ""  # "" = mlflow/artifacts next to the db

@@ -2,7 +2,8 @@
 
 An export folder holds::
 
-    manifest.json          model/data versions, config + protocol hashes, dim, normalisation, counts
+    manifest.json          model/data versions (data: the checkpoint's content hash ``version`` and the
+                           MLflow/registry ``data_version``), config + protocol hashes, dim, normalisation, counts
     items.parquet          row, item_id (original id), title, text_key
     item_embeddings.npy    float32 [n_items, d] raw item-tower output (input of the user model)
     items.faiss            FAISS index over the items (normalised vectors when the model scores by cosine)
@@ -105,10 +106,23 @@ def item_text_keys(built: BuiltData, cfg: Config):
 
 
 def data_version(built: BuiltData) -> str:
-    """The content hash of the built tables, the same one checkpoints and MLflow runs record."""
+    """sha256 of the built tables' files: the ``data_version`` a checkpoint's ``meta.json`` records
+    (not the one MLflow and the registry use: see :func:`data_lineage`)."""
     from hllm.checkpoint import data_version as content_hash
 
     return content_hash(built.dir)
+
+
+def data_lineage(built: BuiltData, cfg: Config, root: str | Path = ".") -> dict[str, str]:
+    """The manifest's ``data`` section: the checkpoint-style ``version`` and the MLflow-style
+    ``data_version`` (``d<dvc md5>-s<sequences md5>``, what runs and registered versions are
+    tagged with, so an export can be matched to them) with its two parts. The DVC md5 comes from
+    ``data.dvc`` under ``root`` (the project root), as for the MLflow run."""
+    from hllm import tracking
+
+    dv = tracking.DataVersion(tracking.dvc_md5(cfg, root), tracking.sequences_md5(built.dir))
+    return {"built_dir": str(built.dir), "version": data_version(built), "data_version": dv.version,
+            "dvc_md5": dv.dvc_md5, "sequences_md5": dv.sequences_md5}
 
 
 # --------------------------------------------------------------------------- export
@@ -171,7 +185,7 @@ def export_model(model, built: BuiltData, cfg: Config, out_dir: str | Path, *,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {"kind": cfg.model.kind, **(model_info or {})},
         "item_model_version": version,
-        "data": {"built_dir": str(built.dir), "version": data_version(built)},
+        "data": data_lineage(built, cfg),
         "config_hash": cfg.hash(),
         "protocol_hash": protocol_hash(cfg.eval.protocol),
         "dim": int(table.shape[1]),

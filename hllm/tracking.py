@@ -11,10 +11,12 @@ Layout of a training run::
     params      the resolved config, flattened (``train.lr``, ``model.user.config.hidden_size`` ...)
     tags        hllm.kind (train | baseline | flow), hllm.model_kind, hllm.data_version,
                 hllm.data.dvc_md5, hllm.data.sequences_md5, hllm.protocol_hash,
-                mlflow.source.git.commit, prefect.flow_run_id, system info
+                mlflow.source.git.commit, prefect.flow_run_id, hllm.launcher (cli | flow),
+                sys.* (from the training process: rank 0 of torchrun overwrites the launcher's)
     inputs      the built sequences as an MLflow dataset (digest = sequences hash)
-    metrics     train/loss, train/scale, train/lr, train/throughput (per step),
-                valid/<metric> (per epoch), test/<metric> (final)
+    metrics     train/loss, train/scale, train/lr (+ train/lr_new), throughput: means over each
+                window of train.log_every steps, logged at its last step; valid/<metric> (per
+                epoch), test/<metric> (final)
     artifacts   config/params.yaml, data/validation/*, plots/*.png,
                 eval/<split>/<protocol_hash>/<data_version>/{metrics.json,per_user.npz}
 
@@ -197,9 +199,11 @@ def data_version(cfg: Config, root: str | Path = ".") -> DataVersion:
 
 
 def system_info(world_size: int | None = None, device: str | None = None) -> dict[str, str]:
+    """``sys.*`` tags of *this* process. ``device``: "cpu", "cuda" (or "cuda:N"), or None / "auto"
+    for what ``train.device: auto`` picks here."""
     import torch
 
-    if device is None:
+    if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     info = {
         "sys.python": platform.python_version(),
@@ -465,6 +469,21 @@ class Tracker:
             self.log_figure_file(plots.metric_bars(results, ks, Path(tmp) / name, title=f"{split} metrics"))
         return Path("plots") / name
 
+    def log_train_result(self, result: Any) -> None:
+        """What a finished ``hllm.train.TrainResult`` adds to its run: where the checkpoints are,
+        the selection outcome as tags, and the loss curve."""
+        if not self.active:
+            return
+        ckpt = result.best_checkpoint or result.last_checkpoint
+        self.set_tags({"hllm.checkpoint": str(Path(ckpt).resolve()), "hllm.run_dir": str(Path(result.run_dir).resolve()),
+                       "hllm.steps": result.steps, "hllm.best_step": result.best_step,
+                       "hllm.select_metric": result.select_metric or None,
+                       "hllm.stopped_early": str(bool(result.stopped_early)).lower()})
+        if result.best_value is not None and result.select_metric:
+            self.log_metrics({f"best/{result.select_metric}": result.best_value}, step=result.best_step or 0)
+        if result.steps:
+            self.log_loss_curve()
+
     def finish(self, status: str = "FINISHED") -> None:
         if self.active:
             self.client.set_terminated(self.run_id, status)
@@ -508,6 +527,74 @@ def _param_value(v: Any) -> str:
 # --------------------------------------------------------------------------- run lifecycle
 
 
+def open_run(
+    cfg: Config,
+    run_name: str,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    kind: str = "train",
+    log_data: bool = True,
+    root: str | Path = ".",
+    world_size: int | None = None,
+    device: str | None = None,
+) -> Tracker:
+    """Create a run (left RUNNING) with config, git commit, system info and dataset lineage; the
+    caller ends it with :meth:`Tracker.finish`. A failure while logging marks it FAILED and raises."""
+    import mlflow
+
+    exp_id = configure(cfg)
+    all_tags = {TAG_KIND: kind, "mlflow.runName": run_name, **({TAG_PARENT: parent_run_id} if parent_run_id else {})}
+    all_tags.update({k: str(v) for k, v in (tags or {}).items() if v is not None})
+    run = mlflow.MlflowClient().create_run(exp_id, run_name=run_name, tags=all_tags)
+    tracker = Tracker(run.info.run_id, cfg)
+    log.info("MLflow run %s (%s) in %s", run_name, run.info.run_id, resolve_tracking_uri(cfg))
+    try:
+        if kind != "flow":
+            tracker.log_config(cfg)
+            tracker.log_system_info(world_size, device)
+        tracker.log_git(root)
+        if log_data:
+            tracker.log_dataset(cfg, root)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    return tracker
+
+
+def reopen_run(cfg: Config, run_id: str, root: str | Path = ".", world_size: int | None = None,
+               device: str | None = None) -> Tracker:
+    """Set a run back to RUNNING to continue it (``hllm train --resume``).
+
+    MLflow params are immutable, so only keys the run does not have yet are logged; values that
+    changed are listed in the tag ``hllm.resume.changed_params`` and the new config is logged as
+    ``config/params.resume-<n>.yaml``. Git commit, system info and dataset tags become the ones of
+    this process (the code and data that finish the run)."""
+    import yaml
+
+    tracker = Tracker(run_id, cfg)
+    client = tracker.client
+    run = client.get_run(run_id)
+    n = int(run.data.tags.get("hllm.resumes", "0")) + 1
+    client.update_run(run_id, status="RUNNING")
+    try:
+        have = run.data.params
+        flat = {k: _param_value(v) for k, v in cfg.flat().items()}
+        tracker.log_params({k: v for k, v in flat.items() if k not in have})
+        changed = {k: {"was": have[k], "now": v} for k, v in flat.items() if k in have and have[k] != v}
+        tracker.set_tags({"hllm.resumes": n, "hllm.config_hash": cfg.hash(),
+                          TAG_PROTOCOL: protocol_hash(cfg.eval.protocol), TAG_MODEL_KIND: cfg.model.kind,
+                          **({"hllm.resume.changed_params": _param_value(changed)} if changed else {})})
+        tracker.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), f"config/params.resume-{n}.yaml")
+        tracker.log_system_info(world_size, device)
+        tracker.log_git(root)
+        tracker.log_dataset(cfg, root)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    log.info("MLflow run %s reopened (resume %d) in %s", run_id, n, resolve_tracking_uri(cfg))
+    return tracker
+
+
 @contextlib.contextmanager
 def start_run(
     cfg: Config,
@@ -526,29 +613,82 @@ def start_run(
     if not is_rank0():
         yield Tracker(None)
         return
-    import mlflow
-
-    exp_id = configure(cfg)
-    all_tags = {TAG_KIND: kind, "mlflow.runName": run_name, **({TAG_PARENT: parent_run_id} if parent_run_id else {})}
-    all_tags.update({k: str(v) for k, v in (tags or {}).items() if v is not None})
-    run = mlflow.MlflowClient().create_run(exp_id, run_name=run_name, tags=all_tags)
-    tracker = Tracker(run.info.run_id, cfg)
-    log.info("MLflow run %s (%s) in %s", run_name, run.info.run_id, resolve_tracking_uri(cfg))
-    try:
-        if kind != "flow":
-            tracker.log_config(cfg)
-            tracker.log_system_info()
-        tracker.log_git(root)
-        if log_data:
-            tracker.log_dataset(cfg, root)
+    tracker = open_run(cfg, run_name, parent_run_id, tags, kind, log_data, root)
+    with _finishing(tracker):
         yield tracker
+
+
+@contextlib.contextmanager
+def _finishing(tracker: Tracker) -> Iterator[None]:
+    """End the run FINISHED, KILLED on Ctrl-C, FAILED on any other exception (re-raised)."""
+    try:
+        yield
     except KeyboardInterrupt:
         tracker.finish("KILLED")
+        raise
+    except SystemExit as e:  # typer.Exit / sys.exit(0) after a successful body is not a failure
+        tracker.finish("FINISHED" if e.code in (0, None) else "FAILED")
         raise
     except BaseException:
         tracker.finish("FAILED")
         raise
     tracker.finish("FINISHED")
+
+
+RUN_POINTER = "mlflow_run.json"  # in the training run folder: the MLflow run that `--resume` continues
+
+
+def read_run_pointer(run_dir: str | Path) -> dict[str, str] | None:
+    p = Path(run_dir) / RUN_POINTER
+    if not p.is_file():
+        return None
+    try:
+        d = json.loads(p.read_text())
+        return d if isinstance(d, dict) and d.get("run_id") else None
+    except ValueError:
+        log.warning("%s is not JSON; --resume opens a new MLflow run", p)
+        return None
+
+
+def _resumable(cfg: Config, pointer: dict[str, str] | None) -> str | None:
+    """The pointer's run id when it lives in this store and still exists (not deleted)."""
+    if not pointer or pointer.get("tracking_uri") != resolve_tracking_uri(cfg):
+        return None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client(cfg).get_run(pointer["run_id"])
+    except MlflowException:
+        return None
+    return run.info.run_id if run.info.lifecycle_stage == "active" else None
+
+
+@contextlib.contextmanager
+def training_run(cfg: Config, *, resume: bool = False, world_size: int = 1, launcher: str = "cli",
+                 tags: Mapping[str, Any] | None = None, root: str | Path = ".") -> Iterator[Tracker]:
+    """The MLflow run of one training of ``cfg.train.run_name`` outside a flow (``hllm train``).
+
+    A new run (``hllm.kind`` train for HLLM, baseline otherwise) with everything :func:`open_run`
+    logs, its id written to ``<runs_dir>/<run_name>/mlflow_run.json``; with ``resume`` the run
+    recorded there is reopened when it is in this store (:func:`reopen_run`), else a new run is
+    tagged ``hllm.resumed=true``. torchrun workers log into it through ``MLFLOW_RUN_ID``. Ends
+    FINISHED, or FAILED/KILLED when the body raises."""
+    run_dir = Path(cfg.paths.runs_dir) / cfg.train.run_name
+    device = cfg.train.device
+    prev = _resumable(cfg, read_run_pointer(run_dir)) if resume else None
+    if prev is not None:
+        tracker = reopen_run(cfg, prev, root, world_size, device)
+    else:
+        kind = "train" if cfg.model.kind == "hllm" else "baseline"
+        all_tags = {"hllm.launcher": launcher, **({"hllm.resumed": "true"} if resume else {}), **(tags or {})}
+        tracker = open_run(cfg, cfg.train.run_name, tags=all_tags, kind=kind, root=root,
+                           world_size=world_size, device=device)
+    with _finishing(tracker):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_POINTER).write_text(json.dumps(
+            {"run_id": tracker.run_id, "tracking_uri": resolve_tracking_uri(cfg),
+             "experiment_id": tracker.client.get_run(tracker.run_id).info.experiment_id}, indent=2) + "\n")
+        yield tracker
 
 
 @contextlib.contextmanager

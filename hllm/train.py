@@ -337,6 +337,9 @@ class _Trainer:
         self.scheduler = None
         if self.trainable:
             groups = param_groups(self.model, t.weight_decay, t.lr, t.new_params_lr or None)
+            # logged as train/lr (pretrained parameters, train.lr) and train/lr_new (train.new_params_lr)
+            self.lr_keys = ["lr_new" if t.new_params_lr and t.new_params_lr != t.lr and g["lr"] == t.new_params_lr
+                            else "lr" for g in groups]
             self.optimizer = torch.optim.AdamW(groups, lr=t.lr)
             self.lr_fn = lr_lambda(self.total_steps, t.warmup_ratio)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_fn)
@@ -563,6 +566,7 @@ class _Trainer:
 
     def _train_step(self, step: int, autocast, acc: dict[str, float]) -> None:
         cfg, info, t = self.cfg, self.info, self.cfg.train
+        rates: dict[str, float] = {}
         n_global = _n_targets(self.windows[self.batches.step_indices(step)])
         neg = sample_negatives(t.seed, step, self.built.n_items, self.k_local, info.world_size, info.rank)
         for micro in range(t.grad_accum):
@@ -589,7 +593,11 @@ class _Trainer:
         if t.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
             acc["grad_norm"] = acc.get("grad_norm", 0.0) + float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        acc["lr"] = acc.get("lr", 0.0) + t.lr * self.lr_fn(step)
+        # the rates this step applies (the scheduler set them after the previous step), per group kind
+        for key, g in zip(self.lr_keys, self.optimizer.param_groups):
+            rates.setdefault(key, float(g["lr"]))
+        for key, v in rates.items():
+            acc[key] = acc.get(key, 0.0) + v
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -639,13 +647,33 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(os.environ.get("HLLM_LOG_LEVEL", "INFO"))
     cfg = load_config(args.params, args.sets)
     logger = None
-    # Launched by a flow that opened an MLflow run: rank 0 logs its metrics there.
+    # Launched by `hllm train --nproc N`, a flow or a PyTorchJob that opened an MLflow run: rank 0
+    # logs its metrics there, and the system info of the processes that actually train (the
+    # launcher's tags describe the machine that launched them, e.g. a Prefect worker).
     if os.environ.get("MLFLOW_RUN_ID") and int(os.environ.get("RANK", "0")) == 0:
         from hllm import tracking
 
         logger = tracking.attach(os.environ["MLFLOW_RUN_ID"], cfg)
+        logger.set_tags(_process_info(cfg))
     train(cfg, resume=args.resume, logger=logger, progress=not args.no_progress)
     return 0
+
+
+def _process_info(cfg: Config) -> dict[str, str]:
+    """``sys.*`` tags of this rank-0 process under torchrun: world size, nodes, the device
+    ``train.device`` resolves to here, torch/transformers/python versions, host."""
+    import os
+    import socket
+
+    from hllm import tracking
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    want_cuda = torch.cuda.is_available() if cfg.train.device == "auto" else cfg.train.device == "cuda"
+    info = tracking.system_info(world_size=world, device="cuda" if want_cuda else "cpu")
+    info.update({"sys.local_world_size": str(local), "sys.nodes": str(max(1, world // max(local, 1))),
+                 "sys.host": socket.gethostname(), "sys.fsdp": str(bool(cfg.train.fsdp)).lower()})
+    return info
 
 
 if __name__ == "__main__":

@@ -1,7 +1,14 @@
-"""`hllm train`: single process, or torchrun with ``--nproc N`` (DDP/FSDP, gloo on CPU, NCCL on GPU)."""
+"""`hllm train`: single process, or torchrun with ``--nproc N`` (DDP/FSDP, gloo on CPU, NCCL on GPU).
+
+Every training is an MLflow run (``hllm.tracking.training_run``: config, git commit, data version
+and lineage, system info, per-window training metrics, per-epoch validation, the loss curve, and
+the best checkpoint's test evaluation under the protocol hash), so its id can go straight to
+``hllm registry register --run-id``. ``--no-mlflow`` or ``tracking.enabled: false`` skips it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -24,6 +31,24 @@ def torchrun_command(nproc: int, params: Path, sets: list[str], resume: bool) ->
     return cmd
 
 
+def _taken(cfg) -> bool:
+    """The check ``hllm.train.train`` makes, done before an MLflow run is opened for nothing."""
+    from hllm.checkpoint import latest_checkpoint
+
+    run_dir = Path(cfg.paths.runs_dir) / cfg.train.run_name
+    return latest_checkpoint(run_dir) is not None or (run_dir / "best").exists()
+
+
+def _ui_hint(cfg, tracker) -> str:
+    from hllm import tracking
+    from hllm.report import RunReport
+
+    uri = tracking.resolve_tracking_uri(cfg)
+    rep = RunReport(tracking_uri=uri, experiment_id=tracker.client.get_run(tracker.run_id).info.experiment_id)
+    return (f"MLflow run {tracker.run_id} (experiment {cfg.tracking.experiment!r}, {uri})\n"
+            f"  UI: {rep.ui_command()}\n  then {rep.run_url(tracker.run_id)}")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_cmd(
@@ -32,8 +57,13 @@ def register(app: typer.Typer) -> None:
         nproc: Optional[int] = typer.Option(
             None, "--nproc", "-n", min=1, help="processes on this machine (torchrun); default train.nproc"
         ),
-        resume: bool = typer.Option(False, "--resume", help="continue the run from its latest checkpoint"),
+        resume: bool = typer.Option(False, "--resume", help="continue the run (and its MLflow run) from its latest checkpoint"),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="model kind: hllm | sasrec | pop (model.kind)"),
+        mlflow: bool = typer.Option(True, "--mlflow/--no-mlflow",
+                                    help="log the run to MLflow (default unless tracking.enabled is false)"),
+        test: bool = typer.Option(True, "--test/--no-test",
+                                  help="with MLflow: evaluate the best checkpoint on the test split and log it "
+                                       "(what `hllm registry promote` gates on)"),
     ) -> None:
         """Train a model on the built dataset; checkpoints go to paths.runs_dir/train.run_name."""
         sets = list(sets or [])
@@ -44,26 +74,69 @@ def register(app: typer.Typer) -> None:
 
         if cfg.model.kind not in kinds():
             fail(f"model.kind {cfg.model.kind!r} is not registered; known: {kinds()}", code=2)
+        if not resume and _taken(cfg):
+            fail(f"{Path(cfg.paths.runs_dir) / cfg.train.run_name} already holds checkpoints: pass --resume to "
+                 "continue it, or choose another train.run_name (nothing was overwritten)")
         n = nproc or cfg.train.nproc
-        if n > 1:
-            env = dict(os.environ)
-            # torchrun otherwise sets 1 thread per process and warns about it
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-            cmd = torchrun_command(n, params, sets, resume)
-            typer.echo("launching: " + " ".join(cmd), err=True)
-            rc = subprocess.call(cmd, env=env)
-            if rc != 0:
-                fail(f"training failed (torchrun exit code {rc})", code=rc)
-            from hllm.train import TrainResult
+        track = mlflow and cfg.tracking.enabled
+        scope = contextlib.nullcontext(None)
+        if track:
+            from hllm import tracking
 
-            result = TrainResult.load(Path(cfg.paths.runs_dir) / cfg.train.run_name)
-        else:
-            from hllm.train import train
-
-            try:
-                result = train(cfg, resume=resume)
-            except (FileExistsError, FileNotFoundError, ValueError) as e:
-                fail(str(e))
+            scope = tracking.training_run(cfg, resume=resume, world_size=n)
+        with scope as tracker:
+            if tracker is not None:
+                typer.echo(_ui_hint(cfg, tracker), err=True)
+            result = _train(cfg, params, sets, n, resume, tracker)
+            if tracker is not None:
+                tracker.log_train_result(result)
+                if test:
+                    _log_test(cfg, result, tracker)
         best = f"{result.select_metric}={result.best_value:.5f} at step {result.best_step}" if result.best_value is not None else "n/a"
         typer.echo(f"run: {result.run_dir}\nsteps: {result.steps}\nbest: {best}\n"
                    f"best checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}")
+        if tracker is not None:
+            typer.echo(f"mlflow run: {tracker.run_id}")
+
+
+def _train(cfg, params: Path, sets: list[str], n: int, resume: bool, tracker):
+    if n > 1:
+        env = dict(os.environ)
+        # torchrun otherwise sets 1 thread per process and warns about it
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+        env.pop("MLFLOW_RUN_ID", None)  # a stale one from the shell must not receive this run's metrics
+        if tracker is not None:  # rank 0 logs into this run (hllm.train.main)
+            from hllm import tracking
+
+            env.update({"MLFLOW_RUN_ID": tracker.run_id, "MLFLOW_TRACKING_URI": tracking.resolve_tracking_uri(cfg)})
+        cmd = torchrun_command(n, params, sets, resume)
+        typer.echo("launching: " + " ".join(cmd), err=True)
+        rc = subprocess.call(cmd, env=env)
+        if rc != 0:
+            fail(f"training failed (torchrun exit code {rc})", code=rc)
+        from hllm.train import TrainResult
+
+        return TrainResult.load(Path(cfg.paths.runs_dir) / cfg.train.run_name)
+    from hllm.train import train
+
+    try:
+        return train(cfg, resume=resume, logger=tracker)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+
+
+def _log_test(cfg, result, tracker) -> None:
+    """The best checkpoint's test metrics + per-user arrays under eval/test/<protocol>/<data version>/,
+    as the nightly flow's evaluate task logs them (the validation table cached at training time
+    spares the item encoding)."""
+    from hllm import metrics as M
+    from hllm import tracking
+    from hllm.evaluate import evaluate_checkpoint
+
+    ckpt = result.best_checkpoint or result.last_checkpoint
+    try:
+        res = evaluate_checkpoint(ckpt, cfg, ("test",))["test"]
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"test evaluation of {ckpt}: {e}")
+    tracker.log_eval_result(res, tracking.data_version(cfg).version)
+    typer.echo(M.format_table({"test": res.metrics}, cfg.eval.protocol.ks))
