@@ -1,7 +1,8 @@
 """`nightly-retrain` on the tiny fixture, deployed to the local production stack and run by its worker.
 
-A throw-away project (git + DVC, the project's `s3` remote, a tiny params.yaml with no tracking URI
-so the stack's MLFLOW_TRACKING_URI applies) is deployed with `flow.from_source(...).deploy()` to the
+A throw-away project (git + DVC with the repository's committed `.dvc/config`, a tiny params.yaml with
+no tracking URI and no `flow.dvc_remote`, so the stack's MLFLOW_TRACKING_URI and HLLM_DVC_REMOTE_URL
+decide where runs and data versions go: configuration only, as on a team's clone) is deployed with `flow.from_source(...).deploy()` to the
 process pool; the worker runs it. Then everything the run left must be on the shared services: the
 run and the registered version in PostgreSQL-backed MLflow, the model's files in the bucket, the
 dataset version in the S3 DVC remote (and back with `dvc pull` in a fresh clone), the flow run
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -31,7 +33,8 @@ def _tree_md5(root: Path) -> dict[str, str]:
 
 @pytest.fixture
 def project(stack, tmp_path) -> Path:
-    """A clone-like project: git + DVC, remote `s3` as committed in the repo's .dvc/config."""
+    """A clone-like project: git + DVC with the repo's committed .dvc/config (default remote `local`,
+    remote `s3`); nothing in params.yaml or the DVC config points at the stack."""
     sys.path.insert(0, str(REPO / "tests" / "flows"))
     try:
         from flowkit import tiny_params  # the flow tests' tiny run (tiny BERT/Llama, 3 steps)
@@ -44,15 +47,14 @@ def project(stack, tmp_path) -> Path:
     bert = tiny_bert(root / "models" / "bert")
     params = tiny_params(root, bert)
     params["tracking"] = {"tracking_uri": ""}  # "" = $MLFLOW_TRACKING_URI: the stack's server
-    params["flow"]["dvc_remote"] = "s3"
+    assert not params["flow"].get("dvc_remote")  # "" = $HLLM_DVC_REMOTE_URL: the stack's bucket
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # The flow code as a worker's checkout would have it (flows/ is not an installed package).
     (root / "flows").symlink_to(REPO / "flows")
     (root / ".gitignore").write_text("/models/\n/flows\n/runs/\n/reports/\n/exports/\n/data/built/\n")
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"],
-                ["dvc", "remote", "add", "-d", "s3", stack.env["HLLM_DVC_REMOTE_URL"]],
-                ["dvc", "remote", "modify", "s3", "region", stack.env["AWS_DEFAULT_REGION"]]):
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
         stack.run(*cmd, cwd=root)
+    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
     return root
 
 
@@ -122,5 +124,5 @@ def test_nightly_retrain_runs_through_the_worker_against_the_stack(stack_env, pr
     clone = tmp_path / "clone"
     stack.run("git", "clone", "-q", str(project), str(clone))
     assert not (clone / "data" / "raw").exists()
-    stack.run("dvc", "pull", cwd=clone)
+    stack.run("dvc", "pull", "--remote", "s3", cwd=clone)  # the committed default is the local remote
     assert _tree_md5(clone / "data" / "raw") == _tree_md5(project / "data" / "raw")
