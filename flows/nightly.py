@@ -137,7 +137,8 @@ def nightly_retrain(
 
     Args:
         snapshot: a folder or ``s3://bucket/prefix`` with the new data; default ``flow.snapshot``
-            ("" = the embedded synthetic dataset).
+            ("" = the embedded synthetic dataset). Ending in ``/`` with dated child folders
+            (``s3://shop-logs/`` holding ``2026-11-23/``, ...): the newest of them.
         snapshot_format: ``raw`` (canonical parquet) or an import format; default ``flow.snapshot_format``.
         nproc: training processes here; 1 = this process, N = torchrun; default ``train.nproc``.
         train_backend: where HLLM trains: ``local`` (this process, torchrun when nproc > 1),
