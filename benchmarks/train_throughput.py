@@ -10,6 +10,7 @@ optimizer steps on real training windows and prints:
     item-tokens/s   real (text + [ITEM]) tokens through the Item LLM per second
     steps/s         optimizer steps per second
     distinct        distinct items / item slots of a step (history + targets + negatives)
+    padding         padding tokens / tokens run through the Item LLM (length bucketing keeps it small)
     cpu-s/step      process CPU seconds per step (less sensitive than wall time to other load)
     speed-up        every-slot step time / dedup step time (wall; CPU-time ratio in the JSON)
     peak mem        peak RSS of the process on CPU, peak CUDA allocation on GPU
@@ -122,11 +123,12 @@ def main() -> None:
         rows[-2]["speedup"] = res["every-slot"]["seconds_per_step"] / res["dedup"]["seconds_per_step"]
         rows[-2]["speedup_cpu"] = res["every-slot"]["cpu_seconds_per_step"] / res["dedup"]["cpu_seconds_per_step"]
     print(f"{'config':8} {'mode':10} {'batch':>5} {'negs':>5} {'item-tok/s':>10} {'steps/s':>8} {'cpu-s/step':>10} "
-          f"{'distinct':>8} {'speed-up':>8} {'peak mem':>9}  device (load average)")
+          f"{'distinct':>8} {'padding':>7} {'speed-up':>8} {'peak mem':>9}  device (load average)")
     for r in rows:
         sp = f"{r['speedup']:.2f}x" if "speedup" in r else ""
         print(f"{r['config']:8} {r['mode']:10} {r['batch_size']:5d} {r['num_negatives']:5d} {r['item_tokens_per_s']:10.0f} "
-              f"{r['steps_per_s']:8.3f} {r['cpu_seconds_per_step']:10.1f} {r['distinct_ratio']:8.2f} {sp:>8} "
+              f"{r['steps_per_s']:8.3f} {r['cpu_seconds_per_step']:10.1f} {r['distinct_ratio']:8.2f} "
+              f"{r['padding_waste']:7.1%} {sp:>8} "
               f"{r['peak_mem_gb']:7.2f}GB  {r['device']}, {r['threads']} threads ({r['load_avg']:.1f})")
     if args.json:
         with open(args.json, "w") as f:
