@@ -47,6 +47,10 @@ def one(params: str, sets: list[str], dedup: bool, steps: int, warmup: int) -> d
     cfg = load_config(params, sets + [f"train.dedup_items={str(dedup).lower()}"])
     t = cfg.train
     dev = torch.device("cuda" if torch.cuda.is_available() and t.device != "cpu" else "cpu")
+    if dev.type == "cuda":
+        from hllm.distributed import configure_cuda_kernels
+
+        configure_cuda_kernels()  # as hllm.train does
     seed_everything(t.seed)
     built = load_built(cfg.paths.built_dir)
     model = build_model(cfg, built, ensure_tokens(cfg, built.dir)).to(dev).train()

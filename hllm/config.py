@@ -174,6 +174,9 @@ class EvalConfig:
     item_batch: int = 128  # items per Item-LLM forward when encoding the catalogue
     item_cache: bool = True  # cache a saved checkpoint's item embeddings under <runs_dir>/.item_emb_cache
     item_cache_keep: int = 3  # newest cache files kept (one per checkpoint x catalogue)
+    # where `hllm evaluate|export` and the flow's evaluation and export run a saved checkpoint:
+    # "auto" (CUDA if visible) | "cpu" | "cuda". Validation during training uses train.device.
+    device: str = "auto"
 
 
 @dataclass

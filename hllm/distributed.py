@@ -35,6 +35,31 @@ class DistInfo:
         return self.world_size > 1
 
 
+def configure_cuda_kernels() -> None:
+    """Process-wide CUDA kernel choices for HLLM's shapes.
+
+    cuDNN's fused attention (the first SDPA backend PyTorch tries for bf16 on Hopper) builds an
+    execution plan per new (batch, length) shape; length bucketing and deduplication make nearly
+    every Item LLM call a new shape, so under bf16 a step spent more time planning than computing
+    (H100, MiniLM: 9.1 steps/s with it, 18.8 without; `benchmarks/train_throughput.py`). Flash /
+    memory-efficient SDPA need no plan. ``HLLM_CUDNN_SDPA=1`` keeps cuDNN attention on.
+    """
+    if torch.cuda.is_available() and os.environ.get("HLLM_CUDNN_SDPA", "0") != "1":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def single_device(device: str = "auto", setting: str = "eval.device") -> torch.device:
+    """The one device a single-process job (evaluation, export, recommend) runs on."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"{setting} must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{setting}=cuda but no CUDA device is visible")
+    if device != "cpu" and torch.cuda.is_available():
+        configure_cuda_kernels()
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def setup(device: str = "auto") -> DistInfo:
     """Join (or create from torchrun's environment) the default process group.
 
@@ -60,6 +85,7 @@ def setup(device: str = "auto") -> DistInfo:
     if want_cuda:
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
+        configure_cuda_kernels()
     else:
         dev = torch.device("cpu")
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev, backend=backend, owns_group=owns)

@@ -595,6 +595,7 @@ def load_for_eval(ckpt_dir: str | Path, cfg: Config | None = None, built_dir: st
     for outputs) applied: every model is evaluated under today's protocol, not
     the one it was trained with. Returns ``(model, cfg, built)``."""
     from hllm.checkpoint import load_model
+    from hllm.distributed import single_device
 
     model, ckpt_cfg, built = load_model(ckpt_dir, built_dir=built_dir)
     if cfg is not None:
@@ -602,6 +603,8 @@ def load_for_eval(ckpt_dir: str | Path, cfg: Config | None = None, built_dir: st
         ckpt_cfg.export = cfg.export
         ckpt_cfg.paths.reports_dir = cfg.paths.reports_dir
         ckpt_cfg.paths.export_dir = cfg.paths.export_dir
+    # everything downstream places its tensors with model_device(model)
+    model.to(single_device(ckpt_cfg.eval.device))
     return model, ckpt_cfg, built
 
 
