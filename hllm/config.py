@@ -126,7 +126,7 @@ class ModelConfig:
 class TrainConfig:
     seed: int = 2020
     epochs: int = 1
-    max_steps: int = 20  # > 0 caps the run; 0 = epochs decide. 20 keeps the nightly CPU run to ~3-4 minutes
+    max_steps: int = 20  # > 0 caps the run; 0 = epochs decide (params.yaml sets the nightly's 80)
     batch_size: int = 8  # sequences per rank per micro-step
     grad_accum: int = 1
     lr: float = 1e-4
@@ -239,9 +239,13 @@ class FlowConfig:
     timezone: str = "UTC"
     deployment: str = "nightly"  # deployment name: `prefect deployment run 'nightly-retrain/nightly'`
     work_pool: str = "hllm-process"  # process work pool of `prefect deploy` (prefect.yaml)
-    snapshot: str = ""  # "" = the embedded synthetic dataset; else a folder or an s3://bucket/prefix
+    # "" = the embedded synthetic dataset; else a folder or an s3://bucket/prefix; one ending in "/" with
+    # dated children (2026-11-23/, 20261124/) means the newest of them
+    snapshot: str = ""
     snapshot_format: str = "raw"  # "raw" (interactions/items.parquet) | an import format: hllm, amazon, movielens, recbole
-    dvc_remote: str = ""  # remote the new data version is pushed to; "" = the default remote
+    # remote the new data version is pushed to; "" = remote `s3` when $HLLM_DVC_REMOTE_URL is set
+    # (the shared stack), else DVC's default remote (`local`, dvc-storage/)
+    dvc_remote: str = ""
     baselines: list[str] = field(default_factory=lambda: ["sasrec", "pop"])  # trained + evaluated beside HLLM
     # kind -> overrides for that baseline's run: SASRec is an ID model that needs many cheap epochs at a
     # higher LR (the settings of benchmarks/quality.py), not HLLM's few expensive steps
