@@ -108,33 +108,14 @@ def dvc_add(cfg: Config) -> dict[str, Any]:
     return {"md5": v.md5, "nfiles": v.nfiles, "size": v.size, "dvc_file": str(v.dvc_file)}
 
 
-DVC_REMOTE_URL_ENV = "HLLM_DVC_REMOTE_URL"
-STACK_REMOTE = "s3"  # the shared stack's remote, committed in .dvc/config
 
 
 def dvc_remote(cfg: Config, repo: str | Path = ".") -> str | None:
-    """The DVC remote the flow pushes a data version to; first match wins:
-
-    1. ``flow.dvc_remote`` (a remote name of ``.dvc/config``);
-    2. ``$HLLM_DVC_REMOTE_URL`` set (the shared stack, ``infra/client.env.example``): remote ``s3``,
-       pointed at that URL in the git-ignored ``.dvc/config.local`` when it differs from what
-       ``.dvc/config`` says (added there when the repository has no remote ``s3``); its endpoint and
-       keys come from the environment (``AWS_ENDPOINT_URL[_S3]``, ``AWS_ACCESS_KEY_ID``, ...);
-    3. ``None``: DVC's default remote (``core.remote`` of ``.dvc/config``, ``local`` in this repository).
-    """
+    """The DVC remote the flow pushes a data version to: ``flow.dvc_remote``, else remote ``s3`` when
+    ``$HLLM_DVC_REMOTE_URL`` is set, else DVC's default (:func:`hllm.data.versioning.choose_remote`)."""
     from hllm.data import versioning
 
-    if cfg.flow.dvc_remote:
-        return cfg.flow.dvc_remote
-    url = os.environ.get(DVC_REMOTE_URL_ENV, "").strip()
-    if not url:
-        return None
-    current = versioning.dvc("config", f"remote.{STACK_REMOTE}.url", repo=repo).stdout.strip()  # all levels
-    if not current:
-        versioning.dvc("remote", "add", "--local", STACK_REMOTE, url, repo=repo)
-    elif current != url:
-        versioning.dvc("remote", "modify", "--local", STACK_REMOTE, "url", url, repo=repo)
-    return STACK_REMOTE
+    return versioning.choose_remote(cfg.flow.dvc_remote, repo=repo)
 
 
 @task(name="dvc-push", cache_policy=NO_CACHE)

@@ -149,18 +149,18 @@ def stats(
 
 @app.command()
 def push(
-    remote: Annotated[Optional[str], typer.Option("--remote", "-r", help="DVC remote (default: the default)")] = None,
+    remote: Annotated[Optional[str], typer.Option("--remote", "-r", help="DVC remote (default: `s3` when $HLLM_DVC_REMOTE_URL is set, else .dvc/config's default)")] = None,
     raw: RawOpt = None,
     params: ParamsOpt = Path("params.yaml"),
     sets: SetOpt = None,
 ) -> None:
     """Record data/raw as a new version in data.dvc and push it to the DVC remote."""
     from hllm.data.errors import DataError
-    from hllm.data.versioning import VersioningError, add_and_push
+    from hllm.data.versioning import VersioningError, add_and_push, choose_remote
 
     cfg = load(params, sets)
     try:
-        v = add_and_push(raw or cfg.paths.raw_dir, remote=remote)
+        v = add_and_push(raw or cfg.paths.raw_dir, remote=choose_remote(remote or ""))
     except (DataError, VersioningError) as e:
         fail(str(e))
     typer.echo(f"dataset version {v.md5} ({v.nfiles} files, {v.size} bytes) pushed; commit data.dvc to name it")
@@ -168,14 +168,14 @@ def push(
 
 @app.command()
 def pull(
-    remote: Annotated[Optional[str], typer.Option("--remote", "-r", help="DVC remote (default: the default)")] = None,
+    remote: Annotated[Optional[str], typer.Option("--remote", "-r", help="DVC remote (default: `s3` when $HLLM_DVC_REMOTE_URL is set, else .dvc/config's default)")] = None,
 ) -> None:
     """Bring data/raw to the version recorded in data.dvc (downloads from the DVC remote)."""
     from hllm.data.errors import DataError
-    from hllm.data.versioning import VersioningError, pull as dvc_pull
+    from hllm.data.versioning import VersioningError, choose_remote, pull as dvc_pull
 
     try:
-        v = dvc_pull(remote=remote)
+        v = dvc_pull(remote=choose_remote(remote or ""))
     except (DataError, VersioningError) as e:
         fail(str(e))
     typer.echo(f"data/raw is at dataset version {v.md5}")

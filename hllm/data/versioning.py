@@ -52,6 +52,33 @@ def dvc(*args: str, repo: str | Path = ".", check: bool = True) -> subprocess.Co
     return proc
 
 
+STACK_REMOTE_URL_ENV = "HLLM_DVC_REMOTE_URL"
+STACK_REMOTE = "s3"  # the shared stack's remote, committed in .dvc/config
+
+
+def choose_remote(configured: str = "", repo: str | Path = ".") -> str | None:
+    """The DVC remote a data version goes to (and comes back from); first match wins:
+
+    1. ``configured`` (``flow.dvc_remote``, or ``--remote`` of ``hllm data push|pull``): a remote name;
+    2. ``$HLLM_DVC_REMOTE_URL`` set (the shared stack, ``infra/client.env.example``): remote ``s3``,
+       pointed at that URL in the git-ignored ``.dvc/config.local`` when it differs from what
+       ``.dvc/config`` says (added there when the repository has no remote ``s3``); its endpoint and
+       keys come from the environment (``AWS_ENDPOINT_URL[_S3]``, ``AWS_ACCESS_KEY_ID``, ...);
+    3. ``None``: DVC's default remote (``core.remote`` of ``.dvc/config``, ``local`` in this repository).
+    """
+    if configured:
+        return configured
+    url = os.environ.get(STACK_REMOTE_URL_ENV, "").strip()
+    if not url:
+        return None
+    current = dvc("config", f"remote.{STACK_REMOTE}.url", repo=repo, check=False).stdout.strip()  # all levels
+    if not current:
+        dvc("remote", "add", "--local", STACK_REMOTE, url, repo=repo)
+    elif current != url:
+        dvc("remote", "modify", "--local", STACK_REMOTE, "url", url, repo=repo)
+    return STACK_REMOTE
+
+
 def read_version(dvc_file: str | Path = DVC_FILE, repo: str | Path = ".") -> DataVersion:
     p = Path(repo) / dvc_file
     if not p.exists():

@@ -129,6 +129,7 @@ def test_reproduce_version_a_after_version_b(kind, tmp_path, request):
 
 
 def test_cli_push_and_pull_use_the_default_remote(tmp_path, monkeypatch):
+    monkeypatch.delenv("HLLM_DVC_REMOTE_URL", raising=False)
     repo = new_repo(tmp_path / "repo")
     configure_remote(repo, "local")
     shutil.copy(REPO / "params.yaml", repo / "params.yaml")
@@ -148,3 +149,26 @@ def test_cli_push_and_pull_use_the_default_remote(tmp_path, monkeypatch):
     (repo / "data.dvc").unlink()
     missing = CliRunner().invoke(app, ["data", "pull"])
     assert missing.exit_code == 1 and "data.dvc: no such DVC file" in missing.output
+
+
+def test_cli_push_and_pull_follow_the_stack_remote_variable(tmp_path, monkeypatch):
+    """On the shared stack $HLLM_DVC_REMOTE_URL names the store: `hllm data push|pull` use remote `s3`
+    pointed there (in the git-ignored config.local), as the nightly flow does. A folder URL stands in
+    for the bucket; the S3 path itself is covered by tests/flows/test_flow_io.py against moto."""
+    repo = new_repo(tmp_path / "repo")
+    configure_remote(repo, "local")
+    shutil.copy(REPO / "params.yaml", repo / "params.yaml")
+    synth(repo, "synth.n_users=30", "synth.n_items=40")
+    store = tmp_path / "team-store"
+    monkeypatch.setenv("HLLM_DVC_REMOTE_URL", str(store))
+    monkeypatch.chdir(repo)
+    pushed = CliRunner().invoke(app, ["data", "push"])
+    assert pushed.exit_code == 0, pushed.output
+    md5 = read_version(repo / "data.dvc").md5
+    assert (store / "files" / "md5" / md5[:2] / f"{md5[2:]}").is_file()
+    assert str(store) in (repo / ".dvc" / "config.local").read_text()
+    shutil.rmtree(repo / ".dvc" / "cache")
+    shutil.rmtree(repo / "data" / "raw")
+    pulled = CliRunner().invoke(app, ["data", "pull"])
+    assert pulled.exit_code == 0, pulled.output
+    assert f"dataset version {md5}" in pulled.output
