@@ -31,18 +31,6 @@ def test_every_command_has_a_one_line_description_and_every_option_a_help():
             assert p.name == "help" or getattr(p, "help", None), f"hllm {' '.join(path)}: {p.name} has no help"
 
 
-@pytest.fixture
-def keep_root_logging():
-    """The CLI's callback adds a handler on CliRunner's stream: take it out again."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 @pytest.mark.usefixtures("keep_root_logging")
 def test_help_pages_list_each_sub_command_with_its_description():
     from hllm.cli import app

@@ -91,19 +91,6 @@ def test_report_renders_success_and_failure():
         in bad.console()
 
 
-@pytest.fixture
-def keep_root_logging():
-    """The CLI's callback installs a handler on CliRunner's stderr, closed once `invoke` returns:
-    take it out again, or every later log record fails to write."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 def test_cli_rejects_a_bad_config_before_starting_prefect(tmp_path, monkeypatch, keep_root_logging):
     from hllm.cli import app
 
