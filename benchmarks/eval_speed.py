@@ -1,6 +1,6 @@
 """Full-ranking evaluation speed and memory: 10 k users over 100 k and 1 M items.
 
-Runs the evaluator's own chunked scorer (``hllm.evaluate.rank_items``: exact
+Runs the evaluator's own chunked scorer (``hllm.evaluation.ranking.rank_items``: exact
 target ranks + running top-K, history masking) on random normalised
 embeddings, one catalogue size per fresh subprocess so each peak RSS is clean,
 and compares the achieved GFLOP/s (2 * users * items * dim / seconds) with
@@ -79,8 +79,8 @@ def one(n_items: int, args) -> dict:
     import numpy as np
     import torch
 
-    from hllm.data.artifacts import Sequences
-    from hllm.evaluate import rank_items
+    from hllm.data.dataset import Sequences
+    from hllm.evaluation.ranking import rank_items
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

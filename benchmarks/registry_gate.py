@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/registry_gate.py                   # 10k / 100k / 1M users, 1000 resamples
     .venv/bin/python benchmarks/registry_gate.py --users 100000 --samples 2000
 
-1. ``hllm.registry.paired_bootstrap`` on synthetic per-user arrays (wall time; its memory is bounded
+1. ``hllm.ops.gate.paired_bootstrap`` on synthetic per-user arrays (wall time; its memory is bounded
    by blocks of ~4M indices whatever the user count);
 2. ``Tracker.log_metrics`` of one training-step row (4 metrics) into a fresh SQLite store: the
    per-call cost the training loop pays every ``train.log_every`` steps.
@@ -23,7 +23,7 @@ import numpy as np
 
 
 def bench_bootstrap(users: int, samples: int) -> dict:
-    from hllm.registry import paired_bootstrap
+    from hllm.ops.gate import paired_bootstrap
 
     rng = np.random.default_rng(0)
     champ = rng.uniform(0, 1, users)
@@ -35,8 +35,8 @@ def bench_bootstrap(users: int, samples: int) -> dict:
 
 
 def bench_log_metrics(steps: int) -> dict:
-    from hllm import tracking
     from hllm.config import Config
+    from hllm.ops import tracking
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Config()

@@ -2,7 +2,7 @@
 
 For each configuration ("default" = params.yaml as given, "large" = a bigger
 batch and negative pool) and each mode ("dedup": every distinct item of a step
-encoded once, as ``hllm.train`` does; "every-slot": each history/target slot and
+encoded once, as ``hllm.training.trainer`` does; "every-slot": each history/target slot and
 each negative encoded separately, the reference code's behaviour), a fresh
 process builds the model, runs ``--warmup`` untimed and ``--steps`` timed
 optimizer steps on real training windows and prints:
@@ -37,12 +37,13 @@ def one(params: str, sets: list[str], dedup: bool, steps: int, warmup: int) -> d
     import numpy as np
     import torch
 
-    from hllm.batching import GlobalBatches, negatives_per_rank, sample_negatives
     from hllm.config import load_config
-    from hllm.data.artifacts import load_built
+    from hllm.data.dataset import load_built
     from hllm.data.text import ensure_tokens
     from hllm.models import build_model
-    from hllm.train import _training_windows, param_groups, seed_everything
+    from hllm.training.batching import GlobalBatches, negatives_per_rank, sample_negatives
+    from hllm.training.setup import param_groups, seed_everything
+    from hllm.training.trainer import _training_windows
 
     cfg = load_config(params, sets + [f"train.dedup_items={str(dedup).lower()}"])
     t = cfg.train
@@ -50,12 +51,12 @@ def one(params: str, sets: list[str], dedup: bool, steps: int, warmup: int) -> d
     if dev.type == "cuda":
         from hllm.distributed import configure_cuda_kernels
 
-        configure_cuda_kernels()  # as hllm.train does
+        configure_cuda_kernels()  # as hllm.training.trainer does
     seed_everything(t.seed)
     built = load_built(cfg.paths.built_dir)
     model = build_model(cfg, built, ensure_tokens(cfg, built.dir)).to(dev).train()
     if t.gradient_checkpointing:
-        from hllm.train import _enable_gradient_checkpointing
+        from hllm.training.setup import _enable_gradient_checkpointing
 
         _enable_gradient_checkpointing(model)
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr)

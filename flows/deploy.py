@@ -35,7 +35,7 @@ def deployments(cfg: Config, params: str = "params.yaml", overrides: list[str] |
     from prefect.schedules import Cron
 
     from flows.nightly import nightly_retrain
-    from flows.registry_flows import promote, rollback
+    from flows.registry import promote, rollback
 
     schedule = Cron(cron or cfg.flow.cron, timezone=cfg.flow.timezone or None)
     nightly = nightly_retrain.to_deployment(

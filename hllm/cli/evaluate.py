@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _checkpoint(cfg, checkpoint: Path | None) -> Path:
-    from hllm.evaluate import default_checkpoint
+    from hllm.evaluation.evaluate import default_checkpoint
 
     if checkpoint is not None:
         if not (checkpoint / "model.safetensors").exists():
@@ -47,8 +47,8 @@ def evaluate_cmd(
 
     Prints the table (percentages) and writes <out>/<split>/metrics.json (fractions,
     protocol hash) and per_user.npz (per-user values for paired bootstrap)."""
-    from hllm import metrics as M
-    from hllm.evaluate import evaluate_checkpoint
+    from hllm.evaluation import metrics as M
+    from hllm.evaluation.evaluate import evaluate_checkpoint
 
     cfg = load(params, sets)
     splits = {"valid": ("valid",), "test": ("test",), "both": ("valid", "test")}.get(split)
@@ -80,7 +80,7 @@ def export_cmd(
     """Item + user embeddings, a FAISS index and a manifest for serving.
 
     Atomic; items unchanged since the previous export in the same folder are reused."""
-    from hllm.export import export
+    from hllm.serving.export import export
 
     cfg = load(params, sets)
     ckpt = _checkpoint(cfg, checkpoint)
@@ -105,7 +105,7 @@ def recommend_cmd(
     sets: SetOpt = None,
 ) -> None:
     """Top-K items for a user (from the export) or for an item history (with the user model)."""
-    from hllm.recommend import Recommender
+    from hllm.serving.recommend import Recommender
 
     if (user is None) == (history is None):
         fail("give exactly one of --user or --history", code=2)

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import os
 import time
+import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from hllm.cli.common import ParamsOpt, SetOpt, fail, load
+from hllm.config import TrainBackend
 
-BACKENDS = ("local", "torchrun", "k8s")  # = flows.tasks.TRAIN_BACKENDS (not imported: Prefect is slow to load)
+BACKENDS: tuple[str, ...] = typing.get_args(TrainBackend)
 
 app = typer.Typer(no_args_is_help=True)
 run_app = typer.Typer(no_args_is_help=True)
@@ -59,7 +61,7 @@ def nightly(
         fail(f"--train-backend {backend!r}: expected one of {', '.join(BACKENDS)}", code=2)
     _prefect_env()
     from flows.nightly import nightly_retrain
-    from hllm.report import RunReport
+    from flows.report import RunReport
 
     try:
         result = nightly_retrain(snapshot=snapshot, snapshot_format=fmt, nproc=nproc, train_backend=backend,
@@ -88,8 +90,8 @@ def promote_cmd(
     """The `promote` flow (same as `hllm registry promote`, recorded as a Prefect flow run)."""
     load(params, sets)
     _prefect_env()
-    from flows.registry_flows import promote
-    from hllm.registry import RegistryError
+    from flows.registry import promote
+    from hllm.ops.registry import RegistryError
 
     try:
         res = promote(version=version, to=to, reason=reason, share=share, params=str(params), overrides=list(sets or []))
@@ -110,8 +112,8 @@ def rollback_cmd(
     """The `rollback` flow (same as `hllm registry rollback`, recorded as a Prefect flow run)."""
     load(params, sets)
     _prefect_env()
-    from flows.registry_flows import rollback
-    from hllm.registry import RegistryError
+    from flows.registry import rollback
+    from hllm.ops.registry import RegistryError
 
     try:
         res = rollback(reason=reason, expect_current=expect_current, params=str(params), overrides=list(sets or []))
@@ -136,9 +138,9 @@ def serve_cmd(
     prefect deployment run 'nightly-retrain/nightly'."""
     cfg = load(params, sets)
     _prefect_env()
-    from flows.deploy import serve
-
     from prefect.settings import PREFECT_API_URL
+
+    from flows.deploy import serve
 
     if not PREFECT_API_URL.value():
         typer.secho("warning: PREFECT_API_URL is not set: the deployments live in a temporary local API that only "

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from hllm.cli.common import ParamsOpt, SetOpt, fail, load
+from hllm.data import versioning
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -20,7 +21,7 @@ ByOpt = Annotated[Optional[str], typer.Option("--by", help="who (default $HLLM_A
 
 
 def _run(fn, *args, **kwargs):
-    from hllm.registry import PromotionRefused, RegistryError
+    from hllm.ops.registry import PromotionRefused, RegistryError
 
     try:
         return fn(*args, **kwargs)
@@ -41,7 +42,7 @@ def list_cmd(params: ParamsOpt = Path("params.yaml"), sets: SetOpt = None,
     from rich.console import Console
     from rich.table import Table
 
-    from hllm.registry import list_versions
+    from hllm.ops.registry import list_versions
 
     cfg = load(params, sets)
     rows = list_versions(cfg)
@@ -76,7 +77,7 @@ def promote(
     sets: SetOpt = None,
 ) -> None:
     """Gate VERSION against the champion and make it the challenger (or end the A/B test with --to champion)."""
-    from hllm.registry import promote as do_promote
+    from hllm.ops.registry import promote as do_promote
 
     cfg = load(params, sets)
     res = _run(do_promote, cfg, version, to=to, reason=reason, actor=by, share=share)
@@ -95,7 +96,7 @@ def rollback(
     sets: SetOpt = None,
 ) -> None:
     """Put the previous champion back (repeating it right after a rollback is a no-op)."""
-    from hllm.registry import rollback as do_rollback
+    from hllm.ops.registry import rollback as do_rollback
 
     cfg = load(params, sets)
     typer.echo(_run(do_rollback, cfg, reason=reason, actor=by, expect_current=expect_current, force=force).message)
@@ -105,7 +106,7 @@ def rollback(
 def end_ab(reason: ReasonOpt = "", by: ByOpt = None, params: ParamsOpt = Path("params.yaml"),
            sets: SetOpt = None) -> None:
     """End the A/B test in favour of the champion (removes the challenger alias)."""
-    from hllm.registry import end_ab as do_end
+    from hllm.ops.registry import end_ab as do_end
 
     cfg = load(params, sets)
     typer.echo(_run(do_end, cfg, reason=reason, actor=by).message)
@@ -120,7 +121,7 @@ def register(
     sets: SetOpt = None,
 ) -> None:
     """Log the serving pyfunc into RUN and register it as a new version (no alias is set)."""
-    from hllm.registry import register_model
+    from hllm.ops.registry import register_model
 
     cfg = load(params, sets)
     if not export_dir.is_dir():
@@ -142,13 +143,13 @@ def attach_eval(
     sets: SetOpt = None,
 ) -> None:
     """Attach an evaluation to a run, e.g. the champion re-evaluated on today's data for the gate."""
-    from hllm import tracking
+    from hllm.ops import tracking
 
     cfg = load(params, sets)
     for p in (metrics, per_user):
         if not p.is_file():
             fail(f"{p}: no such file")
-    dv = data_version or tracking.data_version(cfg).version
+    dv = data_version or versioning.data_version(cfg).version
     tracker = tracking.attach(run_id, cfg)
     try:
         # artifacts only: the run's own test/* metrics stay those of the data it was trained on
@@ -167,7 +168,7 @@ def reevaluate(
     """Evaluate a registered version on the current data and attach the result to its run.
 
     The data is paths.built_dir's, so the gate can compare a candidate trained on newer data with it."""
-    from hllm.registry import reevaluate as do_reevaluate
+    from hllm.ops.registry import reevaluate as do_reevaluate
 
     cfg = load(params, sets)
     art = _run(do_reevaluate, cfg, version, progress=True)
@@ -177,7 +178,7 @@ def reevaluate(
 @app.command()
 def audit(params: ParamsOpt = Path("params.yaml"), sets: SetOpt = None) -> None:
     """The audit log (JSON lines, oldest first): every alias move and refusal, who, when, why."""
-    from hllm.registry import audit_log
+    from hllm.ops.registry import audit_log
 
     cfg = load(params, sets)
     for ev in audit_log(cfg):

@@ -1,6 +1,6 @@
 """`hllm train`: single process, or torchrun with ``--nproc N`` (DDP/FSDP, gloo on CPU, NCCL on GPU).
 
-Every training is an MLflow run (``hllm.tracking.training_run``: config, git commit, data version
+Every training is an MLflow run (``hllm.ops.tracking.training_run``: config, git commit, data version
 and lineage, system info, per-window training metrics, per-epoch validation, the loss curve, and
 the best checkpoint's test evaluation under the protocol hash), so its id can go straight to
 ``hllm registry register --run-id``. ``--no-mlflow`` or ``tracking.enabled: false`` skips it.
@@ -9,39 +9,26 @@ the best checkpoint's test evaluation under the protocol hash), so its id can go
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from hllm.cli.common import ParamsOpt, SetOpt, fail, load
-
-
-def torchrun_command(nproc: int, params: Path, sets: list[str], resume: bool) -> list[str]:
-    """The single-machine launch; for several machines run torchrun yourself (README)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "hllm.train", "--params", str(params)]
-    for s in sets:
-        cmd += ["--set", s]
-    if resume:
-        cmd.append("--resume")
-    return cmd
+from hllm.data import versioning
 
 
 def _taken(cfg) -> bool:
-    """The check ``hllm.train.train`` makes, done before an MLflow run is opened for nothing."""
-    from hllm.checkpoint import latest_checkpoint
+    """The check ``hllm.training.trainer.train`` makes, done before an MLflow run is opened for nothing."""
+    from hllm.models.loading import latest_checkpoint
 
     run_dir = Path(cfg.paths.runs_dir) / cfg.train.run_name
     return latest_checkpoint(run_dir) is not None or (run_dir / "best").exists()
 
 
 def _ui_hint(cfg, tracker) -> str:
-    from hllm import tracking
-    from hllm.report import RunReport
+    from flows.report import RunReport
+    from hllm.ops import tracking
 
     uri = tracking.resolve_tracking_uri(cfg)
     rep = RunReport(tracking_uri=uri, experiment_id=tracker.client.get_run(tracker.run_id).info.experiment_id)
@@ -81,7 +68,7 @@ def register(app: typer.Typer) -> None:
         track = mlflow and cfg.tracking.enabled
         scope = contextlib.nullcontext(None)
         if track:
-            from hllm import tracking
+            from hllm.ops import tracking
 
             scope = tracking.training_run(cfg, resume=resume, world_size=n)
         with scope as tracker:
@@ -101,23 +88,16 @@ def register(app: typer.Typer) -> None:
 
 def _train(cfg, params: Path, sets: list[str], n: int, resume: bool, tracker):
     if n > 1:
-        env = dict(os.environ)
-        # torchrun otherwise sets 1 thread per process and warns about it
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-        env.pop("MLFLOW_RUN_ID", None)  # a stale one from the shell must not receive this run's metrics
-        if tracker is not None:  # rank 0 logs into this run (hllm.train.main)
-            from hllm import tracking
+        from hllm.ops import tracking
+        from hllm.training.launch import LaunchError, run_torchrun
 
-            env.update({"MLFLOW_RUN_ID": tracker.run_id, "MLFLOW_TRACKING_URI": tracking.resolve_tracking_uri(cfg)})
-        cmd = torchrun_command(n, params, sets, resume)
-        typer.echo("launching: " + " ".join(cmd), err=True)
-        rc = subprocess.call(cmd, env=env)
-        if rc != 0:
-            fail(f"training failed (torchrun exit code {rc})", code=rc)
-        from hllm.train import TrainResult
-
-        return TrainResult.load(Path(cfg.paths.runs_dir) / cfg.train.run_name)
-    from hllm.train import train
+        try:  # rank 0 logs into this run (hllm.cli.worker.main)
+            return run_torchrun(cfg, n, params=params, sets=sets, resume=resume,
+                                run_id=tracker.run_id if tracker is not None else None,
+                                tracking_uri=tracking.resolve_tracking_uri(cfg) if tracker is not None else None)
+        except LaunchError as e:
+            fail(str(e), code=e.returncode)
+    from hllm.training.trainer import train
 
     try:
         return train(cfg, resume=resume, logger=tracker)
@@ -129,14 +109,13 @@ def _log_test(cfg, result, tracker) -> None:
     """The best checkpoint's test metrics + per-user arrays under eval/test/<protocol>/<data version>/,
     as the nightly flow's evaluate task logs them (the validation table cached at training time
     spares the item encoding)."""
-    from hllm import metrics as M
-    from hllm import tracking
-    from hllm.evaluate import evaluate_checkpoint
+    from hllm.evaluation import metrics as M
+    from hllm.evaluation.evaluate import evaluate_checkpoint
 
     ckpt = result.best_checkpoint or result.last_checkpoint
     try:
         res = evaluate_checkpoint(ckpt, cfg, ("test",))["test"]
     except (FileNotFoundError, ValueError) as e:
         fail(f"test evaluation of {ckpt}: {e}")
-    tracker.log_eval_result(res, tracking.data_version(cfg).version)
+    tracker.log_eval_result(res, versioning.data_version(cfg).version)
     typer.echo(M.format_table({"test": res.metrics}, cfg.eval.protocol.ks))

@@ -1,6 +1,6 @@
 """``hllm data build``: validated raw tables -> the built-dataset contract.
 
-Writes exactly what :mod:`hllm.data.artifacts` describes (``items.parquet``
+Writes exactly what :mod:`hllm.data.dataset` describes (``items.parquet``
 with the padding row, ``users.parquet``, ``sequences.parquet``, ``stats.json``,
 ``tokens/``) into a staging folder that replaces ``paths.built_dir`` only when
 complete. Every step is a column operation over int32 codes (no Python loop per
@@ -216,7 +216,7 @@ def build_dataset(cfg: Config, raw_dir: str | Path | None = None, built_dir: str
                stage / "sequences.parquet")
         steps.update()
         # ---- stats
-        from hllm.data.artifacts import Sequences, eval_split, train_sequences, training_windows
+        from hllm.data.dataset import Sequences, eval_split, train_sequences, training_windows
 
         s = Sequences(offsets, seq_items)
         n_windows = len(training_windows(train_sequences(s), b.max_seq_len, b.window_mode))

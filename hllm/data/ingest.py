@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -44,14 +45,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hllm.config import Config
+from hllm.config import Config, ImportFormat
 from hllm.data.errors import DataError
 from hllm.data.raw import RawTables, file_md5, replace_dir, write_staged
 from hllm.data.readers import check_file, csv_header, iter_json_lines, read_csv, read_delimited
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("hllm", "amazon", "movielens", "recbole")
+FORMATS: tuple[str, ...] = typing.get_args(ImportFormat)
 
 # ML-100K genre flag order (u.genre), used when u.genre is not among the sources.
 ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",

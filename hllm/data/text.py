@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from hllm.config import Config, stable_hash
-from hllm.data.artifacts import TokenCache, load_tokens
+from hllm.data.dataset import TokenCache, load_tokens
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def ensure_tokens(cfg: Config, built_dir: str | Path | None = None) -> TokenCach
     Row ``idx`` of the cache is item idx ``idx`` of ``items.parquet``; row 0
     (padding) is empty.
     """
-    from hllm.models.hf import load_tokenizer, tokenizer_identity
+    from hllm.pretrained import load_tokenizer, tokenizer_identity
 
     d = Path(built_dir or cfg.paths.built_dir)
     icfg = cfg.model.item

@@ -13,6 +13,7 @@ interface; each call costs about half a second.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from hllm.config import Config
 from hllm.data.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,7 @@ class VersioningError(RuntimeError):
 
 
 @dataclass
-class DataVersion:
+class DvcRecord:
     md5: str  # the version: DVC's directory hash, e.g. "3f2c...e1.dir"
     path: str  # tracked path, relative to the .dvc file
     size: int | None
@@ -79,7 +81,7 @@ def choose_remote(configured: str = "", repo: str | Path = ".") -> str | None:
     return STACK_REMOTE
 
 
-def read_version(dvc_file: str | Path = DVC_FILE, repo: str | Path = ".") -> DataVersion:
+def read_version(dvc_file: str | Path = DVC_FILE, repo: str | Path = ".") -> DvcRecord:
     p = Path(repo) / dvc_file
     if not p.exists():
         raise DataError(f"{p}: no such DVC file; run `hllm data push` to create the first version")
@@ -90,10 +92,10 @@ def read_version(dvc_file: str | Path = DVC_FILE, repo: str | Path = ".") -> Dat
         raise DataError(f"{p}: not a DVC file with one output ({e})") from e
     if not out.get("md5"):
         raise DataError(f"{p}: output {out.get('path')!r} has no hash yet; run `hllm data push`")
-    return DataVersion(out["md5"], out["path"], out.get("size"), out.get("nfiles"), p)
+    return DvcRecord(out["md5"], out["path"], out.get("size"), out.get("nfiles"), p)
 
 
-def add(raw_dir: str | Path = "data/raw", dvc_file: str | Path = DVC_FILE, repo: str | Path = ".") -> DataVersion:
+def add(raw_dir: str | Path = "data/raw", dvc_file: str | Path = DVC_FILE, repo: str | Path = ".") -> DvcRecord:
     """Hash ``raw_dir`` into the DVC cache and record it in ``dvc_file`` (created when missing).
 
     ``dvc add`` would name the file ``data/raw.dvc``; writing the stub and
@@ -124,7 +126,7 @@ def push(dvc_file: str | Path = DVC_FILE, remote: str | None = None, repo: str |
 
 
 def add_and_push(raw_dir: str | Path = "data/raw", dvc_file: str | Path = DVC_FILE, remote: str | None = None,
-                 repo: str | Path = ".") -> DataVersion:
+                 repo: str | Path = ".") -> DvcRecord:
     """Record the raw data as a version and upload it; returns the version (md5)."""
     v = add(raw_dir, dvc_file, repo)
     push(dvc_file, remote, repo)
@@ -132,7 +134,7 @@ def add_and_push(raw_dir: str | Path = "data/raw", dvc_file: str | Path = DVC_FI
     return v
 
 
-def pull(dvc_file: str | Path = DVC_FILE, remote: str | None = None, repo: str | Path = ".") -> DataVersion:
+def pull(dvc_file: str | Path = DVC_FILE, remote: str | None = None, repo: str | Path = ".") -> DvcRecord:
     """Bring the workspace data to the version ``dvc_file`` names (download what the cache lacks)."""
     v = read_version(dvc_file, repo)
     args = ["pull", "--quiet", "--force", str(dvc_file)] + (["--remote", remote] if remote else [])
@@ -145,3 +147,72 @@ def is_current(dvc_file: str | Path = DVC_FILE, repo: str | Path = ".") -> bool:
     """True when the workspace data matches what ``dvc_file`` records."""
     proc = dvc("status", "--quiet", str(dvc_file), repo=repo, check=False)
     return proc.returncode == 0
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    dvc_md5: str  # md5 of the raw dataset recorded in the .dvc file ("none" when not under DVC)
+    sequences_md5: str  # content hash of the built sequences + id maps ("none" when not built)
+
+    @property
+    def version(self) -> str:
+        """One short string: what the registry gate compares."""
+        return f"d{self.dvc_md5[:10]}-s{self.sequences_md5[:10]}"
+
+
+def dvc_md5(cfg: Config, root: str | Path = ".") -> str:
+    """The ``md5`` of the first ``outs`` entry of ``data.dvc`` (or ``<raw_dir>.dvc``)."""
+    import yaml
+
+    root = Path(root)
+    for cand in (root / "data.dvc", root / f"{cfg.paths.raw_dir.rstrip('/')}.dvc"):
+        if cand.is_file():
+            try:
+                outs = (yaml.safe_load(cand.read_text(encoding="utf-8")) or {}).get("outs") or []
+                md5 = outs[0].get("md5") if outs else None
+            except (yaml.YAMLError, AttributeError) as e:
+                raise ValueError(f"{cand}: not a valid .dvc file ({e})") from e
+            if not md5:
+                raise ValueError(f"{cand}: no outs[0].md5 entry")
+            return str(md5)
+    return "none"
+
+
+def sequences_md5(built_dir: str | Path) -> str:
+    """Hash of the built dataset's content (sequences and both id maps), not of the parquet bytes,
+    so rewriting the same data with another pyarrow version keeps the version."""
+    import pyarrow.parquet as pq
+
+    d = Path(built_dir)
+    if not (d / "sequences.parquet").is_file():
+        return "none"
+    h = hashlib.md5()
+    seq = pq.read_table(d / "sequences.parquet", columns=["user_idx", "items"])
+    col = seq.column("items").combine_chunks()
+    offs = col.offsets.to_numpy()
+    h.update((offs - offs[0]).astype("<i8").tobytes())
+    h.update(col.flatten().to_numpy().astype("<i4").tobytes())
+    h.update(seq.column("user_idx").to_numpy().astype("<i4").tobytes())
+    for name, id_col in (("items.parquet", "item_id"), ("users.parquet", "user_id")):
+        if (d / name).is_file():
+            t = pq.read_table(d / name, columns=["idx", id_col]).sort_by("idx")
+            h.update(name.encode())
+            h.update("\x1f".join(map(str, t.column(id_col).to_pylist())).encode())
+    return h.hexdigest()
+
+
+def data_version(cfg: Config, root: str | Path = ".") -> DataVersion:
+    # Path("/root") / "/abs/built" is "/abs/built": absolute built dirs keep working.
+    return DataVersion(dvc_md5(cfg, root), sequences_md5(Path(root) / cfg.paths.built_dir))
+
+
+def content_hash(built_dir: str | Path) -> str:
+    """Content hash of the built dataset's tables (what the model was trained on)."""
+    h = hashlib.sha256()
+    for name in ("items.parquet", "users.parquet", "sequences.parquet"):
+        p = Path(built_dir) / name
+        h.update(name.encode())
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()[:16]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from hllm.config import Config
-    from hllm.data.artifacts import BuiltData, TokenCache
+    from hllm.data.dataset import BuiltData, TokenCache
     from hllm.models.base import SeqRecModel
 
 _REGISTRY: dict[str, str | Callable[..., Any]] = {

@@ -7,6 +7,8 @@ Item index 0 is padding everywhere.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -34,9 +36,9 @@ class SeqRecModel(nn.Module):
 
     normalize: bool = True
     # state_dict key prefixes of the item tower (None: the whole model counts), so that a retrained
-    # user tower alone does not invalidate exported item embeddings (``hllm.export.item_model_version``)
+    # user tower alone does not invalidate exported item embeddings (``hllm.serving.export.item_model_version``)
     item_state_prefixes: tuple[str, ...] | None = None
-    # whether the item table is worth an on-disk cache (``hllm.evaluate.cached_item_embeddings``):
+    # whether the item table is worth an on-disk cache (``hllm.evaluation.item_cache.cached_item_embeddings``):
     # yes for an encoder over item text, no for an ID-table lookup that costs nothing to recompute
     cache_item_embeddings: bool = True
 
@@ -53,3 +55,25 @@ class SeqRecModel(nn.Module):
 
     def user_embeddings(self, history_emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model under a DDP wrapper (DDP keeps the SeqRecModel methods on ``.module``)."""
+    return getattr(model, "module", model)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model.eval()`` for the block, then back to the mode it was in (train or eval)."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)

@@ -9,7 +9,7 @@ One training step (``train_loss``):
    gradients into one shared pool;
 3. the User LLM reads the left-padded history embeddings and its output at
    every valid position is scored against the next item and the pool with
-   cosine InfoNCE (``hllm.losses.infonce``).
+   cosine InfoNCE (``hllm.models.losses.infonce``).
 
 When the Item and User LLM hidden sizes differ, a Linear projection maps item
 embeddings into the user space; that projected space is the one shared by
@@ -26,14 +26,14 @@ import torch
 from torch import nn
 
 from hllm.distributed import gather_with_grad
-from hllm.losses import LogitScale, infonce, target_mask
 from hllm.models.base import LossOutput, SeqRecModel
 from hllm.models.item_llm import ItemLLM
+from hllm.models.losses import LogitScale, infonce, target_mask
 from hllm.models.user_llm import UserLLM
 
 if TYPE_CHECKING:
     from hllm.config import Config
-    from hllm.data.artifacts import BuiltData, TokenCache
+    from hllm.data.dataset import BuiltData, TokenCache
 
 log = logging.getLogger(__name__)
 

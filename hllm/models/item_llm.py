@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from hllm.batching import ItemBatch, length_buckets, packed_batch, padded_batch
-from hllm.data.artifacts import TokenCache
+from hllm.data.dataset import TokenCache
 from hllm.models.hf import hidden_size, is_encoder
+from hllm.models.item_batch import ItemBatch, length_buckets, packed_batch, padded_batch
 
 POOLINGS = ("item_token", "mean")
 LAYOUTS = ("padded", "packed")

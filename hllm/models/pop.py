@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hllm.data.artifacts import PAD, BuiltData, train_sequences
+from hllm.data.dataset import PAD, BuiltData, train_sequences
 from hllm.models.base import LossOutput, SeqRecModel
 
 

@@ -1,7 +1,7 @@
 """SASRec baseline (Kang & McAuley 2018) in the HLLM harness.
 
 ID embeddings + learned positional embeddings + a causal pre-norm transformer,
-trained with the same InfoNCE (:func:`hllm.losses.infonce`: cosine, learnable
+trained with the same InfoNCE (:func:`hllm.models.losses.infonce`: cosine, learnable
 scale, shared negative pool gathered across ranks, false-negative filter) as
 HLLM, and evaluated under the same protocol, so the comparison is like for like.
 The paper's SASRec* rows use this setup too.
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hllm.data.artifacts import PAD, BuiltData
+from hllm.data.dataset import PAD, BuiltData
 from hllm.models.base import LossOutput, SeqRecModel
 
 
@@ -61,7 +61,7 @@ class SASRec(SeqRecModel):
         nce_threshold: float = 0.99,
     ):
         super().__init__()
-        from hllm.losses import LogitScale
+        from hllm.models.losses import LogitScale
 
         self.max_len = max_len
         self.nce_threshold = nce_threshold
@@ -100,7 +100,7 @@ class SASRec(SeqRecModel):
 
     def train_loss(self, windows: torch.Tensor, negatives: torch.Tensor) -> LossOutput:
         from hllm.distributed import gather_with_grad
-        from hllm.losses import infonce, target_mask
+        from hllm.models.losses import infonce, target_mask
 
         inputs, targets = windows[:, :-1], windows[:, 1:]
         valid = target_mask(windows)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from datakit import make_cfg
+
 from hllm.config import Config
 
 

@@ -10,14 +10,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from datakit import FORMATS, make_cfg
 
-from hllm.data.artifacts import eval_split, load_built, load_tokens, train_sequences, training_windows
 from hllm.data.build import build_dataset, first_appearance_ids, k_core
+from hllm.data.dataset import eval_split, load_built, load_tokens, train_sequences, training_windows
 from hllm.data.errors import DataError
 from hllm.data.ingest import import_dataset
 from hllm.data.raw import INTERACTIONS
-
-from datakit import FORMATS, make_cfg
 
 # The fixture (tests/fixtures/formats/hllm/interactions.csv), per user in FILE order:
 #   u1: i1@100 i2@100 i3@120 i4@90    u2: i3@105 i1@110 i2@110 i5@115    u3: i5@130 i1@131 i2@132
@@ -115,7 +114,7 @@ def test_build_pre_tokenises_item_text_with_the_item_tokenizer(tmp_path):
     tok = load_tokens(files[0])
     assert len(tok.offsets) == b.n_items + 1 and len(tok.of(0)) == 0
     assert all(0 < len(tok.of(i)) <= cfg.model.item.max_text_len for i in range(1, b.n_items))
-    from hllm.models.hf import load_tokenizer
+    from hllm.pretrained import load_tokenizer
 
     text = load_tokenizer(cfg.model.item.path).decode(tok.of(1), skip_special_tokens=True)
     assert "title : trail backpack" in text and "tag : hiking, outdoor" in text

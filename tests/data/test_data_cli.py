@@ -8,7 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from hllm.cli import app
-from hllm.data.artifacts import load_built
+from hllm.data.dataset import load_built
 
 
 def test_every_data_command_has_a_one_line_help():

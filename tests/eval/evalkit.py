@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from hllm.config import Config
-from hllm.data.artifacts import BuiltData, Sequences
+from hllm.data.dataset import BuiltData, Sequences
 from hllm.models.base import LossOutput, SeqRecModel
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from evalkit import make_built, small_cfg
 
-from hllm import metrics as M
-from hllm.evaluate import evaluate
+from hllm.evaluation import metrics as M
+from hllm.evaluation.evaluate import evaluate
 from hllm.models import pop, sasrec
 
 
@@ -77,7 +77,7 @@ def test_sasrec_is_causal_and_padding_invariant(tmp_path):
 @pytest.mark.slow
 def test_sasrec_learns_a_deterministic_sequence(tmp_path):
     """Users walk the catalogue i -> i+1; a few InfoNCE steps must beat popularity by far."""
-    from hllm.data.artifacts import train_sequences, training_windows
+    from hllm.data.dataset import train_sequences, training_windows
 
     n_items = 30
     rng = np.random.default_rng(0)

@@ -10,7 +10,8 @@ import torch
 from evalkit import TableModel, make_built, random_dataset, small_cfg
 from safetensors.torch import save_file
 
-from hllm.evaluate import evaluate, item_cache_dir
+from hllm.evaluation.evaluate import evaluate
+from hllm.evaluation.item_cache import item_cache_dir
 
 TABLE = np.array([[0, 0], [1, 0], [0, 1], [1, 1], [2, 0], [0, 2], [1, 0]], dtype=np.float32)
 SEQS = [[1, 2, 4, 3], [5, 2, 2], [6, 3]]
@@ -95,7 +96,7 @@ def test_cache_can_be_disabled(tmp_path):
 def _worker(rank, world, init_file, built_dir, out_dir, table):
     import torch.distributed as dist
 
-    from hllm.data.artifacts import load_built
+    from hllm.data.dataset import load_built
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -131,7 +132,7 @@ def test_sharded_evaluation_equals_single_process(tmp_path):
 def test_evaluation_and_export_share_one_item_encoding(tmp_path):
     """Whichever of `evaluate` and `export` runs first for a checkpoint encodes the items; the
     other reads the cached table (same key: weights + item table + item-text settings)."""
-    from hllm.export import export_model
+    from hllm.serving.export import export_model
 
     built = make_built(tmp_path / "b", SEQS, n_items=7)
     cfg = _cfg(tmp_path)

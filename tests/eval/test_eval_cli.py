@@ -1,7 +1,7 @@
 """End to end on real checkpoints: `hllm train` path -> `hllm evaluate` / `hllm export` / `hllm recommend`.
 
 Tiny real models (random BERT item tower + tiny Llama user tower for HLLM,
-SASRec, popularity) trained for a few steps by ``hllm.train.train``; the CLI
+SASRec, popularity) trained for a few steps by ``hllm.training.trainer.train``; the CLI
 runs in-process through typer's runner.
 """
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from hllm import metrics as M
-from hllm.data.artifacts import eval_split, load_built
+from hllm.data.dataset import eval_split, load_built
+from hllm.evaluation import metrics as M
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from hllm.testing import synthetic_lists, tiny_bert, tiny_config, write_built
-    from hllm.train import train
+    from hllm.training.trainer import train
 
     tmp = tmp_path_factory.mktemp("e2e")
     items, seqs = synthetic_lists(n_users=50, n_items=70, seed=5)
@@ -56,8 +56,8 @@ def _cli(*args):
 
 @pytest.mark.parametrize("kind", ["hllm", "sasrec", "pop"])
 def test_evaluate_cli_writes_the_evaluators_numbers(trained, kind):
-    from hllm.checkpoint import load_model
-    from hllm.evaluate import evaluate
+    from hllm.evaluation.evaluate import evaluate
+    from hllm.models.loading import load_model
 
     tmp, runs = trained
     cfg, result = runs[kind]
@@ -74,7 +74,7 @@ def test_evaluate_cli_writes_the_evaluators_numbers(trained, kind):
             assert z["users"].tolist() == direct.users.tolist()
             assert z["ndcg@10"] == pytest.approx(direct.per_user["ndcg@10"])
     if kind == "hllm":
-        from hllm.evaluate import item_cache_dir
+        from hllm.evaluation.item_cache import item_cache_dir
 
         assert len(list(item_cache_dir(cfg).glob("*.npy"))) == 1  # cached once, outside the checkpoint
         # the training loop's last validation used the same evaluator on the same weights
@@ -87,8 +87,8 @@ def test_recommend_reproduces_test_metrics(trained, kind):
     """predict-equals-eval on a real checkpoint: the metrics recomputed from the
     served top-K lists equal `hllm evaluate`'s, for every test user; and the
     `hllm recommend` command prints the same lists."""
-    from hllm.evaluate import evaluate_checkpoint
-    from hllm.recommend import Recommender
+    from hllm.evaluation.evaluate import evaluate_checkpoint
+    from hllm.serving.recommend import Recommender
 
     tmp, runs = trained
     cfg, result = runs[kind]
@@ -199,9 +199,10 @@ def test_hllm_checkpoint_scores_and_exports_a_changed_catalogue(trained, tmp_pat
 
     import torch
 
-    from hllm.checkpoint import load_model
     from hllm.cli import app
-    from hllm.evaluate import evaluate, item_cache_dir, item_embedding_table
+    from hllm.evaluation.evaluate import evaluate
+    from hllm.evaluation.item_cache import item_cache_dir, item_embedding_table
+    from hllm.models.loading import load_model
 
     tmp, runs = trained
     cfg, result = runs["hllm"]
@@ -253,7 +254,7 @@ def test_hllm_checkpoint_scores_and_exports_a_changed_catalogue(trained, tmp_pat
     assert saved["metrics"] == pytest.approx(direct.metrics, abs=1e-9)
 
     # recommend over the new export: a new user (history of new items), and a history of new items
-    from hllm.recommend import Recommender
+    from hllm.serving.recommend import Recommender
 
     rec = Recommender.from_export(exp, checkpoint=ckpt)
     got = json.loads(_cli("recommend", "--export", str(exp), "--user", new_users[0], "-k", "5", "--json",
@@ -279,7 +280,7 @@ def test_id_model_refuses_a_renumbered_catalogue_of_the_same_size(trained, tmp_p
     """Same items, other idx order: the count matches, the rows of an ID table would not."""
     import pandas as pd
 
-    from hllm.checkpoint import load_model
+    from hllm.models.loading import load_model
     from hllm.testing import write_built
 
     tmp, runs = trained

@@ -9,10 +9,13 @@ import pytest
 import torch
 from evalkit import TableModel, make_built, random_dataset, small_cfg
 
-from hllm import metrics as M
 from hllm.config import protocol_hash
-from hllm.data.artifacts import Sequences
-from hllm.evaluate import EvalResult, evaluate, item_embedding_table, rank_items
+from hllm.data.dataset import Sequences
+from hllm.evaluation import metrics as M
+from hllm.evaluation.evaluate import evaluate
+from hllm.evaluation.item_cache import item_embedding_table
+from hllm.evaluation.ranking import rank_items
+from hllm.evaluation.results import EvalResult
 
 # item idx:        0 pad   1       2       3       4       5       6 (= item 1)
 TABLE = np.array([[0, 0], [1, 0], [0, 1], [1, 1], [2, 0], [0, 2], [1, 0]], dtype=np.float32)
@@ -63,7 +66,7 @@ def test_no_masking_option(tmp_path):
 
 def _dense_reference(built, model, cfg, split):
     """Plain numpy full-matrix ranks, the reference for the chunked path."""
-    from hllm.data.artifacts import eval_split
+    from hllm.data.dataset import eval_split
 
     es = eval_split(built.sequences, split, cfg.eval.protocol.max_history)
     table = model.table.detach().numpy().astype(np.float64)

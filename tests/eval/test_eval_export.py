@@ -9,13 +9,13 @@ import pytest
 import torch
 from evalkit import TableModel, make_built, random_dataset, small_cfg, text_model_for
 
-from hllm import export as E
-from hllm import metrics as M
 from hllm.config import protocol_hash
-from hllm.data.artifacts import eval_split, left_pad_windows
-from hllm.evaluate import evaluate
+from hllm.data.dataset import eval_split, left_pad_windows
+from hllm.evaluation import metrics as M
+from hllm.evaluation.evaluate import evaluate
 from hllm.models import pop
-from hllm.recommend import Recommender
+from hllm.serving import export as E
+from hllm.serving.recommend import Recommender
 
 
 def _setup(tmp_path, n_users=25, n_items=40, seed=0):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from hllm import metrics as M
+from hllm.evaluation import metrics as M
 
 
 def test_ranks_hand_computed():

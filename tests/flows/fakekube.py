@@ -1,10 +1,10 @@
 """A fake Kubernetes API server on 127.0.0.1 for the ``train_backend: k8s`` tests.
 
 Why a fake: no Kubernetes cluster can run on these machines (no Docker, no kind, no kubelet), so
-the Kubeflow Training Operator cannot either. The client side is real: ``hllm.k8s`` talks to this
+the Kubeflow Training Operator cannot either. The client side is real: ``hllm.training.k8s`` talks to this
 server through the official ``kubernetes`` client, with a kubeconfig and a bearer token, over HTTP.
 
-It implements only what ``hllm.k8s`` calls, with the API's paths, status codes and ``Status``
+It implements only what ``hllm.training.k8s`` calls, with the API's paths, status codes and ``Status``
 bodies: create / read / replace ConfigMaps, create / read / delete PyTorchJobs. In ``run`` mode it
 also plays the operator and the kubelet, minimally: each replica of a new job becomes a process
 running the container's command (``torchrun`` as ``python -m torch.distributed.run``) with the

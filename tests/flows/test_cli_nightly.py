@@ -14,9 +14,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
 def test_hllm_flows_run_nightly_prints_the_summary_and_the_hllm_run_holds_its_evidence(
         tmp_path, bert, monkeypatch, keep_root_logging):
-    import mlflow
     from typer.testing import CliRunner
 
+    import mlflow
     from hllm.cli import app
 
     # validation every epoch (the curve under test) and one baseline (the comparison bars need two models)

@@ -129,7 +129,7 @@ def test_io_tasks_retry_io_errors_but_not_bad_input(tmp_path):
 
 
 def test_a_folder_ending_in_slash_means_its_newest_dated_child(tmp_path):
-    from hllm.snapshot import resolve
+    from hllm.data.snapshot import resolve
 
     for name in ("2026-11-22", "20261124", "2026-11-23T0200", "notes", "2026-1-30"):
         (tmp_path / name).mkdir()
@@ -148,7 +148,7 @@ def test_the_flow_takes_the_newest_snapshot_under_a_prefix(tmp_path, s3, raw_sna
     from flowkit import upload
 
     from flows import tasks as T
-    from hllm.snapshot import resolve
+    from hllm.data.snapshot import resolve
 
     # S3: dated "folders" under the prefix; the newest is taken, undated ones and loose objects are not
     for day in ("2026-11-21", "2026-11-23"):

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from flows.report import ModelRow, RunReport
 from hllm.config import load_config
 from hllm.data.errors import DataError
-from hllm.report import ModelRow, RunReport
 
 BAD = Path(__file__).resolve().parents[1] / "fixtures" / "bad"
 
@@ -22,7 +22,7 @@ def _cfg(tmp: Path, *sets: str):
 
 def test_default_snapshot_is_exactly_what_hllm_data_synth_writes(tmp_path):
     """The embedded default: the same bytes as `hllm data synth` (so the same DVC version)."""
-    from hllm import snapshot
+    from hllm.data import snapshot
     from hllm.data.raw import fingerprint
     from hllm.data.synth import synthesize
 
@@ -35,7 +35,7 @@ def test_default_snapshot_is_exactly_what_hllm_data_synth_writes(tmp_path):
 
 
 def test_publish_swaps_the_staged_snapshot_in_and_keeps_nothing_half_written(tmp_path):
-    from hllm import snapshot
+    from hllm.data import snapshot
     from hllm.data.raw import fingerprint
 
     cfg = _cfg(tmp_path)
@@ -50,7 +50,7 @@ def test_publish_swaps_the_staged_snapshot_in_and_keeps_nothing_half_written(tmp
 
 
 def test_snapshot_errors_name_the_source(tmp_path):
-    from hllm import snapshot
+    from hllm.data import snapshot
 
     cfg = _cfg(tmp_path)
     with pytest.raises(DataError, match="does not exist"):
@@ -102,7 +102,7 @@ def test_cli_rejects_a_bad_config_before_starting_prefect(tmp_path, monkeypatch,
 
 
 def test_old_nightly_run_folders_are_pruned_others_kept(tmp_path):
-    from hllm.retention import prune_nightly_runs
+    from flows.retention import prune_nightly_runs
 
     runs, exports = tmp_path / "runs", tmp_path / "exports"
     stamps = ["20261120-020000-aaaa1111", "20261121-020000-bbbb2222", "20261122-020000-cccc3333"]

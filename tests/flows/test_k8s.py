@@ -1,4 +1,4 @@
-"""``train_backend: k8s``: hllm.k8s and the nightly flow submitting HLLM training as a PyTorchJob.
+"""``train_backend: k8s``: hllm.training.k8s and the nightly flow submitting HLLM training as a PyTorchJob.
 
 The Kubernetes API is a fake (``fakekube.py``: no cluster, kubelet or Training Operator can run on
 these machines); the ``kubernetes`` client, the template rendering, the training processes the
@@ -21,7 +21,7 @@ from flowkit import evaluate_stage_files, make_project, registered_versions
 from hllm.config import ConfigError, load_config
 
 IMAGE = "registry.example.com/ml/hllm:cuda"
-ARGS = ["-m", "hllm.train", "--params", "/etc/hllm/params.yaml", "--resume", "--no-progress"]
+ARGS = ["-m", "hllm.cli.worker", "--params", "/etc/hllm/params.yaml", "--resume", "--no-progress"]
 
 
 def k8s_config(root: Path, kubeconfig: Path | None = None, *overrides: str):
@@ -34,20 +34,20 @@ def k8s_config(root: Path, kubeconfig: Path | None = None, *overrides: str):
 
 @pytest.fixture
 def kube(tmp_path, monkeypatch):
-    import hllm.k8s
+    import hllm.training.k8s
 
-    monkeypatch.setattr(hllm.k8s, "_BACKOFF_S", 0.01)  # transient API errors retried without waiting
+    monkeypatch.setattr(hllm.training.k8s, "_BACKOFF_S", 0.01)  # transient API errors retried without waiting
     (tmp_path / "shared").mkdir()
     with FakeKube(tmp_path / "kube", tmp_path, mode="hold") as fk:
         fk.kubeconfig_path = fk.kubeconfig(tmp_path / "kubeconfig")
         yield fk
 
 
-# --------------------------------------------------------------------------- hllm.k8s
+# --------------------------------------------------------------------------- hllm.training.k8s
 
 
 def test_job_names_are_short_valid_kubernetes_names():
-    from hllm.k8s import MAX_JOB_NAME, job_name
+    from hllm.training.k8s import MAX_JOB_NAME, job_name
 
     assert job_name("hllm-train", "nightly-20260101-020000-abcdef12-hllm") == \
         "hllm-train-nightly-20260101-020000-abcdef12-hllm"
@@ -66,7 +66,7 @@ def test_job_names_are_short_valid_kubernetes_names():
     ("flow.k8s.namespace=Team_A", "NAMESPACE='Team_A' is not a valid Kubernetes name"),
 ])
 def test_check_names_the_bad_setting(tmp_path, override, message):
-    from hllm import k8s
+    from hllm.training import k8s
 
     (tmp_path / "shared").mkdir()
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -74,7 +74,7 @@ def test_check_names_the_bad_setting(tmp_path, override, message):
 
 
 def test_unfinished_job_is_deleted_at_the_timeout_and_api_hiccups_are_retried(kube, tmp_path):
-    from hllm import k8s
+    from hllm.training import k8s
 
     cfg = k8s_config(tmp_path, kube.kubeconfig_path, "flow.k8s.timeout_s=1", "flow.k8s.workers=2",
                      "flow.k8s.gpus_per_node=4", "flow.k8s.namespace=ml-team")
@@ -102,7 +102,7 @@ def test_unfinished_job_is_deleted_at_the_timeout_and_api_hiccups_are_retried(ku
 
 
 def test_an_existing_job_is_waited_on_only_by_its_own_run(kube, tmp_path):
-    from hllm import k8s
+    from hllm.training import k8s
 
     cfg = k8s_config(tmp_path, kube.kubeconfig_path)
     api = k8s.api_client(cfg)
@@ -118,7 +118,7 @@ def test_an_existing_job_is_waited_on_only_by_its_own_run(kube, tmp_path):
 
 
 def test_refused_credentials_are_a_clear_error(kube, tmp_path):
-    from hllm import k8s
+    from hllm.training import k8s
 
     kube.token = "another-token"
     with pytest.raises(k8s.K8sError, match=r"HTTP 401: Unauthorized \(the API refused the credentials\)"):
@@ -160,7 +160,7 @@ def _runs(root: Path) -> dict:
 @pytest.mark.usefixtures("prefect_api")
 def test_nightly_trains_on_kubernetes_and_registers(tmp_path, bert, monkeypatch):
     from flows.nightly import nightly_retrain
-    from hllm.k8s import job_name
+    from hllm.training.k8s import job_name
 
     with k8s_project(tmp_path, bert, monkeypatch, workers=1, gpus_per_node=1) as (root, fk):
         state = nightly_retrain(baselines=False, return_state=True)  # train_backend from params.yaml
@@ -212,12 +212,13 @@ def test_nightly_trains_on_kubernetes_and_registers(tmp_path, bert, monkeypatch)
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_api")
 def test_a_failed_kubernetes_job_fails_the_flow_and_registers_nothing(tmp_path, bert, monkeypatch):
-    from flows.nightly import nightly_retrain
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    from flows.nightly import nightly_retrain
+
     with k8s_project(tmp_path, bert, monkeypatch, workers=0, gpus_per_node=1) as (root, fk):
-        # valid for the flow, refused by `python -m hllm.train` in the pod
+        # valid for the flow, refused by `python -m hllm.cli.worker` in the pod
         state = nightly_retrain(baselines=False, overrides=["train.batch_size=0"], return_state=True)
     assert state.is_failed()
     assert "PyTorchJob hllm/hllm-train-" in state.message and "Failed=True (PyTorchJobFailed" in state.message

@@ -147,7 +147,7 @@ def test_nightly_registers_a_champion_then_gates_a_challenger(project):
     assert {Path(a.path).name for a in arts} == {res["data"]["data_version"], res3["data"]["data_version"]}
 
     # the registry flows, as a user of the Prefect UI runs them
-    from flows.registry_flows import promote, rollback
+    from flows.registry import promote, rollback
 
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
     challenger = client.get_model_version_by_alias("hllm-recommender", "challenger").version

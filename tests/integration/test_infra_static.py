@@ -156,7 +156,7 @@ def test_client_variables_are_the_same_everywhere(compose):
 
 def test_code_reads_the_tracking_uri_from_the_environment(monkeypatch):
     from hllm.config import Config
-    from hllm.tracking import resolve_tracking_uri
+    from hllm.ops.tracking import resolve_tracking_uri
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     cfg = Config()
@@ -182,7 +182,7 @@ def test_dockerfile_agrees_with_the_project():
     assert re.search(r"^ARG TORCH_VERSION=(\S+)", text, re.M).group(1) == torch_pin
     extras = re.search(r'"\.\[([\w,]+)\]"', text).group(1).split(",")
     assert set(extras) <= set(project["optional-dependencies"]), extras
-    assert "k8s" in extras  # flow runs on the cluster submit PyTorchJobs (hllm.k8s)
+    assert "k8s" in extras  # flow runs on the cluster submit PyTorchJobs (hllm.training.k8s)
     for src in re.findall(r"^COPY (.+) \S+$", text, re.M):
         for path in src.split():
             tracked = subprocess.run(["git", "ls-files", path], cwd=REPO, capture_output=True, text=True).stdout
@@ -263,7 +263,7 @@ def test_pytorchjob_renders_master_and_workers_with_gpus_and_nccl(render):
         c = pod["containers"][0]
         assert c["name"] == "pytorch" and c["image"] == "reg/hllm:cuda"
         assert c["resources"]["limits"]["nvidia.com/gpu"] == 4
-        assert [c["command"][0], *c["args"][:2]] == ["torchrun", "-m", "hllm.train"]
+        assert [c["command"][0], *c["args"][:2]] == ["torchrun", "-m", "hllm.cli.worker"]
         env = {e["name"]: e["value"] for e in c["env"]}
         assert "NCCL_SOCKET_IFNAME" in env and env["MLFLOW_RUN_ID"] == ""
         claims = {v["name"]: v for v in pod["volumes"]}
@@ -273,7 +273,7 @@ def test_pytorchjob_renders_master_and_workers_with_gpus_and_nccl(render):
 
 
 def test_pytorchjob_command_matches_the_training_entry_point(render, capsys):
-    from hllm.train import main
+    from hllm.cli.worker import main
 
     args = _pytorchjob(render)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
     with pytest.raises(SystemExit) as exit_:
@@ -281,7 +281,7 @@ def test_pytorchjob_command_matches_the_training_entry_point(render, capsys):
     assert exit_.value.code == 0
     usage = capsys.readouterr().out
     for flag in (a for a in args[2:] if a.startswith("--")):
-        assert flag in usage, f"pytorchjob.yaml passes {flag}, which `python -m hllm.train` does not accept"
+        assert flag in usage, f"pytorchjob.yaml passes {flag}, which `python -m hllm.cli.worker` does not accept"
 
 
 @pytest.mark.parametrize(

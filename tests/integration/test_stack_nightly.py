@@ -85,6 +85,7 @@ def test_nightly_retrain_runs_through_the_worker_against_the_stack(stack_env, pr
 
     # ---- MLflow: parent run tagged with the flow run, a registered version, files in the bucket
     import psycopg2
+
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])

@@ -70,6 +70,7 @@ def test_status_reports_every_service_up(stack):
 
 def test_mlflow_run_and_model_version_land_in_postgres_and_bucket(stack_env):
     import psycopg2
+
     from mlflow import MlflowClient
 
     env = stack_env.env
@@ -113,8 +114,9 @@ def test_mlflow_refuses_requests_without_valid_credentials(stack_env):
 
 
 def test_mlflow_new_users_read_but_cannot_write_others_experiments(stack_env):
-    from mlflow import MlflowClient
     from mlflow.server import get_app_client
+
+    from mlflow import MlflowClient
 
     env = stack_env.env
     uri = env["MLFLOW_TRACKING_URI"]

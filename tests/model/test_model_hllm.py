@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from hllm import testing as T
-from hllm.data.artifacts import load_built
+from hllm.data.dataset import load_built
 from hllm.data.text import ensure_tokens
 from hllm.models import build_model, get_builder, kinds
-from hllm.train import param_groups
+from hllm.training.setup import param_groups
 
 
 def make(tmp_path, item_dir, built_dir, **overrides):
@@ -158,7 +158,7 @@ def test_registry_knows_every_kind_and_rejects_unknown():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny_llama_dir, built_dir):
-    from hllm.train import _enable_gradient_checkpointing
+    from hllm.training.setup import _enable_gradient_checkpointing
 
     grads = []
     for ckpt in (False, True):
@@ -182,7 +182,7 @@ def test_bf16_autocast_step_is_finite(tmp_path, tiny_bert_dir, built_dir):
 
 def test_validation_loss_fallback_without_the_evaluation_module(tmp_path, tiny_bert_dir, built_dir):
     from hllm.distributed import DistInfo
-    from hllm.train import validation_loss
+    from hllm.training.trainer import validation_loss
 
     model, cfg, built = make(tmp_path, tiny_bert_dir, built_dir)
     loss = validation_loss(model, built, cfg, DistInfo())
@@ -191,9 +191,9 @@ def test_validation_loss_fallback_without_the_evaluation_module(tmp_path, tiny_b
 
 
 def test_item_model_version_keys_on_the_item_tower_only(tmp_path, tiny_bert_dir, built_dir):
-    """Export refresh (``hllm.export.item_model_version``) and the item-embedding cache must change
+    """Export refresh (``hllm.serving.export.item_model_version``) and the item-embedding cache must change
     with the Item LLM, the [ITEM] vector and the projection, and not with the User LLM or the scale."""
-    from hllm.export import item_model_version
+    from hllm.serving.export import item_model_version
 
     user = {**T.TINY_USER, "hidden_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2}
     model, cfg, _ = make(tmp_path, tiny_bert_dir, built_dir, **{"model.user.config": user})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hllm.data.artifacts import TokenCache
+from hllm.data.dataset import TokenCache
 from hllm.models.hf import load_backbone
 from hllm.models.item_llm import ItemLLM
 

@@ -9,12 +9,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hllm import registry, tracking
 from hllm.config import Config, protocol_hash
+from hllm.data import versioning
+from hllm.ops import registry, tracking
 
 
 def write_built(d: Path, sequences: list[list[int]], n_items: int = 12) -> Path:
-    """A built dataset in the ``hllm.data.artifacts`` format (ids only; no token cache needed here)."""
+    """A built dataset in the ``hllm.data.dataset`` format (ids only; no token cache needed here)."""
     d.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"user_idx": pa.array(range(len(sequences)), pa.int32()),
                              "items": pa.array(sequences, pa.list_(pa.int32()))}), d / "sequences.parquet")
@@ -37,7 +38,7 @@ def make_version(cfg: Config, ndcg: np.ndarray, *, recall: np.ndarray | None = N
     recall = ndcg if recall is None else np.asarray(recall, dtype=np.float64)
     users = np.arange(len(ndcg), dtype=np.int32)
     with tracking.start_run(c, name) as tr:
-        dv = tracking.data_version(c)
+        dv = versioning.data_version(c)
         tr.log_evaluation({"ndcg@10": float(ndcg.mean()), "recall@10": float(recall.mean())},
                           {"ndcg@10": ndcg, "recall@10": recall, "rank": np.zeros(len(ndcg), np.int64)}, users,
                           protocol or protocol_hash(c.eval.protocol), dv.version)
@@ -51,10 +52,10 @@ def train_tiny(root: Path) -> dict:
     """Real tiny models over one synthetic dataset: a 2-step HLLM (tiny BERT item tower, tiny Llama
     user tower) and the popularity baseline, each checkpointed, exported and evaluated on test."""
     from hllm import testing
-    from hllm.checkpoint import load_model
-    from hllm.evaluate import evaluate
-    from hllm.export import export
-    from hllm.train import train
+    from hllm.evaluation.evaluate import evaluate
+    from hllm.models.loading import load_model
+    from hllm.serving.export import export
+    from hllm.training.trainer import train
 
     items, seqs = testing.synthetic_lists(n_users=30, n_items=40)
     built = testing.write_built(root / "built", items, seqs)
@@ -79,7 +80,7 @@ def log_trained(cfg: Config, tiny: dict, kind: str, register: bool = True) -> tu
     c = copy.deepcopy(m["cfg"])
     c.tracking, c.registry = cfg.tracking, cfg.registry
     with tracking.start_run(c, kind) as tr:
-        tr.log_eval_result(m["eval"], tracking.data_version(c).version)
+        tr.log_eval_result(m["eval"], versioning.data_version(c).version)
     if not register:
         return tr.run_id, None
     mv = registry.register_model(c, tr.run_id, m["export"], m["checkpoint"])

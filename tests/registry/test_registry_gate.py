@@ -6,11 +6,13 @@ import json
 
 import numpy as np
 import pytest
+from reghelpers import make_version
 from typer.testing import CliRunner
 
-from hllm import registry, tracking
 from hllm.cli import app
-from reghelpers import make_version
+from hllm.data import versioning
+from hllm.ops import gate as gate_mod
+from hllm.ops import registry, tracking
 
 RNG = np.random.default_rng(7)
 BASE = RNG.uniform(0.0, 1.0, 200)  # per-user ndcg@10 of the first model
@@ -38,17 +40,17 @@ def _cli(cfg, *args):
 
 def test_paired_bootstrap_ci():
     a = RNG.uniform(0, 1, 500)
-    assert registry.paired_bootstrap(a, a, 200, 0.95) == (0.0, 0.0, 0.0)
-    mean, lo, hi = registry.paired_bootstrap(a - 0.05, a, 200, 0.95)
+    assert gate_mod.paired_bootstrap(a, a, 200, 0.95) == (0.0, 0.0, 0.0)
+    mean, lo, hi = gate_mod.paired_bootstrap(a - 0.05, a, 200, 0.95)
     assert mean == pytest.approx(-0.05) and lo == pytest.approx(-0.05) and hi == pytest.approx(-0.05)
     noisy = a + RNG.normal(0, 0.2, 500)
-    mean, lo, hi = registry.paired_bootstrap(noisy, a, 300, 0.9, seed=3)
+    mean, lo, hi = gate_mod.paired_bootstrap(noisy, a, 300, 0.9, seed=3)
     assert lo < mean < hi and hi - lo > 0.01
-    assert registry.paired_bootstrap(noisy, a, 300, 0.9, seed=3) == (mean, lo, hi)  # reproducible
+    assert gate_mod.paired_bootstrap(noisy, a, 300, 0.9, seed=3) == (mean, lo, hi)  # reproducible
     # blocks: more resamples than one block holds give the same answer shape
-    assert registry.paired_bootstrap(noisy[:10], a[:10], 1000, 0.9)[1] < 0.2
+    assert gate_mod.paired_bootstrap(noisy[:10], a[:10], 1000, 0.9)[1] < 0.2
     with pytest.raises(ValueError):
-        registry.paired_bootstrap(np.zeros(0), np.zeros(0), 10, 0.9)
+        gate_mod.paired_bootstrap(np.zeros(0), np.zeros(0), 10, 0.9)
 
 
 # --------------------------------------------------------------------------- promotion
@@ -285,8 +287,8 @@ def test_list_table(cfg):
     assert [r["version"] for r in rows] == [v2, v1]
     assert rows[0]["aliases"] == ["challenger"] and rows[1]["aliases"] == ["champion"]
     assert rows[1]["metrics"]["ndcg@10"] == pytest.approx(BASE.mean())
-    assert rows[0]["data_version"] == tracking.data_version(cfg).version
+    assert rows[0]["data_version"] == versioning.data_version(cfg).version
     r = _cli(cfg, "list")
     assert r.exit_code == 0, r.output
-    assert "champion" in r.output and "challenger" in r.output and tracking.data_version(cfg).version in r.output
+    assert "champion" in r.output and "challenger" in r.output and versioning.data_version(cfg).version in r.output
     assert f"{100 * BASE.mean():.2f}" in r.output and "running 10%" in r.output

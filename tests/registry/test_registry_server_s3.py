@@ -18,8 +18,8 @@ import pytest
 from reghelpers import log_trained
 from typer.testing import CliRunner
 
-from hllm import registry, tracking
 from hllm.cli import app
+from hllm.ops import registry, tracking
 
 BIN = Path(sys.executable).parent
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -133,7 +133,7 @@ def test_registry_on_mlflow_server_with_s3_artifacts(cfg, tiny, server, monkeypa
     # load by alias in a fresh process: the champion's recommendations
     from test_registry_serving import predict_in_fresh_process
 
-    from hllm.recommend import Recommender
+    from hllm.serving.recommend import Recommender
 
     exp = tiny[better]["export"]
     rec = Recommender.from_export(exp)

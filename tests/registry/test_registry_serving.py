@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from reghelpers import log_trained
 
-from hllm import registry, tracking
+from hllm.data import versioning
+from hllm.ops import registry, tracking
 
 LOAD_AND_PREDICT = """
 import json, sys
@@ -60,7 +61,7 @@ def test_champion_pyfunc_matches_hllm_recommend(cfg, tiny, tmp_path):
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{v}", dst_path=str(tmp_path / "m")))
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     assert "artifacts/checkpoint/model.safetensors" in files and "artifacts/export/items.faiss" in files
-    assert "artifacts/hf_item/tokenizer.json" in files and "code/hllm/serving.py" in files
+    assert "artifacts/hf_item/tokenizer.json" in files and "code/hllm/serving/pyfunc.py" in files
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".bin"))]
     assert not [f for f in files if f.startswith("artifacts/hf_item/") and f.endswith(".safetensors")]
     reqs = (local / "requirements.txt").read_text().split()
@@ -83,8 +84,8 @@ def test_champion_pyfunc_matches_hllm_recommend(cfg, tiny, tmp_path):
     assert got[1]["scores"] == pytest.approx([w["score"] for w in want], abs=1e-6)
 
     # the user requests against the Recommender `hllm recommend --user` wraps
-    from hllm.recommend import Recommender
-    from hllm.serving import recommend_rows
+    from hllm.serving.pyfunc import recommend_rows
+    from hllm.serving.recommend import Recommender
 
     rec = Recommender.from_export(exp)
     for row, u in ((got[0], users[0]), (got[2], users[5])):
@@ -118,7 +119,7 @@ def test_reevaluate_champion_on_new_data_unblocks_the_gate(cfg, tiny, tmp_path):
     import numpy as np
 
     from hllm import testing
-    from hllm.evaluate import evaluate_checkpoint
+    from hllm.evaluation.evaluate import evaluate_checkpoint
 
     _, v1 = log_trained(cfg, tiny, "hllm")
     registry.promote(cfg, v1)
@@ -139,7 +140,7 @@ def test_reevaluate_champion_on_new_data_unblocks_the_gate(cfg, tiny, tmp_path):
     on_new.paths.built_dir = str(new_built)
     on_new.eval = new["hllm"]["cfg"].eval
     art = registry.reevaluate(on_new)
-    dv = tracking.data_version(on_new).version
+    dv = versioning.data_version(on_new).version
     assert art.endswith(dv)
     want = evaluate_checkpoint(tiny["hllm"]["checkpoint"], on_new, ("test",), built_dir=new_built,
                                progress=False)["test"]
@@ -169,7 +170,7 @@ def test_reevaluate_hllm_champion_on_a_changed_catalogue(cfg, tiny, tmp_path):
     import copy
 
     from hllm import testing
-    from hllm.evaluate import evaluate_checkpoint
+    from hllm.evaluation.evaluate import evaluate_checkpoint
 
     _, v_hllm = log_trained(cfg, tiny, "hllm")
     registry.promote(cfg, v_hllm)
@@ -189,7 +190,7 @@ def test_reevaluate_hllm_champion_on_a_changed_catalogue(cfg, tiny, tmp_path):
     on_new.eval = tiny["hllm"]["cfg"].eval
 
     art = registry.reevaluate(on_new)
-    assert art.endswith(tracking.data_version(on_new).version)
+    assert art.endswith(versioning.data_version(on_new).version)
     want = evaluate_checkpoint(tiny["hllm"]["checkpoint"], on_new, ("test",), built_dir=new_built,
                                progress=False)["test"]
     assert want.n_items == len(items) + 1 != len(tiny["items"]) + 1

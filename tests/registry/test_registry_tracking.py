@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from reghelpers import SEQS, write_built
 
-from hllm import tracking
+from hllm import lineage
 from hllm.config import load_config, protocol_hash
+from hllm.data import versioning
+from hllm.ops import tracking
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -45,8 +47,8 @@ def test_parent_and_sibling_runs_carry_config_lineage_and_system_info(cfg, store
     # dataset version: the md5 from data.dvc and the content hash of the built sequences
     t = h.data.tags
     assert t[tracking.TAG_DVC_MD5] == "0123456789abcdef0123456789abcdef.dir"
-    assert t[tracking.TAG_SEQ_MD5] == tracking.sequences_md5(store / "data" / "built")
-    assert t[tracking.TAG_DATA_VERSION] == tracking.data_version(cfg).version
+    assert t[tracking.TAG_SEQ_MD5] == versioning.sequences_md5(store / "data" / "built")
+    assert t[tracking.TAG_DATA_VERSION] == versioning.data_version(cfg).version
     (inp,) = h.inputs.dataset_inputs
     assert inp.dataset.digest == t[tracking.TAG_SEQ_MD5][:20]
     assert json.loads(inp.dataset.profile) == {"num_rows": 4, "num_interactions": 16}
@@ -67,11 +69,11 @@ def test_git_commit_is_tagged(cfg, tmp_path, monkeypatch):
     for cmd in (["git", "init", "-q"], ["git", "commit", "-q", "--allow-empty", "-m", "x"]):
         subprocess.run(cmd, cwd=repo, check=True)
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
-    assert tracking.git_commit(repo) == (sha, False)
+    assert lineage.git_commit(repo) == (sha, False)
     with tracking.start_run(cfg, "hllm", root=repo, log_data=False) as tr:
         pass
     assert tracking.client(cfg).get_run(tr.run_id).data.tags[tracking.TAG_GIT_COMMIT] == sha
-    assert tracking.git_commit(tmp_path / "nowhere") == (None, False)
+    assert lineage.git_commit(tmp_path / "nowhere") == (None, False)
 
 
 def test_log_metrics_per_step_and_names(cfg):
@@ -152,14 +154,14 @@ def test_data_version_is_content_based_and_bad_dvc_file_is_named(cfg, store, tmp
     t = pq.read_table(a / "sequences.parquet")
     b = write_built(tmp_path / "b", SEQS)
     pq.write_table(t, b / "sequences.parquet", row_group_size=1, compression="gzip")
-    assert tracking.sequences_md5(a) == tracking.sequences_md5(b)
+    assert versioning.sequences_md5(a) == versioning.sequences_md5(b)
     c = write_built(tmp_path / "c", [SEQS[0], SEQS[1], SEQS[2], SEQS[3][:-1] + [5]])
-    assert tracking.sequences_md5(c) != tracking.sequences_md5(a)
-    assert tracking.sequences_md5(tmp_path / "missing") == "none"
+    assert versioning.sequences_md5(c) != versioning.sequences_md5(a)
+    assert versioning.sequences_md5(tmp_path / "missing") == "none"
 
     bad = tmp_path / "repo"
     bad.mkdir()
     (bad / "data.dvc").write_text("outs: []\n")
     with pytest.raises(ValueError, match="data.dvc"):
-        tracking.dvc_md5(cfg, bad)
-    assert tracking.dvc_md5(cfg, tmp_path) == "none"
+        versioning.dvc_md5(cfg, bad)
+    assert versioning.dvc_md5(cfg, tmp_path) == "none"

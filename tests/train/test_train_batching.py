@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hllm.batching import GlobalBatches, length_buckets, negatives_per_rank, sample_negatives
+from hllm.models.item_batch import length_buckets
+from hllm.training.batching import GlobalBatches, negatives_per_rank, sample_negatives
 
 
 def test_ranks_partition_the_global_batch_of_a_single_process():

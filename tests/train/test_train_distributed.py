@@ -1,7 +1,7 @@
 """Two gloo processes == one process with the same global batch and negative pool.
 
 The processes are spawned inside the test (``torch.multiprocessing.spawn`` with
-a ``file://`` rendezvous), each calling the real ``hllm.train.train``: first
+a ``file://`` rendezvous), each calling the real ``hllm.training.trainer.train``: first
 with DDP, then with FSDP2 (``fully_shard``). Tolerance: the final weights agree
 within 1e-5 absolute (+1e-4 relative) and every logged step loss within 1e-5
 relative: the only difference is the order of floating-point reductions.
@@ -34,7 +34,7 @@ def _worker(rank: int, world: int, init_file: str, cfg_dict: dict) -> None:
     import torch.distributed as dist
 
     from hllm.config import config_from_dict
-    from hllm.train import train
+    from hllm.training.trainer import train
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -73,7 +73,7 @@ def _base_cfg(tmp_path, item_dir, built_dir, batch: int):
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path, tiny_llama_dir, built_dir):
-    from hllm.train import train
+    from hllm.training.trainer import train
 
     single = train(_base_cfg(tmp_path, tiny_llama_dir, built_dir, batch=8), progress=False)
     # start from the same weights: every process seeds identically before building the model

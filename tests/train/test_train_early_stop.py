@@ -8,16 +8,16 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-import hllm.train
+import hllm.training.trainer
 from hllm import testing as T
-from hllm.checkpoint import read_meta, step_dir_name
-from hllm.train import TrainResult, train
+from hllm.models.loading import read_meta, step_dir_name
+from hllm.training.trainer import TrainResult, train
 
 SCRIPT = [0.10, 0.30, 0.20, 0.15, 0.12, 0.11, 0.10, 0.09]  # value of epoch 1, 2, ...; the peak is epoch 2
 
 
 class ScriptedValidation:
-    """Stands in for ``hllm.train.validate`` (the full-ranking evaluation is tested elsewhere):
+    """Stands in for ``hllm.training.trainer.validate`` (the full-ranking evaluation is tested elsewhere):
     returns the next value of ``SCRIPT`` as the selection metric, higher is better."""
 
     def __init__(self):
@@ -52,7 +52,7 @@ def _same(a, b) -> bool:
 
 def test_patience_stops_the_run_and_best_is_the_peak(tmp_path, built_dir, monkeypatch):
     val = ScriptedValidation()
-    monkeypatch.setattr(hllm.train, "validate", val)
+    monkeypatch.setattr(hllm.training.trainer, "validate", val)
     cfg = _cfg(tmp_path, built_dir)
     res = train(cfg, progress=False)
 
@@ -91,7 +91,7 @@ def test_patience_stops_the_run_and_best_is_the_peak(tmp_path, built_dir, monkey
 def test_without_a_falling_metric_the_run_goes_to_the_end(tmp_path, built_dir, monkeypatch):
     """Control: patience larger than the fall never stops the run; best stays at the peak."""
     val = ScriptedValidation()
-    monkeypatch.setattr(hllm.train, "validate", val)
+    monkeypatch.setattr(hllm.training.trainer, "validate", val)
     res = train(_cfg(tmp_path, built_dir, **{"train.patience": 10}), progress=False)
     assert val.calls == len(SCRIPT)
     assert not res.stopped_early and res.steps == len(SCRIPT)

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from hllm import testing as T
-from hllm.checkpoint import latest_checkpoint, load_model, read_meta
 from hllm.models import register
 from hllm.models.base import LossOutput, SeqRecModel
-from hllm.train import TrainResult, train
+from hllm.models.loading import latest_checkpoint, load_model, read_meta
+from hllm.training.trainer import TrainResult, train
 
 
 class Recorder:
@@ -175,9 +175,10 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tiny_llama_dir,
 def test_final_validation_leaves_the_item_table_for_evaluate_and_export(tmp_path, tiny_bert_dir, built_dir):
     """The last validation encoded every item with the weights it saved: `hllm evaluate` and
     `hllm export` of that checkpoint read the table instead of running the Item LLM again."""
-    from hllm.evaluate import evaluate_checkpoint, item_cache_dir
-    from hllm.export import export
+    from hllm.evaluation.evaluate import evaluate_checkpoint
+    from hllm.evaluation.item_cache import item_cache_dir
     from hllm.models.item_llm import ItemLLM
+    from hllm.serving.export import export
 
     cfg = cfg_for(tmp_path, tiny_bert_dir, built_dir, **{"train.max_steps": 2, "train.checkpoint_every": 0})
     res = train(cfg, progress=False)

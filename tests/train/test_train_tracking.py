@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from hllm import registry, testing, tracking
+from hllm import testing
 from hllm.cli import app
 from hllm.config import save_config
-from hllm.train import lr_lambda, train
+from hllm.data import versioning
+from hllm.ops import registry, tracking
+from hllm.training.setup import lr_lambda
+from hllm.training.trainer import train
 
 DVC = "outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  path: data/raw\n"
 
@@ -61,7 +64,7 @@ def test_cli_train_is_an_mlflow_run_that_registry_register_accepts(project, buil
     run = client.get_run(rid)
     t, p, m = run.data.tags, run.data.params, run.data.metrics
     assert run.info.status == "FINISHED" and run.info.run_name == cfg.train.run_name
-    dv = tracking.data_version(cfg)
+    dv = versioning.data_version(cfg)
     assert dv.dvc_md5 == "0123456789abcdef0123456789abcdef.dir"
     assert t[tracking.TAG_KIND] == "train" and t[tracking.TAG_MODEL_KIND] == "hllm" and t["hllm.launcher"] == "cli"
     assert t[tracking.TAG_DATA_VERSION] == dv.version and t[tracking.TAG_SEQ_MD5] == dv.sequences_md5
@@ -139,8 +142,8 @@ def test_failed_training_marks_the_run_failed(project):
 @pytest.mark.slow
 def test_torchrun_entry_tags_the_run_with_its_own_system_info(project, monkeypatch):
     """A run opened elsewhere (a flow on a CPU box describing an 8-GPU job) gets the sys.* tags of the
-    process that trains: rank 0 of `python -m hllm.train` with MLFLOW_RUN_ID."""
-    from hllm.train import main
+    process that trains: rank 0 of `python -m hllm.cli.worker` with MLFLOW_RUN_ID."""
+    from hllm.cli.worker import main
 
     cfg = project
     launcher = tracking.open_run(cfg, "k8s-like", world_size=8, device="cuda")

@@ -26,20 +26,18 @@ MLflow metric names may not contain ``@``: ``ndcg@10`` is logged as ``ndcg_at_10
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
-import platform
-import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from hllm.config import Config, protocol_hash
+from hllm.data.versioning import DataVersion, data_version
+from hllm.lineage import git_commit, system_info
 from hllm.logs import is_rank0
 
 if TYPE_CHECKING:
@@ -129,109 +127,13 @@ def metric_key(name: str, split: str | None = None) -> str:
     return f"{split}/{key}" if split else key
 
 
-def git_commit(cwd: str | Path | None = None) -> tuple[str | None, bool]:
-    """(HEAD sha, working tree has uncommitted changes to tracked files); (None, False) outside git."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=cwd, capture_output=True,
-                               timeout=30).returncode == 1
-        return sha or None, dirty
-    except (OSError, subprocess.SubprocessError):
-        return None, False
-
-
-@dataclass(frozen=True)
-class DataVersion:
-    dvc_md5: str  # md5 of the raw dataset recorded in the .dvc file ("none" when not under DVC)
-    sequences_md5: str  # content hash of the built sequences + id maps ("none" when not built)
-
-    @property
-    def version(self) -> str:
-        """One short string: what the registry gate compares."""
-        return f"d{self.dvc_md5[:10]}-s{self.sequences_md5[:10]}"
-
-
-def dvc_md5(cfg: Config, root: str | Path = ".") -> str:
-    """The ``md5`` of the first ``outs`` entry of ``data.dvc`` (or ``<raw_dir>.dvc``)."""
-    import yaml
-
-    root = Path(root)
-    for cand in (root / "data.dvc", root / f"{cfg.paths.raw_dir.rstrip('/')}.dvc"):
-        if cand.is_file():
-            try:
-                outs = (yaml.safe_load(cand.read_text(encoding="utf-8")) or {}).get("outs") or []
-                md5 = outs[0].get("md5") if outs else None
-            except (yaml.YAMLError, AttributeError) as e:
-                raise ValueError(f"{cand}: not a valid .dvc file ({e})") from e
-            if not md5:
-                raise ValueError(f"{cand}: no outs[0].md5 entry")
-            return str(md5)
-    return "none"
-
-
-def sequences_md5(built_dir: str | Path) -> str:
-    """Hash of the built dataset's content (sequences and both id maps), not of the parquet bytes,
-    so rewriting the same data with another pyarrow version keeps the version."""
-    import pyarrow.parquet as pq
-
-    d = Path(built_dir)
-    if not (d / "sequences.parquet").is_file():
-        return "none"
-    h = hashlib.md5()
-    seq = pq.read_table(d / "sequences.parquet", columns=["user_idx", "items"])
-    col = seq.column("items").combine_chunks()
-    offs = col.offsets.to_numpy()
-    h.update((offs - offs[0]).astype("<i8").tobytes())
-    h.update(col.flatten().to_numpy().astype("<i4").tobytes())
-    h.update(seq.column("user_idx").to_numpy().astype("<i4").tobytes())
-    for name, id_col in (("items.parquet", "item_id"), ("users.parquet", "user_id")):
-        if (d / name).is_file():
-            t = pq.read_table(d / name, columns=["idx", id_col]).sort_by("idx")
-            h.update(name.encode())
-            h.update("\x1f".join(map(str, t.column(id_col).to_pylist())).encode())
-    return h.hexdigest()
-
-
-def data_version(cfg: Config, root: str | Path = ".") -> DataVersion:
-    # Path("/root") / "/abs/built" is "/abs/built": absolute built dirs keep working.
-    return DataVersion(dvc_md5(cfg, root), sequences_md5(Path(root) / cfg.paths.built_dir))
-
-
-def system_info(world_size: int | None = None, device: str | None = None) -> dict[str, str]:
-    """``sys.*`` tags of *this* process. ``device``: "cpu", "cuda" (or "cuda:N"), or None / "auto"
-    for what ``train.device: auto`` picks here."""
-    import torch
-
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    info = {
-        "sys.python": platform.python_version(),
-        "sys.platform": platform.platform(),
-        "sys.torch": torch.__version__,
-        "sys.device": device,
-        "sys.world_size": str(world_size or int(os.environ.get("WORLD_SIZE", "1"))),
-        "sys.cpu_count": str(os.cpu_count()),
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["sys.gpu"] = torch.cuda.get_device_name(0)
-        info["sys.gpu_count"] = str(torch.cuda.device_count())
-    try:
-        import transformers
-
-        info["sys.transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover - a hard dependency
-        pass
-    return info
-
-
 # --------------------------------------------------------------------------- the run handle
 
 
 class Tracker:
     """Writes to one MLflow run. ``run_id=None`` is a silent no-op (ranks other than 0).
 
-    Implements ``log_metrics(metrics, step)``, the logger interface of ``hllm.train.train``.
+    Implements ``log_metrics(metrics, step)``, the logger interface of ``hllm.training.trainer.train``.
     """
 
     def __init__(self, run_id: str | None, cfg: Config | None = None):
@@ -400,7 +302,7 @@ class Tracker:
         return art_dir
 
     def log_eval_result(self, result: Any, data_ver: str, log_as_metrics: bool = True) -> str:
-        """Same as :meth:`log_evaluation` for an ``hllm.evaluate.EvalResult``."""
+        """Same as :meth:`log_evaluation` for an ``hllm.evaluation.results.EvalResult``."""
         return self.log_evaluation(result.metrics, result.per_user, result.users, result.protocol_hash, data_ver,
                                    result.split, log_as_metrics)
 
@@ -431,7 +333,7 @@ class Tracker:
 
     def log_loss_curve(self, keys: tuple[str, ...] = ("train/loss",)) -> Path | None:
         """Plot the logged per-step series (default ``train/loss``) as ``plots/loss_curve.png``."""
-        from hllm import plots
+        from hllm.ops import plots
 
         if not self.active:
             return None
@@ -449,7 +351,7 @@ class Tracker:
                        ks: list[int] | None = None) -> Path | None:
         """Recall@K / NDCG@K bars of this run against others (label -> run id, e.g. the baselines),
         from their logged ``<split>/<metric>`` values, as ``plots/<split>_metrics.png``."""
-        from hllm import plots
+        from hllm.ops import plots
 
         if not self.active:
             return None
@@ -470,7 +372,7 @@ class Tracker:
         return Path("plots") / name
 
     def log_train_result(self, result: Any) -> None:
-        """What a finished ``hllm.train.TrainResult`` adds to its run: where the checkpoints are,
+        """What a finished ``hllm.training.trainer.TrainResult`` adds to its run: where the checkpoints are,
         the selection outcome as tags, and the loss curve."""
         if not self.active:
             return

@@ -45,7 +45,8 @@ import numpy as np
 import torch
 
 from hllm.config import Config, protocol_hash, stable_hash
-from hllm.data.artifacts import PAD, BuiltData, left_pad_windows
+from hllm.data import versioning
+from hllm.data.dataset import PAD, BuiltData, left_pad_windows
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def item_text_keys(built: BuiltData, cfg: Config):
 def data_version(built: BuiltData) -> str:
     """sha256 of the built tables' files: the ``data_version`` a checkpoint's ``meta.json`` records
     (not the one MLflow and the registry use: see :func:`data_lineage`)."""
-    from hllm.checkpoint import data_version as content_hash
+    from hllm.data.versioning import content_hash
 
     return content_hash(built.dir)
 
@@ -118,9 +119,8 @@ def data_lineage(built: BuiltData, cfg: Config, root: str | Path = ".") -> dict[
     ``data_version`` (``d<dvc md5>-s<sequences md5>``, what runs and registered versions are
     tagged with, so an export can be matched to them) with its two parts. The DVC md5 comes from
     ``data.dvc`` under ``root`` (the project root), as for the MLflow run."""
-    from hllm import tracking
 
-    dv = tracking.DataVersion(tracking.dvc_md5(cfg, root), tracking.sequences_md5(built.dir))
+    dv = versioning.DataVersion(versioning.dvc_md5(cfg, root), versioning.sequences_md5(built.dir))
     return {"built_dir": str(built.dir), "version": data_version(built), "data_version": dv.version,
             "dvc_md5": dv.dvc_md5, "sequences_md5": dv.sequences_md5}
 
@@ -132,8 +132,9 @@ def export(ckpt_dir: str | Path, out_dir: str | Path | None = None, cfg: Config 
            built_dir: str | Path | None = None, progress: bool = True) -> ExportResult:
     """Export a saved checkpoint. ``cfg`` supplies the ``eval`` (max history)
     and ``export`` sections and output paths; the model comes from the checkpoint."""
-    from hllm.checkpoint import read_meta
-    from hllm.evaluate import checkpoint_fingerprint, load_for_eval
+    from hllm.evaluation.evaluate import load_for_eval
+    from hllm.evaluation.item_cache import checkpoint_fingerprint
+    from hllm.models.loading import read_meta
 
     model, cfg, built = load_for_eval(ckpt_dir, cfg, built_dir)
     meta = read_meta(ckpt_dir)
@@ -155,12 +156,13 @@ def export_model(model, built: BuiltData, cfg: Config, out_dir: str | Path, *,
 
     Item embeddings come, in this order, from the previous export in ``out_dir`` (same item
     tower, same text), from the evaluation's item cache of ``checkpoint_dir`` over ``built``
-    (``hllm.evaluate.load_cached_items``: `hllm evaluate` just encoded them), and only then from
+    (``hllm.evaluation.item_cache.load_cached_items``: `hllm evaluate` just encoded them), and only then from
     the Item LLM; the full table is left in that cache for a later evaluation."""
-    from hllm.evaluate import _unwrap, model_device, user_embedding_fn
+    from hllm.evaluation.evaluate import user_embedding_fn
+    from hllm.models.base import model_device, unwrap
 
     out = Path(out_dir)
-    m = _unwrap(model)
+    m = unwrap(model)
     was_training = m.training
     m.eval()
     try:
@@ -225,7 +227,8 @@ def _item_table(m, built: BuiltData, cfg: Config, keys: list[str], version: str,
     others came from (``previous_export`` / ``evaluation_cache`` counts)."""
     from tqdm.auto import tqdm
 
-    from hllm.evaluate import load_cached_items, model_device, store_cached_items
+    from hllm.evaluation.item_cache import load_cached_items, store_cached_items
+    from hllm.models.base import model_device
 
     sources = {"previous_export": 0, "evaluation_cache": 0}
     reuse: dict[str, np.ndarray] = {}

@@ -1,11 +1,11 @@
 """Training loop for every registered model kind: single process, DDP or FSDP2 under torchrun.
 
 ``train(cfg, resume=False, logger=None)`` is the library entry; ``python -m
-hllm.train --params params.yaml [--set k=v]... [--resume]`` is the torchrun
+hllm.training.trainer --params params.yaml [--set k=v]... [--resume]`` is the torchrun
 entry (``hllm train --nproc N`` launches it).
 
 What a step does (global batch = batch_size x world_size x grad_accum windows):
-each rank takes its slice of the step's windows (``hllm.batching``), samples
+each rank takes its slice of the step's windows (``hllm.training.batching``), samples
 its share of the shared negative pool, and calls ``model.train_loss``. The loss
 is re-normalised to the mean over every target position of the whole global
 step (not the mean of per-rank means), so N ranks with batch b give the same
@@ -26,8 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,11 +35,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from hllm import checkpoint as ckpt
 from hllm import distributed as D
-from hllm.batching import GlobalBatches, negatives_per_rank, sample_negatives
+from hllm import lineage
 from hllm.config import Config
-from hllm.losses import LogitScale, target_mask
+from hllm.data import versioning
+from hllm.models import loading
+from hllm.training import checkpoint as ckpt
+from hllm.training.batching import GlobalBatches, negatives_per_rank, sample_negatives
+from hllm.training.setup import (
+    _enable_gradient_checkpointing,
+    _fsdp_shard,
+    _scale_modules,
+    _Step,
+    lr_lambda,
+    param_groups,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,116 +86,11 @@ class TrainResult:
         return cls(**d)
 
 
-class _Step(nn.Module):
-    """Routes ``train_loss`` through ``forward`` so DDP/FSDP hooks see the step."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, windows: torch.Tensor, negatives: torch.Tensor):
-        return self.model.train_loss(windows, negatives)
-
-
 # --------------------------------------------------------------------------- setup helpers
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
-                 new_lr: float | None = None) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms, 1-d params and anything the
-    model lists in ``no_weight_decay()`` (the [ITEM] vector, the similarity scale).
-
-    With ``new_lr``, parameters under the model's ``new_parameter_prefixes()``
-    (created from scratch rather than loaded pretrained: a User LLM built from
-    config, the [ITEM] vector, the projection, the scale) get that learning rate
-    (the reference code had one rate for everything). Empty groups are dropped."""
-    explicit = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    prefixes = tuple(model.new_parameter_prefixes()) if new_lr and hasattr(model, "new_parameter_prefixes") else ()
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        no_decay = p.ndim < 2 or name in explicit or name.endswith(".bias") or "norm" in name.lower()
-        new = any(name == x or name.startswith(x + ".") for x in prefixes)
-        groups.setdefault((no_decay, new), []).append(p)
-    out = []
-    for (no_decay, new), params in sorted(groups.items()):
-        g: dict[str, Any] = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay}
-        if lr is not None:
-            g["lr"] = new_lr if new else lr
-        out.append(g)
-    return out
-
-
-def lr_lambda(total_steps: int, warmup_ratio: float):
-    """Linear warmup over ``warmup_ratio`` of the steps, then cosine decay to 0 (the paper's schedule)."""
-    warmup = int(round(total_steps * warmup_ratio))
-
-    def f(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
-
-
-def _enable_gradient_checkpointing(model: nn.Module) -> int:
-    """Non-reentrant activation checkpointing per block of every HF backbone in ``model``."""
-    n = 0
-    for m in model.modules():
-        if not getattr(m, "supports_gradient_checkpointing", False):
-            continue
-        if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        elif hasattr(m, "gradient_checkpointing_enable"):
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            continue
-        n += 1
-    return n
-
-
-def _fsdp_shard(step_module: _Step) -> None:
-    """FSDP2: shard every transformer block (HF ``_no_split_modules``), then the root.
-
-    A block holding a backbone's word-embedding table (e.g. ``BertEmbeddings``)
-    stays in the root group: the Item LLM looks that table up outside the
-    block's own forward (to splice in the [ITEM] vector), where a separately
-    sharded table would still be a DTensor shard."""
-    from torch.distributed.fsdp import fully_shard
-
-    names: set[str] = set()
-    embeddings = []
-    for m in step_module.modules():
-        names.update(getattr(m, "_no_split_modules", None) or [])
-        if hasattr(m, "get_input_embeddings") and hasattr(m, "config"):
-            try:
-                emb = m.get_input_embeddings()
-            except (NotImplementedError, AttributeError):  # the User LLM's table was dropped
-                emb = None
-            if emb is not None:
-                embeddings.append(emb)
-    blocks = [m for m in step_module.modules() if type(m).__name__ in names
-              and not any(e is sub for e in embeddings for sub in m.modules())]
-    for b in blocks:
-        fully_shard(b)
-    fully_shard(step_module)
-    log.info("FSDP2: sharded %d blocks + root", len(blocks))
-
-
-def _scale_modules(model: nn.Module) -> list[LogitScale]:
-    return [m for m in model.modules() if isinstance(m, LogitScale)]
-
-
 def _training_windows(cfg: Config, built) -> np.ndarray:
-    from hllm.data.artifacts import train_sequences, training_windows
+    from hllm.data.dataset import train_sequences, training_windows
 
     return training_windows(train_sequences(built.sequences), cfg.build.max_seq_len, cfg.build.window_mode)
 
@@ -203,11 +107,12 @@ def validate(model: nn.Module, built, cfg: Config, info: D.DistInfo
     """Validation metrics, the selection key, whether higher is better, and the item table the
     metrics were computed with (None for the loss fallback).
 
-    Uses ``hllm.evaluate.evaluate`` (full-ranking metrics, selection metric
+    Uses ``hllm.evaluation.evaluate.evaluate`` (full-ranking metrics, selection metric
     ``eval.protocol.select_metric``) when that module is present; otherwise the
     InfoNCE loss on the validation targets."""
     try:
-        from hllm.evaluate import evaluate, item_embedding_table
+        from hllm.evaluation.evaluate import evaluate
+        from hllm.evaluation.item_cache import item_embedding_table
     except ImportError:
         evaluate = None
     if evaluate is not None:
@@ -229,7 +134,7 @@ def validate(model: nn.Module, built, cfg: Config, info: D.DistInfo
 
 @torch.no_grad()
 def validation_loss(model: nn.Module, built, cfg: Config, info: D.DistInfo) -> float:
-    from hllm.data.artifacts import eval_split
+    from hllm.data.dataset import eval_split
 
     es = eval_split(built.sequences, "valid", cfg.build.max_seq_len)
     windows = np.concatenate([es.history, es.targets[:, None]], axis=1).astype(np.int64)
@@ -281,7 +186,7 @@ class _Trainer:
     # -------------------------------------------------------------- building
 
     def _build(self) -> None:
-        from hllm.data.artifacts import load_built
+        from hllm.data.dataset import load_built
         from hllm.models import TEXT_KINDS, build_model
 
         cfg, info = self.cfg, self.info
@@ -291,7 +196,7 @@ class _Trainer:
                 raise ValueError(f"train.{name} must be >= 1, got {v}")
         if t.eval_every_epoch:  # a bad protocol should fail now, not after the first epoch
             try:
-                from hllm.evaluate import check_protocol
+                from hllm.evaluation.evaluate import check_protocol
             except ImportError:
                 check_protocol = None
             if check_protocol is not None:
@@ -344,8 +249,8 @@ class _Trainer:
             self.lr_fn = lr_lambda(self.total_steps, t.warmup_ratio)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_fn)
         self.scales = _scale_modules(self.model)
-        self.data_version = ckpt.data_version(self.built.dir) if info.is_main else None
-        self.code_sha = ckpt.code_sha() if info.is_main else None
+        self.data_version = versioning.content_hash(self.built.dir) if info.is_main else None
+        self.code_sha = lineage.code_sha() if info.is_main else None
         log.info(
             "train %s: %d windows, %d steps/epoch x %d epochs -> %d steps; global batch %d (%d ranks x %d x accum %d), "
             "%d negatives/step, %.2fM trainable params%s, device %s",
@@ -367,7 +272,7 @@ class _Trainer:
             "data_version": self.data_version,
             "built_dir": str(self.built.dir),
             "n_items": self.built.n_items,
-            "catalogue": ckpt.catalogue_hash(self.built.item_ids),  # ids by idx: ID models need the same
+            "catalogue": loading.catalogue_hash(self.built.item_ids),  # ids by idx: ID models need the same
             "code_sha": self.code_sha,
             "world_size": self.info.world_size,
             "fsdp": self.fsdp,
@@ -380,25 +285,25 @@ class _Trainer:
                 "history": self.history}
 
     def _save(self, step: int, metrics: dict[str, float] | None = None) -> Path:
-        dst = self.ckpt_root / ckpt.step_dir_name(step)
+        dst = self.ckpt_root / loading.step_dir_name(step)
         ckpt.save_checkpoint(
             dst, model=self.model, meta=self._meta(step, metrics), optimizer=self.optimizer,
             scheduler=self.scheduler, trainer_state=self._trainer_state(), rank=self.info.rank,
         )
         if self.info.is_main:
             ckpt.write_pointer(self.ckpt_root, dst)
-            protect = {ckpt.step_dir_name(self.best_step)} if self.best_step is not None else set()
+            protect = {loading.step_dir_name(self.best_step)} if self.best_step is not None else set()
             ckpt.prune(self.ckpt_root, self.cfg.train.keep_checkpoints, protect | {dst.name})
         D.barrier()
         self.last_saved = dst
         return dst
 
     def _resume(self) -> int:
-        latest = ckpt.latest_checkpoint(self.run_dir)
+        latest = loading.latest_checkpoint(self.run_dir)
         if latest is None:
             log.info("--resume: no checkpoint under %s, starting from scratch", self.run_dir)
             return 0
-        meta = ckpt.read_meta(latest)
+        meta = loading.read_meta(latest)
         saved_cfg = meta.get("config", {})
         for section in ("model",):
             if saved_cfg.get(section) != self.cfg.to_dict()[section]:
@@ -450,14 +355,14 @@ class _Trainer:
         table, self._val_table = self._val_table, None
         if table is None or not self.info.is_main:
             return
-        from hllm.evaluate import store_cached_items
+        from hllm.evaluation.item_cache import store_cached_items
 
         store_cached_items(table.cpu().numpy(), self.model, self.built, self.cfg, saved)
 
     def _publish_best(self) -> Path | None:
         if self.best_step is None or not self.info.is_main:
             return self.run_dir / "best" if (self.run_dir / "best").exists() else None
-        src = self.ckpt_root / ckpt.step_dir_name(self.best_step)
+        src = self.ckpt_root / loading.step_dir_name(self.best_step)
         if src.exists():
             ckpt.publish_copy(src, self.run_dir / "best")
         return self.run_dir / "best"
@@ -468,7 +373,7 @@ class _Trainer:
         t0 = time.perf_counter()
         cfg, info = self.cfg, self.info
         taken = info.is_main and not resume and (
-            ckpt.latest_checkpoint(self.run_dir) is not None or (self.run_dir / "best").exists()
+            loading.latest_checkpoint(self.run_dir) is not None or (self.run_dir / "best").exists()
         )
         if D.broadcast_object(taken):  # every rank stops, not only rank 0
             raise FileExistsError(
@@ -491,12 +396,12 @@ class _Trainer:
             step = 0
         else:
             step, stopped_early = self._loop(start)
-            last = self.last_saved if self.last_saved is not None and self.last_saved.name == ckpt.step_dir_name(step) \
+            last = self.last_saved if self.last_saved is not None and self.last_saved.name == loading.step_dir_name(step) \
                 else self._save(step)
         if self.best_step is None:  # no validation ran: the final weights are the ones to ship
             self.best_step = step
         if info.is_main:
-            best_src = self.ckpt_root / ckpt.step_dir_name(self.best_step)
+            best_src = self.ckpt_root / loading.step_dir_name(self.best_step)
             if not best_src.exists():
                 log.warning("best checkpoint step %d was pruned; best/ keeps its earlier copy", self.best_step)
         best = self._publish_best()
@@ -516,7 +421,7 @@ class _Trainer:
     def _loop(self, start: int) -> tuple[int, bool]:
         from tqdm.auto import tqdm
 
-        cfg, info, t = self.cfg, self.info, self.cfg.train
+        info, t = self.info, self.cfg.train
         spe = self.batches.steps_per_epoch
         bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step",
                    disable=not (self.progress and info.is_main), dynamic_ncols=True)
@@ -565,7 +470,7 @@ class _Trainer:
         return step, stopped_early
 
     def _train_step(self, step: int, autocast, acc: dict[str, float]) -> None:
-        cfg, info, t = self.cfg, self.info, self.cfg.train
+        info, t = self.info, self.cfg.train
         rates: dict[str, float] = {}
         n_global = _n_targets(self.windows[self.batches.step_indices(step)])
         neg = sample_negatives(t.seed, step, self.built.n_items, self.k_local, info.world_size, info.rank)
@@ -626,55 +531,3 @@ def _versions() -> dict[str, str]:
 
     return {"torch": torch.__version__, "transformers": transformers.__version__}
 
-
-# --------------------------------------------------------------------------- torchrun entry
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m hllm.train --params P [--set k=v]... [--resume]`` (one process per rank)."""
-    import argparse
-    import os
-
-    from hllm.config import load_config
-    from hllm.logs import setup_logging
-
-    ap = argparse.ArgumentParser(prog="python -m hllm.train", description=main.__doc__)
-    ap.add_argument("--params", "-p", default="params.yaml")
-    ap.add_argument("--set", "-s", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    setup_logging(os.environ.get("HLLM_LOG_LEVEL", "INFO"))
-    cfg = load_config(args.params, args.sets)
-    logger = None
-    # Launched by `hllm train --nproc N`, a flow or a PyTorchJob that opened an MLflow run: rank 0
-    # logs its metrics there, and the system info of the processes that actually train (the
-    # launcher's tags describe the machine that launched them, e.g. a Prefect worker).
-    if os.environ.get("MLFLOW_RUN_ID") and int(os.environ.get("RANK", "0")) == 0:
-        from hllm import tracking
-
-        logger = tracking.attach(os.environ["MLFLOW_RUN_ID"], cfg)
-        logger.set_tags(_process_info(cfg))
-    train(cfg, resume=args.resume, logger=logger, progress=not args.no_progress)
-    return 0
-
-
-def _process_info(cfg: Config) -> dict[str, str]:
-    """``sys.*`` tags of this rank-0 process under torchrun: world size, nodes, the device
-    ``train.device`` resolves to here, torch/transformers/python versions, host."""
-    import os
-    import socket
-
-    from hllm import tracking
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    want_cuda = torch.cuda.is_available() if cfg.train.device == "auto" else cfg.train.device == "cuda"
-    info = tracking.system_info(world_size=world, device="cuda" if want_cuda else "cpu")
-    info.update({"sys.local_world_size": str(local), "sys.nodes": str(max(1, world // max(local, 1))),
-                 "sys.host": socket.gethostname(), "sys.fsdp": str(bool(cfg.train.fsdp)).lower()})
-    return info
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Serving-side recommendations from an export (see :mod:`hllm.export`).
+"""Serving-side recommendations from an export (see :mod:`hllm.serving.export`).
 
 ``for_user`` needs only the export: the user's vector at their latest
 position, searched in the FAISS index, with the items they have seen removed.
@@ -34,7 +34,7 @@ class Recommender:
     def __init__(self, export_dir: str | Path, model=None):
         import pandas as pd
 
-        from hllm.export import MANIFEST, import_faiss
+        from hllm.serving.export import MANIFEST, import_faiss
 
         faiss = import_faiss()
         d = Path(export_dir)
@@ -67,14 +67,14 @@ class Recommender:
         A checkpoint whose weights are not the ones the export was made from is refused.
         """
         if checkpoint is not None and model is None:
-            from hllm.evaluate import checkpoint_fingerprint
+            from hllm.evaluation.item_cache import checkpoint_fingerprint
 
             rec = cls(export_dir)
             want = rec.manifest.get("model", {}).get("fingerprint")
             got = checkpoint_fingerprint(checkpoint)
             if want and want != got:
                 raise ValueError(f"checkpoint {checkpoint} ({got}) is not the one export {export_dir} was made from ({want})")
-            from hllm.checkpoint import load_model
+            from hllm.models.loading import load_model
 
             rec.model = load_model(checkpoint)[0].eval()
             return rec
@@ -109,7 +109,7 @@ class Recommender:
 
         if self.model is None:
             raise RuntimeError("for_history needs the user model: Recommender.from_export(dir, checkpoint=CKPT)")
-        from hllm.evaluate import model_device
+        from hllm.models.base import model_device
 
         m = getattr(self.model, "module", self.model)
         dev = model_device(m)

@@ -11,7 +11,7 @@ Protocol facts encoded here (see ``eval.protocol`` in ``params.yaml``):
   scores 0, not a lucky position decided by item order (the optimistic rule,
   or "first index wins", would reward constant scores). In float32 scoring
   "equal" means within rounding of the target's score (see
-  :func:`hllm.evaluate.tie_tolerance`), so duplicate items (same text, same
+  :func:`hllm.evaluation.ranking.tie_tolerance`), so duplicate items (same text, same
   embedding) are ranked before the target however the matmul rounds them.
 - **Masked targets are misses**: when the target is itself excluded (it is in
   the user's history and the protocol masks history), its rank is

@@ -1,4 +1,4 @@
-"""Training on Kubernetes: submit one run of ``python -m hllm.train`` as a Kubeflow ``PyTorchJob``
+"""Training on Kubernetes: submit one run of ``python -m hllm.cli.worker`` as a Kubeflow ``PyTorchJob``
 and wait for it (the nightly flow's ``flow.train_backend: k8s``).
 
 What :func:`train` does, through the Kubernetes API (the official ``kubernetes`` client, extra
@@ -15,7 +15,7 @@ What :func:`train` does, through the Kubernetes API (the official ``kubernetes``
    flow process restarted) and is an error otherwise;
 3. makes the job the ConfigMap's owner, so the ConfigMap goes when the job's TTL removes it;
 4. polls the job until its ``Succeeded`` or ``Failed`` condition (or ``flow.k8s.timeout_s``, after
-   which the job is deleted so it stops holding GPUs) and returns the :class:`~hllm.train.TrainResult`
+   which the job is deleted so it stops holding GPUs) and returns the :class:`~hllm.training.trainer.TrainResult`
    the pods wrote under ``paths.runs_dir``.
 
 A failed or timed-out job raises :class:`K8sError` with the job's conditions and the command for
@@ -405,7 +405,7 @@ def wait(cfg: Config, sub: Submission, api, *, sleep: Callable[[float], None] = 
 def train(cfg: Config, mlflow_run_id: str, api=None):
     """Run ``cfg``'s training as a PyTorchJob and return ``(TrainResult, Submission)``; the result's
     checkpoints are on the shared volume, where this process reads them too."""
-    from hllm.train import TrainResult
+    from hllm.training.trainer import TrainResult
 
     check(cfg)
     own = api is None

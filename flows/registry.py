@@ -1,7 +1,7 @@
 """``promote`` and ``rollback``: the registry commands as flows, for users who work from the Prefect UI.
 
 They call the same functions as ``hllm registry promote`` / ``hllm registry rollback`` (see
-:mod:`hllm.registry`): the same gate, the same audit log. A refused promotion fails the flow run
+:mod:`hllm.ops.registry`): the same gate, the same audit log. A refused promotion fails the flow run
 with the gate's reason, so the UI shows it in red; nothing is moved.
 """
 
@@ -32,7 +32,7 @@ def _load(params: str, overrides: list[str] | None):
 # and a refusal is final. MLflow's client already retries its HTTP requests.
 @task(name="registry-promote", cache_policy=NO_CACHE)
 def _promote(cfg, version: str | None, to: str, reason: str, share: float | None) -> dict[str, Any]:
-    from hllm import registry
+    from hllm.ops import registry
 
     res = registry.promote(cfg, version, to=to, reason=reason, actor=_actor(), share=share)
     return {"action": res.action, "version": res.version, "previous": res.previous, "message": res.message}
@@ -40,7 +40,7 @@ def _promote(cfg, version: str | None, to: str, reason: str, share: float | None
 
 @task(name="registry-rollback", cache_policy=NO_CACHE)
 def _rollback(cfg, reason: str, expect_current: str | None) -> dict[str, Any]:
-    from hllm import registry
+    from hllm.ops import registry
 
     res = registry.rollback(cfg, reason=reason, actor=_actor(), expect_current=expect_current)
     return {"action": res.action, "version": res.version, "previous": res.previous, "message": res.message}

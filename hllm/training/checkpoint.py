@@ -22,14 +22,11 @@ alone: the architecture comes from the saved config, the weights from
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import logging
 import os
 import random
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -37,54 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
+from hllm.models.loading import FORMAT, LATEST, STEP_PREFIX, _options, load_weights
 
-FORMAT = 1
-STEP_PREFIX = "step-"
-LATEST = "latest"
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def step_dir_name(step: int) -> str:
-    return f"{STEP_PREFIX}{step:06d}"
-
-
-def code_sha(cwd: str | Path | None = None) -> str | None:
-    """Git commit of the code (with ``-dirty`` when the tree has changes), or None outside git."""
-    here = Path(cwd) if cwd else Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        if sha.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def data_version(built_dir: str | Path) -> str:
-    """Content hash of the built dataset's tables (what the model was trained on)."""
-    h = hashlib.sha256()
-    for name in ("items.parquet", "users.parquet", "sequences.parquet"):
-        p = Path(built_dir) / name
-        h.update(name.encode())
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
-    p = Path(ckpt_dir) / "meta.json"
-    if not p.exists():
-        raise FileNotFoundError(f"{ckpt_dir}: not a checkpoint (no meta.json)")
-    meta = json.loads(p.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{p}: checkpoint format {meta.get('format')!r}, this code reads format {FORMAT}")
-    return meta
 
 
 def rng_state() -> dict[str, Any]:
@@ -100,12 +55,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, **kw)
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -242,40 +191,7 @@ def prune(ckpt_root: Path, keep: int, protect: set[str]) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete step checkpoint of a run (``checkpoints/latest``, else the highest step)."""
-    root = Path(run_dir) / "checkpoints"
-    pointer = root / LATEST
-    if pointer.exists():
-        p = root / pointer.read_text().strip()
-        if (p / "meta.json").exists():
-            return p
-    steps = sorted(p for p in root.glob(f"{STEP_PREFIX}*") if (p / "meta.json").exists())
-    return steps[-1] if steps else None
-
-
 # --------------------------------------------------------------------------- loading
-
-
-def load_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
-    """Load ``model.safetensors`` into ``model`` (bare or FSDP-sharded); every key must match."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-    path = Path(ckpt_dir) / "model.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"{ckpt_dir}: no model.safetensors")
-    sd = load_file(str(path))
-    missing = set(_param_names(model)) - set(sd)
-    unexpected = set(sd) - set(_param_names(model))
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the model: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
-    set_model_state_dict(model, sd, options=_options())
-
-
-def _param_names(model: torch.nn.Module) -> list[str]:
-    return list(model.state_dict().keys())
 
 
 def load_training_state(
@@ -305,76 +221,3 @@ def load_training_state(
     return json.loads(state_path.read_text()) if state_path.exists() else {}
 
 
-def catalogue_hash(item_ids) -> str:
-    """Identity of an item catalogue *and its idx order*: the hash of the original ids by idx."""
-    h = hashlib.sha256()
-    for x in item_ids:
-        h.update(str(x).encode())
-        h.update(b"\x1f")
-    return h.hexdigest()[:16]
-
-
-def check_catalogue(meta: dict[str, Any], built, ckpt_dir: str | Path) -> None:
-    """Refuse built data whose items an ID-based checkpoint cannot score.
-
-    Text-based item towers (``hllm.models.TEXT_KINDS``: HLLM) embed every item from its text,
-    so their weights hold nothing sized or ordered by the catalogue: any built dataset works,
-    its token cache (row = that dataset's idx) is what the Item LLM reads, and new items are
-    simply encoded. ID-based models (SASRec's embedding table, popularity's counts) have one
-    row per training idx: the catalogue must be the training one, same ids in the same idx
-    order (a rebuild assigns idx by first appearance, so a changed log can move them)."""
-    from hllm.models import TEXT_KINDS
-
-    kind = meta.get("kind") or meta.get("config", {}).get("model", {}).get("kind")
-    if kind in TEXT_KINDS:
-        return
-    why = None
-    if meta.get("n_items") is not None and meta["n_items"] != built.n_items:
-        why = f"it was trained on {meta['n_items']} item slots, {built.dir} has {built.n_items}"
-    elif meta.get("catalogue") and meta["catalogue"] != catalogue_hash(built.item_ids):
-        why = (f"{built.dir} has the same number of items ({built.n_items} slots) but other item ids or another "
-               f"idx order (catalogue {catalogue_hash(built.item_ids)}, trained on {meta['catalogue']})")
-    if why:
-        raise ValueError(
-            f"{ckpt_dir}: a {kind!r} model cannot score this catalogue: {why}. Its item table is indexed by "
-            "the training catalogue (ID-based); retrain it on the new data. (Text-based item towers such as "
-            "HLLM embed items from their text and accept a changed catalogue.)")
-
-
-def load_model(ckpt_dir: str | Path, built_dir: str | Path | None = None, device: str | torch.device = "cpu"):
-    """Rebuild the model saved in ``ckpt_dir`` -> ``(model, cfg, built)``, in eval mode.
-
-    The config comes from ``meta.json``; ``built_dir`` overrides its
-    ``paths.built_dir`` (the same data at another path, or newer data). A
-    text-based model (HLLM) is rebuilt over that dataset's items and token
-    cache, whatever its catalogue (new, removed or re-indexed items: idx are
-    those of ``built``); an ID-based model (SASRec, popularity) must see its
-    training catalogue (:func:`check_catalogue`).
-    """
-    from hllm.config import config_from_dict
-    from hllm.data.artifacts import load_built
-    from hllm.models import TEXT_KINDS, build_model
-
-    meta = read_meta(ckpt_dir)
-    cfg = config_from_dict(meta["config"])
-    if built_dir is not None:
-        cfg.paths.built_dir = str(built_dir)
-    built = load_built(cfg.paths.built_dir)
-    check_catalogue(meta, built, ckpt_dir)
-    if meta.get("data_version") and meta["data_version"] != data_version(built.dir):
-        log.info("%s: built data at %s differs from the training data (version %s)", ckpt_dir, built.dir,
-                 meta["data_version"])
-    build_cfg = copy.deepcopy(cfg)
-    # Architecture only: the weights come from the checkpoint.
-    for tower in (build_cfg.model.item, build_cfg.model.user):
-        if getattr(tower, "path", None) is not None:
-            tower.from_scratch = True
-    tokens = None
-    if cfg.model.kind in TEXT_KINDS:
-        from hllm.data.text import ensure_tokens
-
-        tokens = ensure_tokens(cfg, built.dir)
-    model = build_model(build_cfg, built, tokens)
-    load_weights(model, ckpt_dir)
-    model.to(device).eval()
-    return model, cfg, built

@@ -3,7 +3,7 @@
 Each ``nightly-retrain`` run writes ``<runs_dir>/<run>-<kind>/`` (checkpoints with optimizer state:
 ~300 MB for the default HLLM), ``<export_dir>/<run>-hllm/`` and ``<reports_dir>/eval/<run>-<kind>/``.
 Nothing needs them once the run is over: a registered version carries its own weights, export and
-id maps (:mod:`hllm.serving`), and MLflow holds the metrics. So after a successful run the folders of
+id maps (:mod:`hllm.serving.pyfunc`), and MLflow holds the metrics. So after a successful run the folders of
 all but the newest ``keep`` runs are deleted; folders of other run names are never touched.
 """
 

@@ -1,4 +1,4 @@
-"""The registered pyfunc model ``hllm-recommender``: :class:`hllm.recommend.Recommender` behind MLflow.
+"""The registered pyfunc model ``hllm-recommender``: :class:`hllm.serving.recommend.Recommender` behind MLflow.
 
 It is built on ``Recommender`` so that ``mlflow.pyfunc.load_model("models:/hllm-recommender@champion")``
 and ``hllm recommend`` answer the same for the same checkpoint by construction.
@@ -11,7 +11,7 @@ folder holds, as pyfunc artifacts::
     checkpoint/   model.safetensors (Item LLM + User LLM weights) and meta.json (resolved config);
                   only with a checkpoint: needed for user histories (``for_history``)
     built/        items/users/sequences parquet + stats.json: the id mapping and item text the
-                  model is rebuilt over (``hllm.checkpoint.load_model``)
+                  model is rebuilt over (``hllm.models.loading.load_model``)
     hf_item, hf_user   config + tokenizer of the towers that were loaded from a folder (no weights:
                   they come from model.safetensors), so serving needs no model hub or training tree
     code/hllm     this package's source (``code_paths``), so the model runs with the code it was
@@ -47,7 +47,7 @@ _REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors",
                  "pyarrow", "pyyaml", "tqdm")
 
 _MODEL_CODE = """\
-# MLflow "models from code" entry point for hllm-recommender (written by hllm.serving.save_pyfunc).
+# MLflow "models from code" entry point for hllm-recommender (written by hllm.serving.pyfunc.save_pyfunc).
 from mlflow.models import set_model
 
 from hllm.serving import HLLMRecommenderModel
@@ -85,7 +85,7 @@ def signature():
 
 class HLLMRecommenderModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from hllm.recommend import Recommender
+        from hllm.serving.recommend import Recommender
 
         arts = context.artifacts
         self._tmp = None
@@ -179,7 +179,7 @@ def _bundle_tower(path: str, dst: Path, tokenizer: bool) -> None:
     the ``pkg:`` default and cached hub ids alike."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from hllm.models.hf import resolve_path
+    from hllm.pretrained import resolve_path
 
     resolved = resolve_path(path)
     AutoConfig.from_pretrained(resolved).save_pretrained(dst)
@@ -192,7 +192,7 @@ def _bundle_tower(path: str, dst: Path, tokenizer: bool) -> None:
 
 def stage_artifacts(work: Path, export_dir: str | Path, checkpoint_dir: str | Path | None) -> dict[str, str]:
     """Gather the pyfunc artifacts under ``work``; returns name -> local path."""
-    from hllm.export import MANIFEST
+    from hllm.serving.export import MANIFEST
 
     export_dir = Path(export_dir)
     if not (export_dir / MANIFEST).is_file():
@@ -202,8 +202,8 @@ def stage_artifacts(work: Path, export_dir: str | Path, checkpoint_dir: str | Pa
     shutil.copytree(export_dir, work / "export")
     if checkpoint_dir is None:
         return arts
-    from hllm.checkpoint import read_meta
-    from hllm.evaluate import checkpoint_fingerprint
+    from hllm.evaluation.item_cache import checkpoint_fingerprint
+    from hllm.models.loading import read_meta
 
     ckpt = Path(checkpoint_dir)
     meta = read_meta(ckpt)

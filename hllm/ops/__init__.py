@@ -1,0 +1,1 @@
+"""Operations around the model: MLflow tracking, the model registry, the promotion gate, plots."""
