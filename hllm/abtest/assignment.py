@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -273,7 +274,7 @@ def check_layer_exclusive(experiments: Iterable[Experiment]) -> None:
         raise ValueError(f"duplicate experiment ids: {sorted({i for i in ids if ids.count(i) > 1})}")
     for layer in sorted({e.layer for e in experiments}):
         ranges = _ranges_on(experiments, layer)
-        for (_, end_a, id_a), (start_b, _, id_b) in zip(ranges, ranges[1:]):
+        for (_, end_a, id_a), (start_b, _, id_b) in itertools.pairwise(ranges):
             if start_b < end_a:
                 raise ValueError(f"layer {layer!r}: experiments {id_a!r} and {id_b!r} overlap in layer buckets")
 
@@ -288,7 +289,7 @@ def allocate_layer_range(existing: Iterable[Experiment], layer: str, layer_share
     if width == 0:
         raise ValueError("layer_share must be > 0")
     cursor = 0
-    for start, end, _ in _ranges_on(existing, layer) + [(BUCKETS, BUCKETS, "")]:
+    for start, end, _ in [*_ranges_on(existing, layer), (BUCKETS, BUCKETS, "")]:
         if start - cursor >= width:
             logger.debug("layer %s: allocated [%d, %d)", layer, cursor, cursor + width)
             return cursor, cursor + width

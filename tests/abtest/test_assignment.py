@@ -254,7 +254,7 @@ def test_assignment_is_deterministic_across_processes() -> None:
     code = ("import json, sys; from hllm.abtest.assignment import Experiment, assign; "
             "e = Experiment.from_dict(json.loads(sys.argv[1])); "
             "print(json.dumps([assign(e, u).arm for u in json.loads(sys.argv[2])]))")
-    ids = IDS[:50] + ["usér-42", "😀"]
+    ids = [*IDS[:50], "usér-42", "😀"]
     out = subprocess.run([sys.executable, "-c", code, json.dumps(exp.to_dict()), json.dumps(ids)], check=True,
                          capture_output=True, text=True, env={"PYTHONHASHSEED": "12345"}).stdout
     assert json.loads(out) == [assign(exp, u).arm for u in ids]
