@@ -58,8 +58,12 @@ CHILD = textwrap.dedent(
 
 
 def run(phase: str, work: Path, n_users: int, n_items: int, tokenize: bool) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, phase, str(work), str(n_users), str(n_items),
-                          "1" if tokenize else "0"], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, phase, str(work), str(n_users), str(n_items), "1" if tokenize else "0"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     line = out.stdout.strip().splitlines()[-1]
     print(line, flush=True)
     return json.loads(line)
@@ -82,9 +86,11 @@ def main() -> None:
             run("validate", work, n_users, args.items, False)
         b = run("build", work, n_users, args.items, args.tokenize)
         stats = json.loads((work / "built" / "stats.json").read_text())
-        print(f"build: {b['rows']:,} interactions ({n_users:,} users, {args.items:,} items) in {b['seconds']} s "
-              f"= {b['rows_per_s']:,} rows/s, peak RSS {b['peak_rss_mib']:,} MiB; kept {stats['interactions']:,} "
-              f"after {stats['k_core']['mode']} k-core; generation {gen['seconds']} s")
+        print(
+            f"build: {b['rows']:,} interactions ({n_users:,} users, {args.items:,} items) in {b['seconds']} s "
+            f"= {b['rows_per_s']:,} rows/s, peak RSS {b['peak_rss_mib']:,} MiB; kept {stats['interactions']:,} "
+            f"after {stats['k_core']['mode']} k-core; generation {gen['seconds']} s"
+        )
 
 
 if __name__ == "__main__":

@@ -95,16 +95,30 @@ def one(n_items: int, args) -> dict:
     inputs = rss_mb()
     reset_peak()  # the peak below is the scorer's own, not the input generation's
     t = time.perf_counter()
-    r = rank_items(users, items, targets=targets, exclude=seen, k=args.k,
-                   user_chunk=args.user_chunk, item_chunk=args.item_chunk, progress=False)
+    r = rank_items(
+        users,
+        items,
+        targets=targets,
+        exclude=seen,
+        k=args.k,
+        user_chunk=args.user_chunk,
+        item_chunk=args.item_chunk,
+        progress=False,
+    )
     secs = time.perf_counter() - t
     assert r.ranks is not None and (args.k == 0 or r.topk_idx.shape == (args.users, args.k))
     peak = peak_rss_mb()
     return {
-        "items": n_items, "users": args.users, "dim": args.dim, "k": args.k,
-        "seconds": secs, "users_per_s": args.users / secs,
+        "items": n_items,
+        "users": args.users,
+        "dim": args.dim,
+        "k": args.k,
+        "seconds": secs,
+        "users_per_s": args.users / secs,
         "gflops": 2 * args.users * n_items * args.dim / secs / 1e9,
-        "inputs_mb": inputs - base, "peak_rss_mb": peak, "working_mb": peak - inputs,
+        "inputs_mb": inputs - base,
+        "peak_rss_mb": peak,
+        "working_mb": peak - inputs,
         "score_chunk_mb": args.user_chunk * min(args.item_chunk, n_items) * 4 / 2**20,
     }
 
@@ -114,9 +128,14 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=10_000)
     ap.add_argument("--items", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--dim", type=int, default=384, help="embedding size (MiniLM / default HLLM: 384)")
-    ap.add_argument("--k", type=int, nargs="+", default=[0, 200],
-                    help="running top-K widths to time: 0 = exact ranks only (what `evaluate` does), "
-                         "200 = ranks + top-200 lists (batch recommendations)")
+    ap.add_argument(
+        "--k",
+        type=int,
+        nargs="+",
+        default=[0, 200],
+        help="running top-K widths to time: 0 = exact ranks only (what `evaluate` does), "
+        "200 = ranks + top-200 lists (batch recommendations)",
+    )
     ap.add_argument("--history", type=int, default=10, help="masked history items per user")
     ap.add_argument("--user-chunk", type=int, default=256)
     ap.add_argument("--item-chunk", type=int, default=65_536)
@@ -135,20 +154,32 @@ def main() -> None:
     for n in args.items:
         for k in args.k:
             cmd = [sys.executable, __file__, "--one", str(n), "--k", str(k)] + [
-                f"--users={args.users}", f"--dim={args.dim}", f"--history={args.history}",
-                f"--user-chunk={args.user_chunk}", f"--item-chunk={args.item_chunk}"]
+                f"--users={args.users}",
+                f"--dim={args.dim}",
+                f"--history={args.history}",
+                f"--user-chunk={args.user_chunk}",
+                f"--item-chunk={args.item_chunk}",
+            ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"float32 matmul peak (2048^3, best of 5): {peak:.1f} GFLOP/s; scorer GEMM shape "
-          f"[{args.user_chunk}x{args.dim}]x[{args.dim}x{min(args.item_chunk, max(args.items))}]: {gemm:.1f} GFLOP/s")
-    print(f"full ranking: {args.users} users, dim {args.dim}, exact target rank (+ running top-K), "
-          f"{args.history} masked items/user, user_chunk {args.user_chunk}, item_chunk {args.item_chunk}\n")
-    print("| items | top-K | time (s) | users/s | GFLOP/s | % of matmul peak | peak RSS (MB) | embeddings (MB) | scorer's own memory (MB) |")
+    print(
+        f"float32 matmul peak (2048^3, best of 5): {peak:.1f} GFLOP/s; scorer GEMM shape "
+        f"[{args.user_chunk}x{args.dim}]x[{args.dim}x{min(args.item_chunk, max(args.items))}]: {gemm:.1f} GFLOP/s"
+    )
+    print(
+        f"full ranking: {args.users} users, dim {args.dim}, exact target rank (+ running top-K), "
+        f"{args.history} masked items/user, user_chunk {args.user_chunk}, item_chunk {args.item_chunk}\n"
+    )
+    print(
+        "| items | top-K | time (s) | users/s | GFLOP/s | % of matmul peak | peak RSS (MB) | embeddings (MB) | scorer's own memory (MB) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['items']:,} | {r['k'] or '-'} | {r['seconds']:.1f} | {r['users_per_s']:.0f} | {r['gflops']:.1f} | "
-              f"{100 * r['gflops'] / peak:.0f}% | {r['peak_rss_mb']:.0f} | {r['inputs_mb']:.0f} | {r['working_mb']:.0f} |")
+        print(
+            f"| {r['items']:,} | {r['k'] or '-'} | {r['seconds']:.1f} | {r['users_per_s']:.0f} | {r['gflops']:.1f} | "
+            f"{100 * r['gflops'] / peak:.0f}% | {r['peak_rss_mb']:.0f} | {r['inputs_mb']:.0f} | {r['working_mb']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

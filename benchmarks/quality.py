@@ -97,8 +97,13 @@ def hllm(*args: str, cwd: Path) -> str:
     exe = Path(sys.executable).with_name("hllm")
     cmd = [str(exe) if exe.exists() else "hllm", *args]
     log("$ " + " ".join(cmd))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(THREADS),
+        "MKL_NUM_THREADS": str(THREADS),
+    }
     res = subprocess.run(cmd, cwd=cwd, text=True, capture_output=True, env=env)
     if res.returncode != 0:
         sys.stderr.write(res.stdout + res.stderr)
@@ -113,8 +118,11 @@ def fetch_ml100k(work: Path) -> list[Path]:
     wheels = sorted(dl.glob("recbole-1.2.1-*.whl"))
     if not wheels:
         log(f"pip download {WHEEL} --no-deps")
-        subprocess.run([sys.executable, "-m", "pip", "download", WHEEL, "--no-deps", "-d", str(dl)], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", WHEEL, "--no-deps", "-d", str(dl)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         wheels = sorted(dl.glob("recbole-1.2.1-*.whl"))
     out = []
     with zipfile.ZipFile(wheels[0]) as z:
@@ -162,16 +170,39 @@ def run_one(work: Path, model: str, seed: int) -> dict:
     ckpt = result["best_checkpoint"] or result["last_checkpoint"]
     out = work / "reports" / "eval" / name
     if not (out / "test" / "metrics.json").exists():
-        hllm("evaluate", "--checkpoint", str(ckpt), "--split", "test", "--out", str(out), "--params", "params.yaml",
-             *flags, cwd=work)
+        hllm(
+            "evaluate",
+            "--checkpoint",
+            str(ckpt),
+            "--split",
+            "test",
+            "--out",
+            str(out),
+            "--params",
+            "params.yaml",
+            *flags,
+            cwd=work,
+        )
     m = json.loads((out / "test" / "metrics.json").read_text())
-    return {"model": model, "seed": seed, "train_seconds": result["seconds"], "steps": result["steps"],
-            "best_step": result.get("best_step"), "metrics": m["metrics"], "protocol_hash": m["protocol_hash"],
-            "n_users": m["n_users"], "overrides": sets}
+    return {
+        "model": model,
+        "seed": seed,
+        "train_seconds": result["seconds"],
+        "steps": result["steps"],
+        "best_step": result.get("best_step"),
+        "metrics": m["metrics"],
+        "protocol_hash": m["protocol_hash"],
+        "n_users": m["n_users"],
+        "overrides": sets,
+    }
 
 
 def table(rows: list[dict], models: list[str]) -> str:
-    head = "| model | " + " | ".join(k.replace("recall", "R").replace("ndcg", "N") for k in METRICS) + " | train time (s) |"
+    head = (
+        "| model | "
+        + " | ".join(k.replace("recall", "R").replace("ndcg", "N") for k in METRICS)
+        + " | train time (s) |"
+    )
     lines = [head, "|---|" + "---:|" * (len(METRICS) + 1)]
     for model in models:
         rs = [r for r in rows if r["model"] == model]
@@ -195,13 +226,24 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--work", type=Path, default=None, help="working folder (default: build/quality/<dataset>)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="intra-op threads per run (default 1: on a shared 2-core machine OpenMP threads spin "
-                         "against other jobs; measured SASRec step 37 ms with 1 thread vs 220-490 ms with 2, "
-                         "HLLM step 9 s vs 24 s)")
-    ap.add_argument("--set", "-s", action="append", default=[], dest="sets", metavar="KEY=VALUE",
-                    help="extra config override for every model run, after the built-in ones (repeatable); "
-                         "use a separate --work per recipe, since finished runs there are reused")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads per run (default 1: on a shared 2-core machine OpenMP threads spin "
+        "against other jobs; measured SASRec step 37 ms with 1 thread vs 220-490 ms with 2, "
+        "HLLM step 9 s vs 24 s)",
+    )
+    ap.add_argument(
+        "--set",
+        "-s",
+        action="append",
+        default=[],
+        dest="sets",
+        metavar="KEY=VALUE",
+        help="extra config override for every model run, after the built-in ones (repeatable); "
+        "use a separate --work per recipe, since finished runs there are reused",
+    )
     args = ap.parse_args()
     global THREADS
     THREADS = args.threads
@@ -215,15 +257,20 @@ def main() -> None:
         for seed in args.seeds:
             rows.append(run_one(work, model, seed))
             r = rows[-1]
-            log(f"{model} seed {seed}: " + " ".join(f"{k}={100 * r['metrics'][k]:.2f}" for k in METRICS)
-                + f" train {r['train_seconds']:.0f}s")
+            log(
+                f"{model} seed {seed}: "
+                + " ".join(f"{k}={100 * r['metrics'][k]:.2f}" for k in METRICS)
+                + f" train {r['train_seconds']:.0f}s"
+            )
     hashes = {r["protocol_hash"] for r in rows}
     if len(hashes) != 1:
         raise SystemExit(f"runs were evaluated under different protocols {sorted(hashes)}; refusing to tabulate")
     stats = json.loads((work / "built" / "stats.json").read_text())
     (work / "quality.json").write_text(json.dumps({"dataset": args.dataset, "runs": rows, "stats": stats}, indent=2))
-    print(f"{args.dataset}: {stats['users']} users, {stats['items']} items, {stats['interactions']} interactions "
-          f"after k-core; test split, full ranking over all items, history masked; protocol {hashes.pop()}")
+    print(
+        f"{args.dataset}: {stats['users']} users, {stats['items']} items, {stats['interactions']} interactions "
+        f"after k-core; test split, full ranking over all items, history masked; protocol {hashes.pop()}"
+    )
     print(f"mean ± std over seeds {args.seeds}, percent; {args.threads} thread(s) per run\n")
     print(table(rows, args.models))
     print("\nconfigs (on top of params.yaml defaults):")

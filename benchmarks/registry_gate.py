@@ -30,8 +30,14 @@ def bench_bootstrap(users: int, samples: int) -> dict:
     cand = np.clip(champ + rng.normal(0.002, 0.05, users), 0, 1)
     t0 = time.perf_counter()
     mean, lo, hi = paired_bootstrap(cand, champ, samples, 0.95)
-    return {"what": "paired_bootstrap", "users": users, "samples": samples,
-            "seconds": round(time.perf_counter() - t0, 3), "mean_diff": round(mean, 5), "ci": [round(lo, 5), round(hi, 5)]}
+    return {
+        "what": "paired_bootstrap",
+        "users": users,
+        "samples": samples,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "mean_diff": round(mean, 5),
+        "ci": [round(lo, 5), round(hi, 5)],
+    }
 
 
 def bench_log_metrics(steps: int) -> dict:
@@ -45,9 +51,15 @@ def bench_log_metrics(steps: int) -> dict:
             tr.log_metrics({"train/loss": 1.0}, 0)  # warm: connection, first insert
             t0 = time.perf_counter()
             for s in range(1, steps + 1):
-                tr.log_metrics({"train/loss": 1.0 / s, "train/scale": 14.0, "train/lr": 1e-4, "train/items_per_s": 1e3}, s)
+                tr.log_metrics(
+                    {"train/loss": 1.0 / s, "train/scale": 14.0, "train/lr": 1e-4, "train/items_per_s": 1e3}, s
+                )
             dt = time.perf_counter() - t0
-    return {"what": "Tracker.log_metrics (4 metrics, SQLite)", "calls": steps, "ms_per_call": round(1000 * dt / steps, 2)}
+    return {
+        "what": "Tracker.log_metrics (4 metrics, SQLite)",
+        "calls": steps,
+        "ms_per_call": round(1000 * dt / steps, 2),
+    }
 
 
 def main() -> None:

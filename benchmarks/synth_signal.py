@@ -33,15 +33,24 @@ def main(params: str = "params.yaml", k: int = 10) -> None:
     res = {"pop": [0.0, 0.0], "text": [0.0, 0.0]}
     for s in seqs:
         hist, target = set(s[:-1]), s[-1]
-        lists = {"pop": [i for i in pop.index[: k + len(hist)] if i not in hist][:k],
-                 "text": [i for i in by_cat[category[s[-2]]] if i not in hist][:k]}
+        lists = {
+            "pop": [i for i in pop.index[: k + len(hist)] if i not in hist][:k],
+            "text": [i for i in by_cat[category[s[-2]]] if i not in hist][:k],
+        }
         for name, top in lists.items():
             if target in top:
                 res[name][0] += 1
                 res[name][1] += 1 / math.log2(top.index(target) + 2)
     n = len(seqs)
-    print(json.dumps({"users": n, f"recall@{k}": {m: round(v[0] / n, 4) for m, v in res.items()},
-                      f"ndcg@{k}": {m: round(v[1] / n, 4) for m, v in res.items()}}))
+    print(
+        json.dumps(
+            {
+                "users": n,
+                f"recall@{k}": {m: round(v[0] / n, 4) for m, v in res.items()},
+                f"ndcg@{k}": {m: round(v[1] / n, 4) for m, v in res.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -86,14 +86,25 @@ def one(params: str, sets: list[str], dedup: bool, steps: int, warmup: int) -> d
             stats.append(out.stats)
     mean = lambda key: float(np.mean([s[key] for s in stats]))  # noqa: E731
     sec = float(np.mean(times))
-    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if dev.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     return {
-        "device": str(dev), "threads": torch.get_num_threads(), "batch_size": t.batch_size,
-        "num_negatives": t.num_negatives, "seconds_per_step": sec, "steps_per_s": 1 / sec,
-        "cpu_seconds_per_step": float(np.mean(cpu)), "load_avg": os.getloadavg()[0],
-        "item_tokens_per_s": mean("item_tokens") / sec, "items_encoded": mean("items"), "slots": mean("slots"),
-        "distinct_ratio": mean("items") / mean("slots"), "padding_waste": 1 - mean("item_tokens") / mean("padded_tokens"),
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "batch_size": t.batch_size,
+        "num_negatives": t.num_negatives,
+        "seconds_per_step": sec,
+        "steps_per_s": 1 / sec,
+        "cpu_seconds_per_step": float(np.mean(cpu)),
+        "load_avg": os.getloadavg()[0],
+        "item_tokens_per_s": mean("item_tokens") / sec,
+        "items_encoded": mean("items"),
+        "slots": mean("slots"),
+        "distinct_ratio": mean("items") / mean("slots"),
+        "padding_waste": 1 - mean("item_tokens") / mean("padded_tokens"),
         "peak_mem_gb": peak / 1e9,
     }
 
@@ -116,8 +127,18 @@ def main() -> None:
         extra = LARGE if name == "large" else []
         res = {}
         for mode in ("dedup", "every-slot"):
-            cmd = [sys.executable, __file__, "--one", mode, "--params", args.params, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                mode,
+                "--params",
+                args.params,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+            ]
             for s in args.sets + extra:
                 cmd += ["--set", s]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -127,14 +148,18 @@ def main() -> None:
             rows.append({"config": name, "mode": mode, **res[mode]})
         rows[-2]["speedup"] = res["every-slot"]["seconds_per_step"] / res["dedup"]["seconds_per_step"]
         rows[-2]["speedup_cpu"] = res["every-slot"]["cpu_seconds_per_step"] / res["dedup"]["cpu_seconds_per_step"]
-    print(f"{'config':8} {'mode':10} {'batch':>5} {'negs':>5} {'item-tok/s':>10} {'steps/s':>8} {'cpu-s/step':>10} "
-          f"{'distinct':>8} {'padding':>7} {'speed-up':>8} {'peak mem':>9}  device (load average)")
+    print(
+        f"{'config':8} {'mode':10} {'batch':>5} {'negs':>5} {'item-tok/s':>10} {'steps/s':>8} {'cpu-s/step':>10} "
+        f"{'distinct':>8} {'padding':>7} {'speed-up':>8} {'peak mem':>9}  device (load average)"
+    )
     for r in rows:
         sp = f"{r['speedup']:.2f}x" if "speedup" in r else ""
-        print(f"{r['config']:8} {r['mode']:10} {r['batch_size']:5d} {r['num_negatives']:5d} {r['item_tokens_per_s']:10.0f} "
-              f"{r['steps_per_s']:8.3f} {r['cpu_seconds_per_step']:10.1f} {r['distinct_ratio']:8.2f} "
-              f"{r['padding_waste']:7.1%} {sp:>8} "
-              f"{r['peak_mem_gb']:7.2f}GB  {r['device']}, {r['threads']} threads ({r['load_avg']:.1f})")
+        print(
+            f"{r['config']:8} {r['mode']:10} {r['batch_size']:5d} {r['num_negatives']:5d} {r['item_tokens_per_s']:10.0f} "
+            f"{r['steps_per_s']:8.3f} {r['cpu_seconds_per_step']:10.1f} {r['distinct_ratio']:8.2f} "
+            f"{r['padding_waste']:7.1%} {sp:>8} "
+            f"{r['peak_mem_gb']:7.2f}GB  {r['device']}, {r['threads']} threads ({r['load_avg']:.1f})"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -1,1 +1,1 @@
-"""Prefect flows: thin orchestration over the :mod:`hllm` library (see README, "Nightly flow")."""
+"""Prefect flows: thin orchestration over the :mod:`hllm` library (see docs/operations.md)."""

@@ -28,8 +28,13 @@ def nightly_parameters(params: str, overrides: list[str] | None = None) -> dict[
     return {"params": params, **({"overrides": list(overrides)} if overrides else {})}
 
 
-def deployments(cfg: Config, params: str = "params.yaml", overrides: list[str] | None = None,
-                cron: str | None = None, paused: bool = False) -> list:
+def deployments(
+    cfg: Config,
+    params: str = "params.yaml",
+    overrides: list[str] | None = None,
+    cron: str | None = None,
+    paused: bool = False,
+) -> list:
     """The runner deployments ``hllm flows serve`` serves."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.schedules import Cron
@@ -47,15 +52,21 @@ def deployments(cfg: Config, params: str = "params.yaml", overrides: list[str] |
         tags=TAGS + ["nightly"],
         description=f"Nightly retraining at '{cron or cfg.flow.cron}' ({cfg.flow.timezone}); one run at a time.",
     )
-    common = {"parameters": {"params": params, **({"overrides": list(overrides)} if overrides else {})},
-              "tags": TAGS + ["registry"]}
-    return [nightly,
-            promote.to_deployment(name="manual", **common),
-            rollback.to_deployment(name="manual", **common)]
+    common = {
+        "parameters": {"params": params, **({"overrides": list(overrides)} if overrides else {})},
+        "tags": TAGS + ["registry"],
+    }
+    return [nightly, promote.to_deployment(name="manual", **common), rollback.to_deployment(name="manual", **common)]
 
 
-def serve(cfg: Config, params: str = "params.yaml", overrides: list[str] | None = None, cron: str | None = None,
-          paused: bool = False, limit: int | None = None) -> None:
+def serve(
+    cfg: Config,
+    params: str = "params.yaml",
+    overrides: list[str] | None = None,
+    cron: str | None = None,
+    paused: bool = False,
+    limit: int | None = None,
+) -> None:
     """Register the deployments and run them here until interrupted (blocks)."""
     _env_defaults()
     from prefect import serve as prefect_serve

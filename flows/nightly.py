@@ -1,5 +1,5 @@
 """``nightly-retrain``: snapshot -> validate -> DVC version -> build -> train -> evaluate -> export ->
-register -> promotion gate, as one Prefect flow (see README, "Nightly flow").
+register -> promotion gate, as one Prefect flow (see docs/operations.md).
 
 Stage graph (each box a task from :mod:`flows.tasks`, each calling the library function that the
 matching ``hllm`` command / ``dvc.yaml`` stage runs)::
@@ -27,9 +27,10 @@ import copy
 import logging
 import time
 import traceback
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from prefect import flow
 
@@ -43,9 +44,9 @@ ARTIFACT_KEY = "nightly-retrain-summary"
 
 
 def _code_version() -> str | None:
-    from hllm.lineage import code_sha
+    from hllm.lineage import code_version
 
-    sha = code_sha(Path(__file__).resolve().parent)
+    sha = code_version(Path(__file__).resolve().parent).label
     return None if sha is None else sha[:12] + ("-dirty" if sha.endswith("-dirty") else "")
 
 
@@ -86,8 +87,10 @@ def nightly_slot(name: str, timeout_s: float) -> Iterator[None]:
     except TimeoutError as e:
         if acquired:
             raise
-        raise SlotBusy(f"another {FLOW_NAME} run holds the '{name}' concurrency slot (waited {timeout_s:.0f} s; "
-                       "see `prefect global-concurrency-limit inspect " + name + "`); this run changed nothing") from e
+        raise SlotBusy(
+            f"another {FLOW_NAME} run holds the '{name}' concurrency slot (waited {timeout_s:.0f} s; "
+            "see `prefect global-concurrency-limit inspect " + name + "`); this run changed nothing"
+        ) from e
 
 
 class _Stages:
@@ -121,8 +124,12 @@ def _model_cfg(cfg, kind: str, run_name: str):
     return c
 
 
-@flow(name=FLOW_NAME, version=_code_version(), log_prints=True,
-      description="Retrain HLLM on the latest snapshot, compare with the champion and baselines, register, gate.")
+@flow(
+    name=FLOW_NAME,
+    version=_code_version(),
+    log_prints=True,
+    description="Retrain HLLM on the latest snapshot, compare with the champion and baselines, register, gate.",
+)
 def nightly_retrain(
     snapshot: str | None = None,
     snapshot_format: str | None = None,
@@ -168,10 +175,16 @@ def nightly_retrain(
     world = (fc.k8s.workers + 1) * fc.k8s.gpus_per_node if backend == "k8s" else max(1, nproc)
     do_promote = fc.promote if promote is None else promote
     run_id = str(flow_run.id or "local")
-    run_name = f"nightly-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{run_id[:8]}"
-    report = RunReport(flow_run_id=run_id, flow_run_name=str(flow_run.name or ""), run_name=run_name,
-                       snapshot=source or "", model_name=cfg.registry.model_name, ks=list(cfg.eval.protocol.ks),
-                       tracking_uri=tracking.resolve_tracking_uri(cfg))
+    run_name = f"nightly-{datetime.now(UTC):%Y%m%d-%H%M%S}-{run_id[:8]}"
+    report = RunReport(
+        flow_run_id=run_id,
+        flow_run_name=str(flow_run.name or ""),
+        run_name=run_name,
+        snapshot=source or "",
+        model_name=cfg.registry.model_name,
+        ks=list(cfg.eval.protocol.ks),
+        tracking_uri=tracking.resolve_tracking_uri(cfg),
+    )
     stage = _Stages(report)
     io = T.io_retry(cfg)
     parent: str | None = None
@@ -190,9 +203,16 @@ def nightly_retrain(
             report.experiment_id = tracking.configure(cfg)
             with stage("mlflow"):
                 parent = T.open_run.with_options(**io)(
-                    cfg, run_name, "flow", tags={tracking.TAG_FLOW_RUN: run_id, "prefect.flow_run_name":
-                                                 report.flow_run_name, "hllm.snapshot": source or "synth"},
-                    log_data=False)
+                    cfg,
+                    run_name,
+                    "flow",
+                    tags={
+                        tracking.TAG_FLOW_RUN: run_id,
+                        "prefect.flow_run_name": report.flow_run_name,
+                        "hllm.snapshot": source or "synth",
+                    },
+                    log_data=False,
+                )
                 report.parent_run_id = parent
 
             # ---- data: nothing below runs unless the snapshot passes validation
@@ -219,8 +239,7 @@ def nightly_retrain(
             with stage("build"):
                 built = T.build(cfg)
                 report.data["stats"] = built["stats"]
-                report.data["data_version"] = T.log_lineage.with_options(**io)(
-                    cfg, parent, vreport.report_path, built)
+                report.data["data_version"] = T.log_lineage.with_options(**io)(cfg, parent, vreport.report_path, built)
 
             # ---- champion before this run changes anything (for the comparison table)
             champion = T.current_champion.with_options(**io)(cfg)
@@ -233,14 +252,22 @@ def nightly_retrain(
                 label = MODEL_LABELS.get(kind, kind)
                 with stage(f"train-{kind}"):
                     child = T.open_run.with_options(**io)(
-                        mcfg, mcfg.train.run_name, "train" if kind == "hllm" else "baseline", parent_run_id=parent,
-                        tags={tracking.TAG_FLOW_RUN: run_id}, world_size=world if kind == "hllm" else 1,
+                        mcfg,
+                        mcfg.train.run_name,
+                        "train" if kind == "hllm" else "baseline",
+                        parent_run_id=parent,
+                        tags={tracking.TAG_FLOW_RUN: run_id},
+                        world_size=world if kind == "hllm" else 1,
                         # the run that gets registered carries its data's GX report (the parent has it too)
-                        validation_report=vreport.report_path if kind == "hllm" else None)
+                        validation_report=vreport.report_path if kind == "hllm" else None,
+                    )
                     open_children.append(child)
                     report.run_ids[label] = child
-                    trained = (T.train_model(mcfg, child, nproc, backend) if kind == "hllm"
-                               else T.train_model(mcfg, child, 1, "local"))
+                    trained = (
+                        T.train_model(mcfg, child, nproc, backend)
+                        if kind == "hllm"
+                        else T.train_model(mcfg, child, 1, "local")
+                    )
                     if trained.get("k8s_job"):
                         report.paths[f"{kind}_k8s_job"] = trained["k8s_job"]
                 with stage(f"evaluate-{kind}"):
@@ -251,18 +278,30 @@ def nightly_retrain(
                 report.protocol_hash = ev["protocol_hash"]
                 report.paths[f"{kind}_checkpoint"] = trained["checkpoint"]
                 report.paths[f"{kind}_eval"] = ev["dir"]
-                report.models.append(ModelRow(f"{label} (this run)" if kind == "hllm" else label, kind,
-                                              ev["metrics"], child))
+                report.models.append(
+                    ModelRow(f"{label} (this run)" if kind == "hllm" else label, kind, ev["metrics"], child)
+                )
             if champion:
                 with stage("evaluate-champion"):
-                    champ = T.evaluate_champion(cfg, champion, report.protocol_hash,
-                                                results["hllm"]["eval"]["data_version"])
-                report.models.insert(1, ModelRow(f"champion v{champion['version']}", champion["model_kind"],
-                                                 champ["metrics"], champion["run_id"], champ["note"]))
+                    champ = T.evaluate_champion(
+                        cfg, champion, report.protocol_hash, results["hllm"]["eval"]["data_version"]
+                    )
+                report.models.insert(
+                    1,
+                    ModelRow(
+                        f"champion v{champion['version']}",
+                        champion["model_kind"],
+                        champ["metrics"],
+                        champion["run_id"],
+                        champ["note"],
+                    ),
+                )
             if len(results) > 1:  # the bars on the parent and on the HLLM run that gets registered
                 T.log_comparison.with_options(**io)(
-                    cfg, [parent, results["hllm"]["run_id"]],
-                    {MODEL_LABELS.get(k, k): r["run_id"] for k, r in results.items()})
+                    cfg,
+                    [parent, results["hllm"]["run_id"]],
+                    {MODEL_LABELS.get(k, k): r["run_id"] for k, r in results.items()},
+                )
 
             # ---- ship: export, register, gate
             hllm = results["hllm"]
@@ -271,11 +310,13 @@ def nightly_retrain(
                 report.paths["export"] = export_dir
             with stage("register"):
                 report.registered_version = T.register.with_options(**io)(
-                    hllm["cfg"], hllm["run_id"], export_dir, hllm["checkpoint"])
+                    hllm["cfg"], hllm["run_id"], export_dir, hllm["checkpoint"]
+                )
             if do_promote:
                 with stage("promotion-gate"):
                     gate = T.promotion_gate.with_options(**io)(
-                        cfg, report.registered_version, f"nightly-retrain flow run {report.flow_run_name or run_id}")
+                        cfg, report.registered_version, f"nightly-retrain flow run {report.flow_run_name or run_id}"
+                    )
                     report.alias, report.promotion = gate["alias"], gate["message"]
             else:
                 report.promotion = "skipped (promote=false)"
@@ -325,10 +366,19 @@ def _finish(cfg, report: RunReport, parent: str | None, open_children: list[str]
         tr = tracking.attach(parent, cfg)
         _try(lambda: tr.log_text(md, "summary.md"))
         _try(lambda: tr.log_dict(report.to_dict(), "summary.json"))
-        _try(lambda: tr.set_tags({"hllm.flow_status": report.status, "hllm.snapshot": report.snapshot or "synth",
-                                  **({"hllm.registered_version": report.registered_version}
-                                     if report.registered_version else {})}))
+        _try(
+            lambda: tr.set_tags(
+                {
+                    "hllm.flow_status": report.status,
+                    "hllm.snapshot": report.snapshot or "synth",
+                    **({"hllm.registered_version": report.registered_version} if report.registered_version else {}),
+                }
+            )
+        )
         _try(lambda: tr.finish(status))
-    _try(lambda: create_markdown_artifact(markdown=md, key=ARTIFACT_KEY,
-                                          description=f"{FLOW_NAME} {report.run_name}: {report.headline()}"))
+    _try(
+        lambda: create_markdown_artifact(
+            markdown=md, key=ARTIFACT_KEY, description=f"{FLOW_NAME} {report.run_name}: {report.headline()}"
+        )
+    )
     log.info("summary: %s", out / f"{report.run_name}.md")

@@ -46,10 +46,19 @@ def _rollback(cfg, reason: str, expect_current: str | None) -> dict[str, Any]:
     return {"action": res.action, "version": res.version, "previous": res.previous, "message": res.message}
 
 
-@flow(name="promote", version=_code_version(), description="Promote a model version (gate -> challenger, or "
-      "challenger -> champion).")
-def promote(version: str | None = None, to: str = "challenger", reason: str = "", share: float | None = None,
-            params: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+@flow(
+    name="promote",
+    version=_code_version(),
+    description="Promote a model version (gate -> challenger, or challenger -> champion).",
+)
+def promote(
+    version: str | None = None,
+    to: str = "challenger",
+    reason: str = "",
+    share: float | None = None,
+    params: str = "params.yaml",
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
     """``hllm registry promote VERSION [--to champion]`` from the Prefect UI.
 
     Args:
@@ -60,14 +69,16 @@ def promote(version: str | None = None, to: str = "challenger", reason: str = ""
     """
     cfg = _load(params, overrides)
     res = _promote(cfg, version, to, reason, share)
-    create_markdown_artifact(key="registry-promote", markdown=f"# promote\n\n{res['message']}\n",
-                             description=res["message"][:200])
+    create_markdown_artifact(
+        key="registry-promote", markdown=f"# promote\n\n{res['message']}\n", description=res["message"][:200]
+    )
     return res
 
 
 @flow(name="rollback", version=_code_version(), description="Put the previous champion back.")
-def rollback(reason: str = "", expect_current: str | None = None, params: str = "params.yaml",
-             overrides: list[str] | None = None) -> dict[str, Any]:
+def rollback(
+    reason: str = "", expect_current: str | None = None, params: str = "params.yaml", overrides: list[str] | None = None
+) -> dict[str, Any]:
     """``hllm registry rollback`` from the Prefect UI.
 
     Args:
@@ -76,6 +87,7 @@ def rollback(reason: str = "", expect_current: str | None = None, params: str = 
     """
     cfg = _load(params, overrides)
     res = _rollback(cfg, reason, expect_current)
-    create_markdown_artifact(key="registry-rollback", markdown=f"# rollback\n\n{res['message']}\n",
-                             description=res["message"][:200])
+    create_markdown_artifact(
+        key="registry-rollback", markdown=f"# rollback\n\n{res['message']}\n", description=res["message"][:200]
+    )
     return res

@@ -68,8 +68,11 @@ class RunReport:
         """A link to the run in the MLflow UI (the server's own UI, or ``mlflow ui`` on port 5000)."""
         if not run_id:
             return ""
-        base = self.tracking_uri.rstrip("/") if self.tracking_uri.startswith(("http://", "https://")) \
+        base = (
+            self.tracking_uri.rstrip("/")
+            if self.tracking_uri.startswith(("http://", "https://"))
             else "http://127.0.0.1:5000"
+        )
         return f"{base}/#/experiments/{self.experiment_id}/runs/{run_id}"
 
     def ui_command(self) -> str:
@@ -78,10 +81,12 @@ class RunReport:
         if uri.startswith(("http://", "https://")):
             return f"open {uri}"
         if uri.startswith("sqlite:///"):
-            db = Path(uri[len("sqlite:///"):])
+            db = Path(uri[len("sqlite:///") :])
             arts = db.parent / "artifacts"
-            return (f"mlflow ui --backend-store-uri {shlex.quote(uri)} --default-artifact-root "
-                    f"{shlex.quote(str(arts))} --host 127.0.0.1 --port 5000   (or: make mlflow-ui)")
+            return (
+                f"mlflow ui --backend-store-uri {shlex.quote(uri)} --default-artifact-root "
+                f"{shlex.quote(str(arts))} --host 127.0.0.1 --port 5000   (or: make mlflow-ui)"
+            )
         return f"mlflow ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1 --port 5000"
 
     # ------------------------------------------------------------------ tables
@@ -93,8 +98,7 @@ class RunReport:
         names = self.metric_names()
         out = []
         for r in self.models:
-            out.append([r.label] + [f"{100 * r.metrics[n]:.2f}" if n in r.metrics else "-" for n in names]
-                       + [r.note])
+            out.append([r.label] + [f"{100 * r.metrics[n]:.2f}" if n in r.metrics else "-" for n in names] + [r.note])
         return out
 
     def metrics_markdown(self) -> str:
@@ -111,8 +115,13 @@ class RunReport:
         head = ["model"] + self.metric_names()
         rows = [row[:-1] for row in self._rows()]
         widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head))]
-        fmt = lambda cells: "  " + "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i])  # noqa: E731
-                                             for i, c in enumerate(cells))
+        fmt = lambda cells: (
+            "  "
+            + "  ".join(
+                c.ljust(widths[0]) if i == 0 else c.rjust(widths[i])  # noqa: E731
+                for i, c in enumerate(cells)
+            )
+        )
         notes = [f"  {r.label}: {r.note}" for r in self.models if r.note]
         return "\n".join([fmt(head)] + [fmt(r) for r in rows] + notes)
 
@@ -130,13 +139,18 @@ class RunReport:
         d, s = self.data, self.data.get("stats") or {}
         lines = []
         if d.get("data_version"):
-            lines.append(f"data version {d['data_version']} (data.dvc md5 {d.get('dvc_md5', '?')}"
-                         + (f", pushed to {d['pushed_to']}" if d.get("pushed_to") else "") + ")")
+            lines.append(
+                f"data version {d['data_version']} (data.dvc md5 {d.get('dvc_md5', '?')}"
+                + (f", pushed to {d['pushed_to']}" if d.get("pushed_to") else "")
+                + ")"
+            )
         if s:
             sl = s.get("sequence_length", {})
-            lines.append(f"{s.get('users', '?')} users, {s.get('items', '?')} items, {s.get('interactions', '?')} "
-                         f"interactions (density {s.get('density', '?')}); sequence length median "
-                         f"{sl.get('p50', '?')}, p95 {sl.get('p95', '?')}, max {sl.get('max', '?')}")
+            lines.append(
+                f"{s.get('users', '?')} users, {s.get('items', '?')} items, {s.get('interactions', '?')} "
+                f"interactions (density {s.get('density', '?')}); sequence length median "
+                f"{sl.get('p50', '?')}, p95 {sl.get('p95', '?')}, max {sl.get('max', '?')}"
+            )
         return lines
 
     def markdown(self) -> str:
@@ -147,8 +161,13 @@ class RunReport:
         md += [f"- {line}" for line in self._data_lines()]
         if self.validation:
             md += ["", "Validation:", "", "```", self.validation, "```"]
-        md += ["", f"## Test metrics (%, full ranking over every item, protocol `{self.protocol_hash}`)", "",
-               self.metrics_markdown(), ""]
+        md += [
+            "",
+            f"## Test metrics (%, full ranking over every item, protocol `{self.protocol_hash}`)",
+            "",
+            self.metrics_markdown(),
+            "",
+        ]
         if self.status == "FAILED" and self.error:
             md += ["## Error", "", "```", self.error[-4000:], "```", ""]
         md += ["## MLflow", "", f"- tracking store: `{self.tracking_uri}`"]

@@ -108,8 +108,6 @@ def dvc_add(cfg: Config) -> dict[str, Any]:
     return {"md5": v.md5, "nfiles": v.nfiles, "size": v.size, "dvc_file": str(v.dvc_file)}
 
 
-
-
 def dvc_remote(cfg: Config, repo: str | Path = ".") -> str | None:
     """The DVC remote the flow pushes a data version to: ``flow.dvc_remote``, else remote ``s3`` when
     ``$HLLM_DVC_REMOTE_URL`` is set, else DVC's default (:func:`hllm.data.versioning.choose_remote`)."""
@@ -148,9 +146,16 @@ def build(cfg: Config) -> dict[str, Any]:
 
 
 @task(name="mlflow-open-run", cache_policy=NO_CACHE)
-def open_run(cfg: Config, name: str, kind: str, parent_run_id: str | None = None,
-             tags: dict[str, str] | None = None, log_data: bool = True, world_size: int = 1,
-             validation_report: str | None = None) -> str:
+def open_run(
+    cfg: Config,
+    name: str,
+    kind: str,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    log_data: bool = True,
+    world_size: int = 1,
+    validation_report: str | None = None,
+) -> str:
     """Create an MLflow run (RUNNING) with config, git, system info, dataset lineage and, when given,
     the GX validation report of its data; returns its id.
 
@@ -158,6 +163,7 @@ def open_run(cfg: Config, name: str, kind: str, parent_run_id: str | None = None
     :func:`close_run`, so training and evaluation of one model land in one run.
     """
     import mlflow
+
     from hllm.ops import tracking
 
     exp_id = tracking.configure(cfg)
@@ -237,8 +243,15 @@ def train_model(cfg: Config, run_id: str, nproc: int = 1, backend: str = "local"
     tracker.set_tags({"hllm.checkpoint": str(Path(ckpt).resolve()), "hllm.run_dir": str(Path(res.run_dir).resolve())})
     if res.steps:
         tracker.log_loss_curve()
-    return {"run_dir": str(res.run_dir), "checkpoint": str(ckpt), "steps": res.steps, "seconds": res.seconds,
-            "best_value": res.best_value, "select_metric": res.select_metric, **extra}
+    return {
+        "run_dir": str(res.run_dir),
+        "checkpoint": str(ckpt),
+        "steps": res.steps,
+        "seconds": res.seconds,
+        "best_value": res.best_value,
+        "select_metric": res.select_metric,
+        **extra,
+    }
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -260,8 +273,12 @@ def evaluate_model(cfg: Config, checkpoint: str, run_id: str) -> dict[str, Any]:
         res.save(base / split)
         tracker.log_eval_result(res, data_ver, log_as_metrics=not (split == "valid" and trained_valid))
     test = results["test"]
-    return {"dir": str(base / "test"), "metrics": test.metrics, "protocol_hash": test.protocol_hash,
-            "data_version": data_ver}
+    return {
+        "dir": str(base / "test"),
+        "metrics": test.metrics,
+        "protocol_hash": test.protocol_hash,
+        "data_version": data_ver,
+    }
 
 
 @task(name="export", cache_policy=NO_CACHE)
@@ -298,18 +315,18 @@ def current_champion(cfg: Config) -> dict[str, Any] | None:
 
 
 @task(name="evaluate-champion", cache_policy=NO_CACHE)
-def evaluate_champion(cfg: Config, champion: dict[str, Any], protocol_hash: str, data_version: str
-                      ) -> dict[str, Any]:
+def evaluate_champion(cfg: Config, champion: dict[str, Any], protocol_hash: str, data_version: str) -> dict[str, Any]:
     """The champion's test metrics on today's data under today's protocol, for the comparison table
     and the promotion gate. When it was trained on other data (or under another protocol) its
     registered bundle is re-evaluated on today's built data (``hllm registry reevaluate``) and the
     result attached to its run. Returns ``{"metrics": ..., "note": ...}``; a champion that cannot be
     evaluated on this data (e.g. an ID model and a changed catalogue) is a note, not a failure: the
     gate then refuses and says why."""
-    import json
     import tempfile
 
     import mlflow
+
+    from hllm.evaluation.results import EvalResult
     from hllm.ops import registry, tracking
 
     if champion["data_version"] == data_version and champion["protocol_hash"] == protocol_hash:
@@ -320,9 +337,8 @@ def evaluate_champion(cfg: Config, champion: dict[str, Any], protocol_hash: str,
         return {"metrics": champion["metrics"], "note": f"not comparable: {e}"}
     tracking.configure(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(run_id=champion["run_id"], artifact_path=f"{art}/metrics.json",
-                                                   dst_path=tmp)
-        metrics = json.loads(Path(path).read_text())["metrics"]
+        path = mlflow.artifacts.download_artifacts(run_id=champion["run_id"], artifact_path=art, dst_path=tmp)
+        metrics = EvalResult.load(path).metrics
     return {"metrics": metrics, "note": f"re-evaluated on today's data (trained on {champion['data_version']})"}
 
 

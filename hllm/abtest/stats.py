@@ -128,9 +128,11 @@ def cuped_arms(
 ) -> tuple[FloatArray, FloatArray, float]:
     """(adjusted control, adjusted treatment, theta), with theta and mean(x) fitted on both arms pooled."""
     y_c = _values(y_control, "y_control")
-    result = cuped(np.concatenate([y_c, _values(y_treatment, "y_treatment")]),
-                   np.concatenate([_values(x_control, "x_control"), _values(x_treatment, "x_treatment")]))
-    return result.adjusted[: y_c.size], result.adjusted[y_c.size:], result.theta
+    result = cuped(
+        np.concatenate([y_c, _values(y_treatment, "y_treatment")]),
+        np.concatenate([_values(x_control, "x_control"), _values(x_treatment, "x_treatment")]),
+    )
+    return result.adjusted[: y_c.size], result.adjusted[y_c.size :], result.theta
 
 
 # --- difference in means -------------------------------------------------------------------------------------
@@ -199,8 +201,9 @@ def _ratio_mean_and_var(num: FloatArray, den: FloatArray) -> tuple[float, float]
     return ratio, float(np.var(linearised, ddof=1)) / num.size
 
 
-def ratio_diff(num_control: ArrayLike, den_control: ArrayLike, num_treatment: ArrayLike,
-               den_treatment: ArrayLike) -> MeanDiff:
+def ratio_diff(
+    num_control: ArrayLike, den_control: ArrayLike, num_treatment: ArrayLike, den_treatment: ArrayLike
+) -> MeanDiff:
     """Difference of ratio metrics (e.g. CTR = clicks / impressions per user) with delta-method errors:
     events of one user are correlated, so treating impressions as independent would understate the SE."""
     arms = []
@@ -265,16 +268,18 @@ class SequentialResult:
         return self.estimate.relative
 
 
-def msprt(control: ArrayLike, treatment: ArrayLike, tau: float, alpha: float = 0.05,
-          relative_tau: float | None = None) -> SequentialResult:
+def msprt(
+    control: ArrayLike, treatment: ArrayLike, tau: float, alpha: float = 0.05, relative_tau: float | None = None
+) -> SequentialResult:
     """Always-valid test of the difference in means at one look (no running min/intersection: see
     :func:`sequential_looks`). ``tau`` is in the metric's units; ``relative_tau`` (for the relative lift)
     defaults to tau / |control mean|."""
     return sequential_result(diff_in_means(control, treatment), tau, alpha, relative_tau)
 
 
-def sequential_result(estimate: MeanDiff, tau: float, alpha: float = 0.05,
-                      relative_tau: float | None = None) -> SequentialResult:
+def sequential_result(
+    estimate: MeanDiff, tau: float, alpha: float = 0.05, relative_tau: float | None = None
+) -> SequentialResult:
     """:func:`msprt` for an estimate computed elsewhere (e.g. :func:`ratio_diff`, or on CUPED-adjusted data)."""
     if relative_tau is None:
         relative_tau = tau / abs(estimate.control_mean) if estimate.control_mean else math.nan
@@ -282,12 +287,24 @@ def sequential_result(estimate: MeanDiff, tau: float, alpha: float = 0.05,
     rel_low = rel_high = math.nan
     if math.isfinite(estimate.relative) and math.isfinite(relative_tau):
         _, rel_low, rel_high = always_valid(estimate.relative, estimate.relative_se, relative_tau, alpha)
-    return SequentialResult(estimate.n_control, estimate.n_treatment, estimate, p_value, low, high,
-                            rel_low, rel_high, alpha, tau, relative_tau)
+    return SequentialResult(
+        estimate.n_control,
+        estimate.n_treatment,
+        estimate,
+        p_value,
+        low,
+        high,
+        rel_low,
+        rel_high,
+        alpha,
+        tau,
+        relative_tau,
+    )
 
 
 def _tighten(previous: SequentialResult, current: SequentialResult) -> SequentialResult:
     """Running minimum of the p-value and running intersection of the intervals."""
+
     def inter(lo_a: float, hi_a: float, lo_b: float, hi_b: float) -> tuple[float, float]:
         if math.isnan(lo_a):
             return lo_b, hi_b
@@ -297,13 +314,24 @@ def _tighten(previous: SequentialResult, current: SequentialResult) -> Sequentia
     rel_low, rel_high = inter(previous.rel_ci_low, previous.rel_ci_high, current.rel_ci_low, current.rel_ci_high)
     if low > high:
         logger.warning("mSPRT: the running confidence intervals no longer intersect (a rare miscoverage)")
-    return SequentialResult(current.n_control, current.n_treatment, current.estimate,
-                            min(previous.p_value, current.p_value), low, high, rel_low, rel_high,
-                            current.alpha, current.tau, current.relative_tau)
+    return SequentialResult(
+        current.n_control,
+        current.n_treatment,
+        current.estimate,
+        min(previous.p_value, current.p_value),
+        low,
+        high,
+        rel_low,
+        rel_high,
+        current.alpha,
+        current.tau,
+        current.relative_tau,
+    )
 
 
-def sequential_looks(looks: Iterable[tuple[ArrayLike, ArrayLike]], tau: float, alpha: float = 0.05,
-                     relative_tau: float | None = None) -> list[SequentialResult]:
+def sequential_looks(
+    looks: Iterable[tuple[ArrayLike, ArrayLike]], tau: float, alpha: float = 0.05, relative_tau: float | None = None
+) -> list[SequentialResult]:
     """mSPRT over a sequence of looks, each ``(control, treatment)`` holding all the per-user data up to that
     look (cumulative, see :func:`cumulative_looks`). Returns one result per look with running-minimum
     p-values and running-intersection intervals: what to plot as the cumulative effect over time. When not
@@ -319,8 +347,9 @@ def sequential_looks(looks: Iterable[tuple[ArrayLike, ArrayLike]], tau: float, a
     return results
 
 
-def cumulative_looks(control: ArrayLike, control_day: ArrayLike, treatment: ArrayLike,
-                     treatment_day: ArrayLike) -> list[tuple[FloatArray, FloatArray]]:
+def cumulative_looks(
+    control: ArrayLike, control_day: ArrayLike, treatment: ArrayLike, treatment_day: ArrayLike
+) -> list[tuple[FloatArray, FloatArray]]:
     """Cumulative looks from per-user values and the day (look index) each user entered the test: look d
     holds the users with day <= d, for every distinct day in either arm, in increasing order."""
     c, t = _values(control, "control", 1), _values(treatment, "treatment", 1)
@@ -371,8 +400,15 @@ def _status(worse_low: float, worse_high: float, margin: float) -> GuardrailStat
     return "fail" if worse_low > margin else "inconclusive"
 
 
-def non_inferiority_from_diff(diff: MeanDiff, margin: float, *, relative: bool = False, lower_is_better: bool = True,
-                              alpha: float = 0.05, name: str = "guardrail") -> GuardrailResult:
+def non_inferiority_from_diff(
+    diff: MeanDiff,
+    margin: float,
+    *,
+    relative: bool = False,
+    lower_is_better: bool = True,
+    alpha: float = 0.05,
+    name: str = "guardrail",
+) -> GuardrailResult:
     """:func:`non_inferiority` on an estimate computed elsewhere (e.g. :func:`ratio_diff` for a rate)."""
     _check_alpha(alpha)
     _check_margin(margin)
@@ -383,20 +419,35 @@ def non_inferiority_from_diff(diff: MeanDiff, margin: float, *, relative: bool =
     worse, z = sign * estimate, float(sps.norm.ppf(1.0 - alpha))
     status = _status(worse - z * se, worse + z * se, margin)
     p_value = float(sps.norm.cdf((worse - margin) / se)) if se > 0 else float(worse >= margin)
-    return GuardrailResult(name, status, estimate, estimate + sign * z * se, sign * margin, p_value, alpha,
-                           relative, lower_is_better)
+    return GuardrailResult(
+        name, status, estimate, estimate + sign * z * se, sign * margin, p_value, alpha, relative, lower_is_better
+    )
 
 
-def non_inferiority(control: ArrayLike, treatment: ArrayLike, margin: float, *, relative: bool = False,
-                    lower_is_better: bool = True, alpha: float = 0.05, name: str = "guardrail") -> GuardrailResult:
+def non_inferiority(
+    control: ArrayLike,
+    treatment: ArrayLike,
+    margin: float,
+    *,
+    relative: bool = False,
+    lower_is_better: bool = True,
+    alpha: float = 0.05,
+    name: str = "guardrail",
+) -> GuardrailResult:
     """Non-inferiority of the mean of per-user values (a per-user rate, a 0/1 flag, a mean latency).
 
     ``margin`` >= 0 is the largest acceptable degradation, in the metric's units or, with ``relative``, as a
     fraction of the control mean (0.05 = 5 %). ``lower_is_better`` for latency or error rates; False for
     coverage. A fixed-horizon z-test: judged at every look it fails a truly harmless challenger more often
     than alpha, which is why "fail" needs the harm itself to be significant."""
-    return non_inferiority_from_diff(diff_in_means(control, treatment), margin, relative=relative,
-                                     lower_is_better=lower_is_better, alpha=alpha, name=name)
+    return non_inferiority_from_diff(
+        diff_in_means(control, treatment),
+        margin,
+        relative=relative,
+        lower_is_better=lower_is_better,
+        alpha=alpha,
+        name=name,
+    )
 
 
 # --- guardrails: quantiles (p99 latency) by bootstrap --------------------------------------------------------
@@ -431,8 +482,9 @@ def _units_codes(n: int, units: ArrayLike | None, name: str) -> NDArray[np.intp]
     return np.unique(arr, return_inverse=True)[1].reshape(-1)
 
 
-def _boot_quantiles(values: FloatArray, codes: NDArray[np.intp], q: float, n_boot: int,
-                    rng: np.random.Generator) -> FloatArray:
+def _boot_quantiles(
+    values: FloatArray, codes: NDArray[np.intp], q: float, n_boot: int, rng: np.random.Generator
+) -> FloatArray:
     """Bootstrap q-quantiles resampling whole clusters: each draw weights every value by how often its
     cluster was drawn, and the weighted inverted-CDF quantile is read off the sorted values."""
     order = np.argsort(values, kind="stable")
@@ -445,12 +497,20 @@ def _boot_quantiles(values: FloatArray, codes: NDArray[np.intp], q: float, n_boo
         counts = rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=size)
         cum = np.cumsum(counts[:, sorted_codes], axis=1)
         idx = np.argmax(cum >= q * cum[:, -1:] - 1e-9, axis=1)
-        out[start:start + size] = sorted_values[idx]
+        out[start : start + size] = sorted_values[idx]
     return out
 
 
-def quantile_diff(control: ArrayLike, treatment: ArrayLike, q: float = 0.99, *, n_boot: int = 2000, seed: int = 0,
-                  control_units: ArrayLike | None = None, treatment_units: ArrayLike | None = None) -> QuantileDiff:
+def quantile_diff(
+    control: ArrayLike,
+    treatment: ArrayLike,
+    q: float = 0.99,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    control_units: ArrayLike | None = None,
+    treatment_units: ArrayLike | None = None,
+) -> QuantileDiff:
     """Difference of q-quantiles with a seeded bootstrap. Latency is logged per request but users are the
     randomised unit, so pass ``*_units`` (the user of each request) to resample users, not requests:
     requests of one user are correlated, and resampling them independently understates the spread."""
@@ -467,16 +527,28 @@ def quantile_diff(control: ArrayLike, treatment: ArrayLike, q: float = 0.99, *, 
     return QuantileDiff(q, qc, qt, qt - qc, qt / qc - 1.0 if qc else math.nan, boot_t - boot_c, boot_rel)
 
 
-def quantile_non_inferiority(control: ArrayLike, treatment: ArrayLike, margin: float, *, q: float = 0.99,
-                             relative: bool = True, lower_is_better: bool = True, alpha: float = 0.05,
-                             n_boot: int = 2000, seed: int = 0, control_units: ArrayLike | None = None,
-                             treatment_units: ArrayLike | None = None, name: str = "p99") -> GuardrailResult:
+def quantile_non_inferiority(
+    control: ArrayLike,
+    treatment: ArrayLike,
+    margin: float,
+    *,
+    q: float = 0.99,
+    relative: bool = True,
+    lower_is_better: bool = True,
+    alpha: float = 0.05,
+    n_boot: int = 2000,
+    seed: int = 0,
+    control_units: ArrayLike | None = None,
+    treatment_units: ArrayLike | None = None,
+    name: str = "p99",
+) -> GuardrailResult:
     """Non-inferiority of a quantile (default p99 latency, relative margin: 0.10 = at most 10 % slower), with
     bootstrap percentile bounds and the bootstrap p-value (share of draws at or beyond the threshold)."""
     _check_alpha(alpha)
     _check_margin(margin)
-    res = quantile_diff(control, treatment, q, n_boot=n_boot, seed=seed, control_units=control_units,
-                        treatment_units=treatment_units)
+    res = quantile_diff(
+        control, treatment, q, n_boot=n_boot, seed=seed, control_units=control_units, treatment_units=treatment_units
+    )
     estimate, draws = (res.relative, res.boot_relative) if relative else (res.diff, res.boot_diff)
     if not math.isfinite(estimate) or not np.all(np.isfinite(draws)):
         raise ValueError(f"{name}: the relative difference is undefined (a control quantile is 0)")
@@ -484,8 +556,9 @@ def quantile_non_inferiority(control: ArrayLike, treatment: ArrayLike, margin: f
     worse_low, worse_high = np.quantile(sign * draws, [alpha, 1.0 - alpha])
     status = _status(float(worse_low), float(worse_high), margin)
     p_value = float((np.sum(sign * draws >= margin) + 1) / (draws.size + 1))
-    return GuardrailResult(name, status, estimate, sign * float(worse_high), sign * margin, p_value, alpha,
-                           relative, lower_is_better)
+    return GuardrailResult(
+        name, status, estimate, sign * float(worse_high), sign * margin, p_value, alpha, relative, lower_is_better
+    )
 
 
 # --- the decision ---------------------------------------------------------------------------------------------
@@ -510,12 +583,21 @@ def _primary_direction(primary: SequentialResult, higher_is_better: bool) -> int
 
 def _at_max(n_units: int, max_units: int | None, days: float | None, max_days: float | None) -> bool:
     return (max_units is not None and n_units >= max_units) or (
-        max_days is not None and days is not None and days >= max_days)
+        max_days is not None and days is not None and days >= max_days
+    )
 
 
-def decide(srm: SRMResult, primary: SequentialResult, guardrails: Sequence[GuardrailResult], *, min_units: int,
-           max_units: int | None = None, days: float | None = None, max_days: float | None = None,
-           higher_is_better: bool = True) -> Decision:
+def decide(
+    srm: SRMResult,
+    primary: SequentialResult,
+    guardrails: Sequence[GuardrailResult],
+    *,
+    min_units: int,
+    max_units: int | None = None,
+    days: float | None = None,
+    max_days: float | None = None,
+    higher_is_better: bool = True,
+) -> Decision:
     """ship / stop / keep_running / invalid, in this order of precedence:
 
     1. SRM mismatch -> invalid (assignment or logging is broken; nothing else can be trusted);
@@ -526,15 +608,26 @@ def decide(srm: SRMResult, primary: SequentialResult, guardrails: Sequence[Guard
     6. at ``max_units`` users or ``max_days`` days -> stop (no detectable difference, or guardrails not shown
        non-inferior); otherwise keep_running."""
     n_units = primary.n_control + primary.n_treatment
-    fmt = f"primary: diff {primary.diff:+.4g} (always-valid CI [{primary.ci_low:.4g}, {primary.ci_high:.4g}], " \
-          f"p {primary.p_value:.3g}, alpha {primary.alpha}), {n_units} users"
+    fmt = (
+        f"primary: diff {primary.diff:+.4g} (always-valid CI [{primary.ci_low:.4g}, {primary.ci_high:.4g}], "
+        f"p {primary.p_value:.3g}, alpha {primary.alpha}), {n_units} users"
+    )
     if srm.mismatch:
-        return Decision("invalid", (f"sample ratio mismatch: p {srm.p_value:.3g} < {srm.threshold} "
-                                    f"(chi2 {srm.statistic:.3g}, expected {[round(e) for e in srm.expected]})",))
+        return Decision(
+            "invalid",
+            (
+                f"sample ratio mismatch: p {srm.p_value:.3g} < {srm.threshold} "
+                f"(chi2 {srm.statistic:.3g}, expected {[round(e) for e in srm.expected]})",
+            ),
+        )
     failed = [g for g in guardrails if g.status == "fail"]
     if failed:
-        return Decision("stop", tuple(f"guardrail {g.name} failed: estimate {g.estimate:+.4g} is beyond "
-                                      f"{g.threshold:+.4g}" for g in failed))
+        return Decision(
+            "stop",
+            tuple(
+                f"guardrail {g.name} failed: estimate {g.estimate:+.4g} is beyond {g.threshold:+.4g}" for g in failed
+            ),
+        )
     direction = _primary_direction(primary, higher_is_better)
     if direction < 0:
         return Decision("stop", (f"challenger significantly worse: {fmt}",))
@@ -546,8 +639,7 @@ def decide(srm: SRMResult, primary: SequentialResult, guardrails: Sequence[Guard
         return Decision("ship", (f"challenger significantly better: {fmt}", "all guardrails pass"))
     if direction > 0:
         reason = f"guardrails not shown non-inferior: {pending}"
-        return Decision("stop" if at_max else "keep_running",
-                        (f"{reason} at max sample" if at_max else reason, fmt))
+        return Decision("stop" if at_max else "keep_running", (f"{reason} at max sample" if at_max else reason, fmt))
     if at_max:
         return Decision("stop", ("no detectable difference at max sample", fmt))
     return Decision("keep_running", ("no significant difference yet", fmt))

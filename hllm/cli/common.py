@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to load")]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", "-s", help="override a config value, e.g. --set train.lr=3e-4 (repeatable)"),
 ]
 

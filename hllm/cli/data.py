@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -17,7 +17,7 @@ from hllm.cli.common import ParamsOpt, SetOpt, fail, load
 
 app = typer.Typer(no_args_is_help=True)
 
-RawOpt = Annotated[Optional[Path], typer.Option("--raw", help="raw data folder (default: paths.raw_dir)")]
+RawOpt = Annotated[Path | None, typer.Option("--raw", help="raw data folder (default: paths.raw_dir)")]
 
 
 @app.command("import")
@@ -41,8 +41,9 @@ def import_(
     if fmt not in FORMATS:
         fail(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}", code=2)
     try:
-        res = import_dataset(cfg, fmt, list(src), raw_dir=out, validate=not no_validate,
-                             drop_duplicates=drop_duplicates)
+        res = import_dataset(
+            cfg, fmt, list(src), raw_dir=out, validate=not no_validate, drop_duplicates=drop_duplicates
+        )
     except ValidationFailed as e:
         fail(f"{e}\nnothing was imported: {out or cfg.paths.raw_dir} is unchanged")
     except DataError as e:
@@ -66,8 +67,9 @@ def synth(
         path = synthesize(cfg, out)
     except ValueError as e:
         fail(str(e), code=2)
-    typer.echo(f"synthetic dataset ({cfg.synth.n_users} users, {cfg.synth.n_items} items, seed "
-               f"{cfg.synth.seed}) -> {path}")
+    typer.echo(
+        f"synthetic dataset ({cfg.synth.n_users} users, {cfg.synth.n_items} items, seed {cfg.synth.seed}) -> {path}"
+    )
 
 
 @app.command()
@@ -94,7 +96,7 @@ def validate(
 @app.command()
 def build(
     raw: RawOpt = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="built folder (default: paths.built_dir)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="built folder (default: paths.built_dir)")] = None,
     params: ParamsOpt = Path("params.yaml"),
     sets: SetOpt = None,
 ) -> None:
@@ -108,8 +110,10 @@ def build(
     except (DataError, ValueError, FileNotFoundError) as e:
         fail(str(e))
     s = load_stats(cfg, path)
-    typer.echo(f"built {s['users']} users, {s['items']} items, {s['interactions']} interactions "
-               f"({s['split']['train_windows']} training windows) -> {path}")
+    typer.echo(
+        f"built {s['users']} users, {s['items']} items, {s['interactions']} interactions "
+        f"({s['split']['train_windows']} training windows) -> {path}"
+    )
 
 
 @app.command()
@@ -149,7 +153,14 @@ def stats(
 
 @app.command()
 def push(
-    remote: Annotated[Optional[str], typer.Option("--remote", "-r", help="DVC remote (default: `s3` when $HLLM_DVC_REMOTE_URL is set, else .dvc/config's default)")] = None,
+    remote: Annotated[
+        str | None,
+        typer.Option(
+            "--remote",
+            "-r",
+            help="DVC remote (default: `s3` when $HLLM_DVC_REMOTE_URL is set, else .dvc/config's default)",
+        ),
+    ] = None,
     raw: RawOpt = None,
     params: ParamsOpt = Path("params.yaml"),
     sets: SetOpt = None,
@@ -168,7 +179,14 @@ def push(
 
 @app.command()
 def pull(
-    remote: Annotated[Optional[str], typer.Option("--remote", "-r", help="DVC remote (default: `s3` when $HLLM_DVC_REMOTE_URL is set, else .dvc/config's default)")] = None,
+    remote: Annotated[
+        str | None,
+        typer.Option(
+            "--remote",
+            "-r",
+            help="DVC remote (default: `s3` when $HLLM_DVC_REMOTE_URL is set, else .dvc/config's default)",
+        ),
+    ] = None,
 ) -> None:
     """Bring data/raw to the version recorded in data.dvc (downloads from the DVC remote)."""
     from hllm.data.errors import DataError

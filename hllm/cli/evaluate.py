@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from hllm.cli.common import ParamsOpt, SetOpt, fail, load
 
 CkptOpt = Annotated[
-    Optional[Path],
-    typer.Option("--checkpoint", "-c", help="checkpoint folder (default: runs/<train.run_name>/best, else its latest step)"),
+    Path | None,
+    typer.Option(
+        "--checkpoint", "-c", help="checkpoint folder (default: runs/<train.run_name>/best, else its latest step)"
+    ),
 ]
 
 
@@ -38,8 +40,12 @@ def _checkpoint(cfg, checkpoint: Path | None) -> Path:
 def evaluate_cmd(
     checkpoint: CkptOpt = None,
     split: Annotated[str, typer.Option("--split", help="valid, test or both")] = "test",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default: <reports_dir>/eval/<run_name>)")] = None,
-    built: Annotated[Optional[Path], typer.Option("--built", help="built dataset folder (default: the checkpoint's)")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="output folder (default: <reports_dir>/eval/<run_name>)")
+    ] = None,
+    built: Annotated[
+        Path | None, typer.Option("--built", help="built dataset folder (default: the checkpoint's)")
+    ] = None,
     params: ParamsOpt = Path("params.yaml"),
     sets: SetOpt = None,
 ) -> None:
@@ -59,21 +65,27 @@ def evaluate_cmd(
         results = evaluate_checkpoint(ckpt, cfg, splits, built_dir=built)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    run_name = json.loads((ckpt / "meta.json").read_text()).get("config", {}).get("train", {}).get("run_name", cfg.train.run_name) \
-        if (ckpt / "meta.json").exists() else cfg.train.run_name
+    from hllm.models.loading import read_meta
+
+    run_name = read_meta(ckpt)["config"].get("train", {}).get("run_name", cfg.train.run_name)
     base = out or Path(cfg.paths.reports_dir) / "eval" / run_name
     for s, res in results.items():
         res.save(base / s)
     first = next(iter(results.values()))
-    typer.echo(f"checkpoint {ckpt}  protocol {first.protocol_hash}  users {', '.join(f'{s}={r.n_users}' for s, r in results.items())}")
+    users = ", ".join(f"{s}={r.n_users}" for s, r in results.items())
+    typer.echo(f"checkpoint {ckpt}  protocol {first.protocol_hash}  users {users}")
     typer.echo(M.format_table({s: r.metrics for s, r in results.items()}, cfg.eval.protocol.ks))
     typer.echo(f"(percent; fractions in {base}/<split>/metrics.json)")
 
 
 def export_cmd(
     checkpoint: CkptOpt = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="export folder (default: <export_dir>/<run_name>)")] = None,
-    built: Annotated[Optional[Path], typer.Option("--built", help="built dataset folder (default: the checkpoint's)")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="export folder (default: <export_dir>/<run_name>)")
+    ] = None,
+    built: Annotated[
+        Path | None, typer.Option("--built", help="built dataset folder (default: the checkpoint's)")
+    ] = None,
     params: ParamsOpt = Path("params.yaml"),
     sets: SetOpt = None,
 ) -> None:
@@ -89,16 +101,22 @@ def export_cmd(
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     c = res.manifest["counts"]
-    typer.echo(f"exported {c['items']} items ({res.items_encoded} encoded, {res.items_reused} reused) and "
-               f"{c['users']} users, dim {res.manifest['dim']}, index {res.manifest['index']['type']} -> {res.out_dir}")
+    typer.echo(
+        f"exported {c['items']} items ({res.items_encoded} encoded, {res.items_reused} reused) and "
+        f"{c['users']} users, dim {res.manifest['dim']}, index {res.manifest['index']['type']} -> {res.out_dir}"
+    )
 
 
 def recommend_cmd(
-    user: Annotated[Optional[str], typer.Option("--user", "-u", help="original user id")] = None,
-    history: Annotated[Optional[str], typer.Option("--history", help="comma-separated item ids (needs the checkpoint)")] = None,
+    user: Annotated[str | None, typer.Option("--user", "-u", help="original user id")] = None,
+    history: Annotated[
+        str | None, typer.Option("--history", help="comma-separated item ids (needs the checkpoint)")
+    ] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="number of items")] = 10,
-    export_dir: Annotated[Optional[Path], typer.Option("--export", "-e", help="export folder (default: <export_dir>/<run_name>)")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="checkpoint, for --history")] = None,
+    export_dir: Annotated[
+        Path | None, typer.Option("--export", "-e", help="export folder (default: <export_dir>/<run_name>)")
+    ] = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", "-c", help="checkpoint, for --history")] = None,
     include_seen: Annotated[bool, typer.Option("--include-seen", help="do not exclude items already seen")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
     params: ParamsOpt = Path("params.yaml"),
@@ -115,8 +133,10 @@ def recommend_cmd(
         if history is not None:
             ckpt = checkpoint
             if ckpt is None:
-                man = json.loads((d / "manifest.json").read_text()) if (d / "manifest.json").exists() else {}
-                ckpt = Path(man.get("model", {}).get("checkpoint", "")) if man.get("model", {}).get("checkpoint") else None
+                from hllm.serving.export import read_manifest
+
+                saved = (read_manifest(d) or {}).get("model", {}).get("checkpoint")
+                ckpt = Path(saved) if saved else None
             if ckpt is None:
                 fail("--history needs the user model: pass --checkpoint")
             rec = Recommender.from_export(d, checkpoint=ckpt)

@@ -12,7 +12,7 @@ import os
 import time
 import typing
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -28,10 +28,14 @@ app.add_typer(run_app, name="run", help="Run a flow here and now (in-process): n
 
 def _prefect_env() -> None:
     """Offline, telemetry-free defaults for direct CLI use (the Makefile exports the same)."""
-    for k, v in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                 "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-                 "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
-                 "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+    for k, v in {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        "DO_NOT_TRACK": "true",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }.items():
         os.environ.setdefault(k, v)
 
 
@@ -42,15 +46,30 @@ def _elapsed(t0: float) -> str:
 
 @run_app.command("nightly")
 def nightly(
-    snapshot: Annotated[Optional[str], typer.Option(
-        "--snapshot", help="folder or s3://bucket/prefix with the new data (default: flow.snapshot; '' = synthetic)")] = None,
-    fmt: Annotated[Optional[str], typer.Option(
-        "--format", help="raw (interactions/items.parquet) or hllm | amazon | movielens | recbole")] = None,
-    nproc: Annotated[Optional[int], typer.Option("--nproc", "-n", min=1, help="training processes (torchrun when > 1)")] = None,
-    backend: Annotated[Optional[str], typer.Option(
-        "--train-backend", help="local | torchrun | k8s (a PyTorchJob, settings in flow.k8s); default flow.train_backend")] = None,
-    baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="train and evaluate flow.baselines")] = True,
-    promote: Annotated[Optional[bool], typer.Option("--promote/--no-promote", help="run the promotion gate")] = None,
+    snapshot: Annotated[
+        str | None,
+        typer.Option(
+            "--snapshot", help="folder or s3://bucket/prefix with the new data (default: flow.snapshot; '' = synthetic)"
+        ),
+    ] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", help="raw (interactions/items.parquet) or hllm | amazon | movielens | recbole"),
+    ] = None,
+    nproc: Annotated[
+        int | None, typer.Option("--nproc", "-n", min=1, help="training processes (torchrun when > 1)")
+    ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            "--train-backend",
+            help="local | torchrun | k8s (a PyTorchJob, settings in flow.k8s); default flow.train_backend",
+        ),
+    ] = None,
+    baselines: Annotated[
+        bool, typer.Option("--baselines/--no-baselines", help="train and evaluate flow.baselines")
+    ] = True,
+    promote: Annotated[bool | None, typer.Option("--promote/--no-promote", help="run the promotion gate")] = None,
     params: ParamsOpt = Path("params.yaml"),
     sets: SetOpt = None,
 ) -> None:
@@ -64,8 +83,16 @@ def nightly(
     from flows.report import RunReport
 
     try:
-        result = nightly_retrain(snapshot=snapshot, snapshot_format=fmt, nproc=nproc, train_backend=backend,
-                                 params=str(params), overrides=list(sets or []), baselines=baselines, promote=promote)
+        result = nightly_retrain(
+            snapshot=snapshot,
+            snapshot_format=fmt,
+            nproc=nproc,
+            train_backend=backend,
+            params=str(params),
+            overrides=list(sets or []),
+            baselines=baselines,
+            promote=promote,
+        )
     except Exception as e:  # noqa: BLE001 - the flow run failed; its report says where and why
         report = getattr(e, "run_report", None)
         if report is not None:
@@ -80,10 +107,14 @@ def nightly(
 
 @run_app.command("promote")
 def promote_cmd(
-    version: Annotated[Optional[str], typer.Argument(help="model version (default with --to champion: the challenger)")] = None,
-    to: Annotated[str, typer.Option("--to", help="challenger (gate, start the A/B test) or champion (end it)")] = "challenger",
+    version: Annotated[
+        str | None, typer.Argument(help="model version (default with --to champion: the challenger)")
+    ] = None,
+    to: Annotated[
+        str, typer.Option("--to", help="challenger (gate, start the A/B test) or champion (end it)")
+    ] = "challenger",
     reason: Annotated[str, typer.Option("--reason", "-r", help="recorded in the tags and the audit log")] = "",
-    share: Annotated[Optional[float], typer.Option("--share", help="challenger traffic share")] = None,
+    share: Annotated[float | None, typer.Option("--share", help="challenger traffic share")] = None,
     params: ParamsOpt = Path("params.yaml"),
     sets: SetOpt = None,
 ) -> None:
@@ -94,7 +125,9 @@ def promote_cmd(
     from hllm.ops.registry import RegistryError
 
     try:
-        res = promote(version=version, to=to, reason=reason, share=share, params=str(params), overrides=list(sets or []))
+        res = promote(
+            version=version, to=to, reason=reason, share=share, params=str(params), overrides=list(sets or [])
+        )
     except RegistryError as e:
         fail(str(e))
         return
@@ -104,8 +137,9 @@ def promote_cmd(
 @run_app.command("rollback")
 def rollback_cmd(
     reason: Annotated[str, typer.Option("--reason", "-r", help="recorded in the tags and the audit log")] = "",
-    expect_current: Annotated[Optional[str], typer.Option(
-        "--from", help="only roll back while this version is the champion (safe to retry)")] = None,
+    expect_current: Annotated[
+        str | None, typer.Option("--from", help="only roll back while this version is the champion (safe to retry)")
+    ] = None,
     params: ParamsOpt = Path("params.yaml"),
     sets: SetOpt = None,
 ) -> None:
@@ -125,9 +159,11 @@ def rollback_cmd(
 
 @app.command("serve")
 def serve_cmd(
-    cron: Annotated[Optional[str], typer.Option("--cron", help="schedule of the nightly deployment (default flow.cron)")] = None,
+    cron: Annotated[
+        str | None, typer.Option("--cron", help="schedule of the nightly deployment (default flow.cron)")
+    ] = None,
     paused: Annotated[bool, typer.Option("--paused", help="register the schedule paused")] = False,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="flow runs this process executes at once")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="flow runs this process executes at once")] = None,
     params: ParamsOpt = Path("params.yaml"),
     sets: SetOpt = None,
 ) -> None:
@@ -143,7 +179,10 @@ def serve_cmd(
     from flows.deploy import serve
 
     if not PREFECT_API_URL.value():
-        typer.secho("warning: PREFECT_API_URL is not set: the deployments live in a temporary local API that only "
-                    "this process sees; start `prefect server start` and export PREFECT_API_URL for a real one",
-                    fg=typer.colors.YELLOW, err=True)
+        typer.secho(
+            "warning: PREFECT_API_URL is not set: the deployments live in a temporary local API that only "
+            "this process sees; start `prefect server start` and export PREFECT_API_URL for a real one",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
     serve(cfg, str(params), list(sets or []), cron=cron, paused=paused, limit=limit)

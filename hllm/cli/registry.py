@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -17,7 +17,7 @@ from hllm.data import versioning
 app = typer.Typer(no_args_is_help=True)
 
 ReasonOpt = Annotated[str, typer.Option("--reason", "-r", help="why (recorded in the tags and the audit log)")]
-ByOpt = Annotated[Optional[str], typer.Option("--by", help="who (default $HLLM_ACTOR or user@host)")]
+ByOpt = Annotated[str | None, typer.Option("--by", help="who (default $HLLM_ACTOR or user@host)")]
 
 
 def _run(fn, *args, **kwargs):
@@ -36,8 +36,11 @@ def _fmt(v) -> str:
 
 
 @app.command("list")
-def list_cmd(params: ParamsOpt = Path("params.yaml"), sets: SetOpt = None,
-             as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+def list_cmd(
+    params: ParamsOpt = Path("params.yaml"),
+    sets: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
     """Versions of the registered model: aliases, test metrics (%), data version, protocol, A/B state."""
     from rich.console import Console
     from rich.table import Table
@@ -60,17 +63,31 @@ def list_cmd(params: ParamsOpt = Path("params.yaml"), sets: SetOpt = None,
     for r in rows:
         ab = r["ab"]
         ab_s = f"{ab.get('status', '')} {float(ab['share']):.0%}" if "share" in ab else ab.get("status", "")
-        table.add_row(str(r["version"]), ",".join(r["aliases"]), r["created"], r["model_kind"],
-                      *[_fmt(r["metrics"].get(m)) for m in shown], r["data_version"], r["protocol_hash"],
-                      ab_s, (r["run_id"] or "")[:8])
+        table.add_row(
+            str(r["version"]),
+            ",".join(r["aliases"]),
+            r["created"],
+            r["model_kind"],
+            *[_fmt(r["metrics"].get(m)) for m in shown],
+            r["data_version"],
+            r["protocol_hash"],
+            ab_s,
+            (r["run_id"] or "")[:8],
+        )
     Console(width=200).print(table)
 
 
 @app.command()
 def promote(
-    version: Annotated[Optional[str], typer.Argument(help="model version (default with --to champion: the challenger)")] = None,
-    to: Annotated[str, typer.Option("--to", help="challenger (start the A/B test) or champion (end it)")] = "challenger",
-    share: Annotated[Optional[float], typer.Option("--share", help="challenger traffic share (default registry.challenger_share)")] = None,
+    version: Annotated[
+        str | None, typer.Argument(help="model version (default with --to champion: the challenger)")
+    ] = None,
+    to: Annotated[
+        str, typer.Option("--to", help="challenger (start the A/B test) or champion (end it)")
+    ] = "challenger",
+    share: Annotated[
+        float | None, typer.Option("--share", help="challenger traffic share (default registry.challenger_share)")
+    ] = None,
     reason: ReasonOpt = "",
     by: ByOpt = None,
     params: ParamsOpt = Path("params.yaml"),
@@ -88,10 +105,12 @@ def promote(
 def rollback(
     reason: ReasonOpt = "",
     by: ByOpt = None,
-    expect_current: Annotated[Optional[str], typer.Option(
-        "--from", help="only roll back while this version is the champion (safe to retry)")] = None,
-    force: Annotated[bool, typer.Option(
-        "--force", help="roll back even when the champion is itself the result of a rollback")] = False,
+    expect_current: Annotated[
+        str | None, typer.Option("--from", help="only roll back while this version is the champion (safe to retry)")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="roll back even when the champion is itself the result of a rollback")
+    ] = False,
     params: ParamsOpt = Path("params.yaml"),
     sets: SetOpt = None,
 ) -> None:
@@ -103,8 +122,9 @@ def rollback(
 
 
 @app.command("end-ab")
-def end_ab(reason: ReasonOpt = "", by: ByOpt = None, params: ParamsOpt = Path("params.yaml"),
-           sets: SetOpt = None) -> None:
+def end_ab(
+    reason: ReasonOpt = "", by: ByOpt = None, params: ParamsOpt = Path("params.yaml"), sets: SetOpt = None
+) -> None:
     """End the A/B test in favour of the champion (removes the challenger alias)."""
     from hllm.ops.registry import end_ab as do_end
 
@@ -116,7 +136,9 @@ def end_ab(reason: ReasonOpt = "", by: ByOpt = None, params: ParamsOpt = Path("p
 def register(
     run_id: Annotated[str, typer.Option("--run-id", help="the MLflow training run the model comes from")],
     export_dir: Annotated[Path, typer.Option("--export", help="the folder `hllm export` wrote")],
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="checkpoint folder (User LLM weights)")] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option("--checkpoint", help="checkpoint folder (User LLM weights)")
+    ] = None,
     params: ParamsOpt = Path("params.yaml"),
     sets: SetOpt = None,
 ) -> None:
@@ -137,12 +159,14 @@ def attach_eval(
     run_id: Annotated[str, typer.Option("--run-id", help="run to attach to (e.g. the champion's training run)")],
     metrics: Annotated[Path, typer.Option("--metrics", help="metrics.json written by `hllm evaluate`")],
     per_user: Annotated[Path, typer.Option("--per-user", help="per_user.npz written by `hllm evaluate`")],
-    data_version: Annotated[Optional[str], typer.Option(
-        "--data-version", help="default: the version of the data under paths.built_dir")] = None,
+    data_version: Annotated[
+        str | None, typer.Option("--data-version", help="default: the version of the data under paths.built_dir")
+    ] = None,
     params: ParamsOpt = Path("params.yaml"),
     sets: SetOpt = None,
 ) -> None:
     """Attach an evaluation to a run, e.g. the champion re-evaluated on today's data for the gate."""
+    from hllm.evaluation.results import EvalResult
     from hllm.ops import tracking
 
     cfg = load(params, sets)
@@ -153,7 +177,7 @@ def attach_eval(
     tracker = tracking.attach(run_id, cfg)
     try:
         # artifacts only: the run's own test/* metrics stay those of the data it was trained on
-        art = tracker.log_evaluation_files(metrics, per_user, dv, log_as_metrics=False)
+        art = tracker.log_eval_result(EvalResult.load_files(metrics, per_user), dv, log_as_metrics=False)
     except ValueError as e:
         fail(str(e))
     typer.echo(f"attached {metrics.name} + {per_user.name} to run {run_id} as {art}/")
@@ -161,7 +185,7 @@ def attach_eval(
 
 @app.command()
 def reevaluate(
-    version: Annotated[Optional[str], typer.Argument(help="model version (default: the champion)")] = None,
+    version: Annotated[str | None, typer.Argument(help="model version (default: the champion)")] = None,
     params: ParamsOpt = Path("params.yaml"),
     sets: SetOpt = None,
 ) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -32,8 +31,10 @@ def _ui_hint(cfg, tracker) -> str:
 
     uri = tracking.resolve_tracking_uri(cfg)
     rep = RunReport(tracking_uri=uri, experiment_id=tracker.client.get_run(tracker.run_id).info.experiment_id)
-    return (f"MLflow run {tracker.run_id} (experiment {cfg.tracking.experiment!r}, {uri})\n"
-            f"  UI: {rep.ui_command()}\n  then {rep.run_url(tracker.run_id)}")
+    return (
+        f"MLflow run {tracker.run_id} (experiment {cfg.tracking.experiment!r}, {uri})\n"
+        f"  UI: {rep.ui_command()}\n  then {rep.run_url(tracker.run_id)}"
+    )
 
 
 def register(app: typer.Typer) -> None:
@@ -41,16 +42,22 @@ def register(app: typer.Typer) -> None:
     def train_cmd(
         params: ParamsOpt = Path("params.yaml"),
         sets: SetOpt = None,
-        nproc: Optional[int] = typer.Option(
+        nproc: int | None = typer.Option(
             None, "--nproc", "-n", min=1, help="processes on this machine (torchrun); default train.nproc"
         ),
-        resume: bool = typer.Option(False, "--resume", help="continue the run (and its MLflow run) from its latest checkpoint"),
-        model: Optional[str] = typer.Option(None, "--model", "-m", help="model kind: hllm | sasrec | pop (model.kind)"),
-        mlflow: bool = typer.Option(True, "--mlflow/--no-mlflow",
-                                    help="log the run to MLflow (default unless tracking.enabled is false)"),
-        test: bool = typer.Option(True, "--test/--no-test",
-                                  help="with MLflow: evaluate the best checkpoint on the test split and log it "
-                                       "(what `hllm registry promote` gates on)"),
+        resume: bool = typer.Option(
+            False, "--resume", help="continue the run (and its MLflow run) from its latest checkpoint"
+        ),
+        model: str | None = typer.Option(None, "--model", "-m", help="model kind: hllm | sasrec | pop (model.kind)"),
+        mlflow: bool = typer.Option(
+            True, "--mlflow/--no-mlflow", help="log the run to MLflow (default unless tracking.enabled is false)"
+        ),
+        test: bool = typer.Option(
+            True,
+            "--test/--no-test",
+            help="with MLflow: evaluate the best checkpoint on the test split and log it "
+            "(what `hllm registry promote` gates on)",
+        ),
     ) -> None:
         """Train a model on the built dataset; checkpoints go to paths.runs_dir/train.run_name."""
         sets = list(sets or [])
@@ -62,8 +69,10 @@ def register(app: typer.Typer) -> None:
         if cfg.model.kind not in kinds():
             fail(f"model.kind {cfg.model.kind!r} is not registered; known: {kinds()}", code=2)
         if not resume and _taken(cfg):
-            fail(f"{Path(cfg.paths.runs_dir) / cfg.train.run_name} already holds checkpoints: pass --resume to "
-                 "continue it, or choose another train.run_name (nothing was overwritten)")
+            fail(
+                f"{Path(cfg.paths.runs_dir) / cfg.train.run_name} already holds checkpoints: pass --resume to "
+                "continue it, or choose another train.run_name (nothing was overwritten)"
+            )
         n = nproc or cfg.train.nproc
         track = mlflow and cfg.tracking.enabled
         scope = contextlib.nullcontext(None)
@@ -79,9 +88,15 @@ def register(app: typer.Typer) -> None:
                 tracker.log_train_result(result)
                 if test:
                     _log_test(cfg, result, tracker)
-        best = f"{result.select_metric}={result.best_value:.5f} at step {result.best_step}" if result.best_value is not None else "n/a"
-        typer.echo(f"run: {result.run_dir}\nsteps: {result.steps}\nbest: {best}\n"
-                   f"best checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}")
+        best = (
+            f"{result.select_metric}={result.best_value:.5f} at step {result.best_step}"
+            if result.best_value is not None
+            else "n/a"
+        )
+        typer.echo(
+            f"run: {result.run_dir}\nsteps: {result.steps}\nbest: {best}\n"
+            f"best checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}"
+        )
         if tracker is not None:
             typer.echo(f"mlflow run: {tracker.run_id}")
 
@@ -92,9 +107,15 @@ def _train(cfg, params: Path, sets: list[str], n: int, resume: bool, tracker):
         from hllm.training.launch import LaunchError, run_torchrun
 
         try:  # rank 0 logs into this run (hllm.cli.worker.main)
-            return run_torchrun(cfg, n, params=params, sets=sets, resume=resume,
-                                run_id=tracker.run_id if tracker is not None else None,
-                                tracking_uri=tracking.resolve_tracking_uri(cfg) if tracker is not None else None)
+            return run_torchrun(
+                cfg,
+                n,
+                params=params,
+                sets=sets,
+                resume=resume,
+                run_id=tracker.run_id if tracker is not None else None,
+                tracking_uri=tracking.resolve_tracking_uri(cfg) if tracker is not None else None,
+            )
         except LaunchError as e:
             fail(str(e), code=e.returncode)
     from hllm.training.trainer import train

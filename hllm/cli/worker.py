@@ -51,13 +51,18 @@ def _process_info(cfg: Config) -> dict[str, str]:
     import os
     import socket
 
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     want_cuda = torch.cuda.is_available() if cfg.train.device == "auto" else cfg.train.device == "cuda"
     info = lineage.system_info(world_size=world, device="cuda" if want_cuda else "cpu")
-    info.update({"sys.local_world_size": str(local), "sys.nodes": str(max(1, world // max(local, 1))),
-                 "sys.host": socket.gethostname(), "sys.fsdp": str(bool(cfg.train.fsdp)).lower()})
+    info.update(
+        {
+            "sys.local_world_size": str(local),
+            "sys.nodes": str(max(1, world // max(local, 1))),
+            "sys.host": socket.gethostname(),
+            "sys.fsdp": str(bool(cfg.train.fsdp)).lower(),
+        }
+    )
     return info
 
 

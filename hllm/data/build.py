@@ -130,8 +130,13 @@ def _write(table: pa.Table, path: Path) -> None:
     pq.write_table(table, path, compression="zstd", row_group_size=1 << 20)
 
 
-def build_dataset(cfg: Config, raw_dir: str | Path | None = None, built_dir: str | Path | None = None,
-                  tokenize: bool | None = None, require_validation: bool | None = None) -> Path:
+def build_dataset(
+    cfg: Config,
+    raw_dir: str | Path | None = None,
+    built_dir: str | Path | None = None,
+    tokenize: bool | None = None,
+    require_validation: bool | None = None,
+) -> Path:
     """Build ``paths.built_dir`` from ``paths.raw_dir``; returns the built folder.
 
     Raises :class:`DataError` when the raw data has not passed validation (with
@@ -169,8 +174,10 @@ def build_dataset(cfg: Config, raw_dir: str | Path | None = None, built_dir: str
     if not kc.keep.all():
         u_code, i_code, ts = u_code[kc.keep], i_code[kc.keep], ts[kc.keep]
     if len(u_code) == 0:
-        raise DataError(f"{raw}: k-core filtering (users >= {b.k_core_user}, items >= {b.k_core_item}, "
-                        f"{b.k_core_mode}) left no interactions; lower build.k_core_user / build.k_core_item")
+        raise DataError(
+            f"{raw}: k-core filtering (users >= {b.k_core_user}, items >= {b.k_core_item}, "
+            f"{b.k_core_mode}) left no interactions; lower build.k_core_user / build.k_core_item"
+        )
     steps.update()
 
     u_new, u_old = first_appearance_ids(u_code)
@@ -201,8 +208,10 @@ def build_dataset(cfg: Config, raw_dir: str | Path | None = None, built_dir: str
     try:
         # ---- id maps
         user_ids = u_dict.take(pa.array(u_old))
-        _write(pa.table({"idx": pa.array(np.arange(n_users, dtype=np.int32)), "user_id": user_ids.cast(pa.string())}),
-               stage / "users.parquet")
+        _write(
+            pa.table({"idx": pa.array(np.arange(n_users, dtype=np.int32)), "user_id": user_ids.cast(pa.string())}),
+            stage / "users.parquet",
+        )
         item_ids = i_dict.take(pa.array(i_old)).cast(pa.string())
         items_tbl = _items_table(raw, item_ids)
         _write(items_tbl, stage / "items.parquet")
@@ -210,10 +219,13 @@ def build_dataset(cfg: Config, raw_dir: str | Path | None = None, built_dir: str
         big = offsets[-1] >= 2**31
         list_type = pa.large_list(pa.int32()) if big else pa.list_(pa.int32())
         arr_cls = pa.LargeListArray if big else pa.ListArray
-        seqs = arr_cls.from_arrays(pa.array(offsets.astype(np.int64 if big else np.int32)), pa.array(seq_items),
-                                   type=list_type)
-        _write(pa.table({"user_idx": pa.array(np.arange(n_users, dtype=np.int32)), "items": seqs}),
-               stage / "sequences.parquet")
+        seqs = arr_cls.from_arrays(
+            pa.array(offsets.astype(np.int64 if big else np.int32)), pa.array(seq_items), type=list_type
+        )
+        _write(
+            pa.table({"user_idx": pa.array(np.arange(n_users, dtype=np.int32)), "items": seqs}),
+            stage / "sequences.parquet",
+        )
         steps.update()
         # ---- stats
         from hllm.data.dataset import Sequences, eval_split, train_sequences, training_windows
@@ -230,13 +242,25 @@ def build_dataset(cfg: Config, raw_dir: str | Path | None = None, built_dir: str
             "sequence_length": _percentiles(lengths),
             "interactions_per_item": _percentiles(icount),
             "same_timestamp_ties": n_ties,
-            "raw": {"interactions": n_raw, "users": len(u_dict), "items_interacted": len(i_dict),
-                    "catalogue_items": pq.ParquetFile(raw / ITEMS).metadata.num_rows},
-            "k_core": {"mode": b.k_core_mode, "user": b.k_core_user, "item": b.k_core_item,
-                       "iterations": kc.iterations, "rows_removed": int(n_raw - offsets[-1])},
-            "split": {"train_users": int((lengths > 2).sum()), "train_windows": n_windows,
-                      "valid_users": len(eval_split(s, "valid", 1).users),
-                      "test_users": len(eval_split(s, "test", 1).users)},
+            "raw": {
+                "interactions": n_raw,
+                "users": len(u_dict),
+                "items_interacted": len(i_dict),
+                "catalogue_items": pq.ParquetFile(raw / ITEMS).metadata.num_rows,
+            },
+            "k_core": {
+                "mode": b.k_core_mode,
+                "user": b.k_core_user,
+                "item": b.k_core_item,
+                "iterations": kc.iterations,
+                "rows_removed": int(n_raw - offsets[-1]),
+            },
+            "split": {
+                "train_users": int((lengths > 2).sum()),
+                "train_windows": n_windows,
+                "valid_users": len(eval_split(s, "valid", 1).users),
+                "test_users": len(eval_split(s, "test", 1).users),
+            },
             "build": {**asdict(b), "tokenize": tokenize},
             "raw_fingerprint": fingerprint(raw),
         }
@@ -252,8 +276,15 @@ def build_dataset(cfg: Config, raw_dir: str | Path | None = None, built_dir: str
         steps.close()
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
-    log.info("built %d users, %d items, %d interactions (%d removed by %s k-core) -> %s", n_users, n_items,
-             int(offsets[-1]), n_raw - int(offsets[-1]), b.k_core_mode, out)
+    log.info(
+        "built %d users, %d items, %d interactions (%d removed by %s k-core) -> %s",
+        n_users,
+        n_items,
+        int(offsets[-1]),
+        n_raw - int(offsets[-1]),
+        b.k_core_mode,
+        out,
+    )
     return out
 
 

@@ -109,8 +109,9 @@ def eval_split(seqs: Sequences, which: str, max_history: int) -> EvalSplit:
     target_pos = seqs.offsets[users + 1] - drop
     history = left_pad_windows(seqs, target_pos, users, max_history)
     hist_len = target_pos - seqs.offsets[users]
-    full = Sequences(np.concatenate([[0], np.cumsum(hist_len)]).astype(np.int64),
-                     seqs.items[_ranges(seqs.offsets[users], hist_len)])
+    full = Sequences(
+        np.concatenate([[0], np.cumsum(hist_len)]).astype(np.int64), seqs.items[_ranges(seqs.offsets[users], hist_len)]
+    )
     return EvalSplit(users=users, history=history, targets=seqs.items[target_pos].astype(np.int32), full_history=full)
 
 

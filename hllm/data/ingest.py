@@ -37,9 +37,10 @@ from __future__ import annotations
 import logging
 import shutil
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -55,9 +56,27 @@ log = logging.getLogger(__name__)
 FORMATS: tuple[str, ...] = typing.get_args(ImportFormat)
 
 # ML-100K genre flag order (u.genre), used when u.genre is not among the sources.
-ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-                 "War", "Western"]
+ML100K_GENRES = [
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]
 
 
 @dataclass
@@ -136,12 +155,16 @@ def read_hllm(files: list[Path]) -> RawTables:
         (inter if "user_id" in header else items).append((f, header))
     if len(inter) != 1:
         found = "; ".join(f"{f.name}: {h}" for f, h in inter + items)
-        raise DataError("hllm format needs exactly one interactions CSV (columns item_id, user_id, timestamp) "
-                        f"and one item-information CSV (item_id, title, ...); got {len(inter)} file(s) with a "
-                        f"user_id column. Headers: {found}")
+        raise DataError(
+            "hllm format needs exactly one interactions CSV (columns item_id, user_id, timestamp) "
+            f"and one item-information CSV (item_id, title, ...); got {len(inter)} file(s) with a "
+            f"user_id column. Headers: {found}"
+        )
     if len(items) != 1:
-        raise DataError(f"hllm format needs one item-information CSV (item_id, title, tag, description) next to "
-                        f"{inter[0][0].name}; got {[f.name for f, _ in items] or 'none'}")
+        raise DataError(
+            f"hllm format needs one item-information CSV (item_id, title, tag, description) next to "
+            f"{inter[0][0].name}; got {[f.name for f, _ in items] or 'none'}"
+        )
     fi, fitems = inter[0][0], items[0][0]
     t = read_csv(fi, required=["user_id", "item_id", "timestamp"])
     it = read_csv(fitems, required=["item_id"])
@@ -149,8 +172,11 @@ def read_hllm(files: list[Path]) -> RawTables:
     if not text:
         raise DataError(f"{fitems}: no text column besides item_id (expected title, tag, description, ...)")
     items_t = pa.table({"item_id": _strings(it.column("item_id")), **{c: _strings(it.column(c)) for c in text}})
-    return RawTables(_interactions(t.column("user_id"), t.column("item_id"), t.column("timestamp"), str(fi)),
-                     items_t, {"format": "hllm", "text_columns": text})
+    return RawTables(
+        _interactions(t.column("user_id"), t.column("item_id"), t.column("timestamp"), str(fi)),
+        items_t,
+        {"format": "hllm", "text_columns": text},
+    )
 
 
 def read_csv_header(path: Path) -> list[str]:
@@ -174,7 +200,7 @@ def _join_text(v: Any, sep: str = ", ") -> str | None:
     if isinstance(v, (list, tuple)):
         flat: list[str] = []
         for x in v:
-            for y in (x if isinstance(x, (list, tuple)) else [x]):
+            for y in x if isinstance(x, (list, tuple)) else [x]:
                 if y is not None and str(y) not in flat:
                     flat.append(str(y))
         return sep.join(flat) if flat else None
@@ -222,8 +248,7 @@ def read_amazon(files: list[Path]) -> RawTables:
             raise DataError(f"{f}: amazon format expects a ratings .csv and a metadata .json/.jsonl(.gz)")
     if reviews["user_id"]:
         ts = pa.array([str(x) for x in reviews["timestamp"]], type=pa.string())
-        rating_tables.append(_interactions(pa.array(reviews["user_id"]), pa.array(reviews["item_id"]), ts,
-                                           "reviews"))
+        rating_tables.append(_interactions(pa.array(reviews["user_id"]), pa.array(reviews["item_id"]), ts, "reviews"))
     if not rating_tables:
         raise DataError(f"amazon format: no ratings CSV or reviews JSON among {[f.name for f in files]}")
     if not item_rows["item_id"]:
@@ -258,8 +283,11 @@ def read_movielens(files: list[Path]) -> RawTables:
         _, cols = read_delimited(fitems, "|", n_fields=5 + len(genres), encoding=enc)
         item_id, title, release = cols[0], cols[1], cols[2]
         tag = _flags_to_tags(cols[5:], genres)
-        desc = pc.if_else(pc.equal(release, ""), pa.scalar(None, pa.string()),
-                          pc.binary_join_element_wise("Released ", release, ".", ""))
+        desc = pc.if_else(
+            pc.equal(release, ""),
+            pa.scalar(None, pa.string()),
+            pc.binary_join_element_wise("Released ", release, ".", ""),
+        )
         version = "ml-100k"
     elif _pick(files, "ratings.dat"):
         fi, fitems = _pick(files, "ratings.dat"), _pick(files, "movies.dat")
@@ -271,18 +299,24 @@ def read_movielens(files: list[Path]) -> RawTables:
         desc = pa.nulls(len(item_id), pa.string())
         version = "ml-1m"
     else:
-        raise DataError(f"movielens: expected u.data + u.item (ML-100K) or ratings.dat + movies.dat (ML-1M); "
-                        f"got {[f.name for f in files]}")
+        raise DataError(
+            f"movielens: expected u.data + u.item (ML-100K) or ratings.dat + movies.dat (ML-1M); "
+            f"got {[f.name for f in files]}"
+        )
     items = pa.table({"item_id": item_id, "title": title, "tag": tag, "description": desc})
     used = [f for f in (fi, fitems, _pick(files, "u.genre") if version == "ml-100k" else None) if f is not None]
-    return RawTables(_interactions(u, i, ts, str(fi)), items,
-                     {"format": "movielens", "version": version, "text_columns": ["title", "tag", "description"],
-                      "_used": used})
+    return RawTables(
+        _interactions(u, i, ts, str(fi)),
+        items,
+        {"format": "movielens", "version": version, "text_columns": ["title", "tag", "description"], "_used": used},
+    )
 
 
 def _flags_to_tags(flags: list[pa.Array], names: list[str]) -> pa.Array:
-    parts = [pc.if_else(pc.equal(f, "1"), pa.scalar(n, pa.string()), pa.scalar(None, pa.string()))
-             for f, n in zip(flags, names)]
+    parts = [
+        pc.if_else(pc.equal(f, "1"), pa.scalar(n, pa.string()), pa.scalar(None, pa.string()))
+        for f, n in zip(flags, names)
+    ]
     # join the non-null names with ", " (null_handling="skip" drops the genres a film does not have)
     joined = pc.binary_join_element_wise(*parts, ", ", null_handling="skip")
     return pc.if_else(pc.equal(joined, ""), pa.scalar(None, pa.string()), joined)
@@ -337,15 +371,26 @@ def read_recbole(files: list[Path]) -> RawTables:
     for n in inames:  # every other field keeps its own name, so model.item.text_fields can pick it
         if n != "item_id" and n not in mapping.values() and n not in out:
             out[n] = ic[n]
-    out = {k: pc.if_else(pc.equal(v, ""), pa.scalar(None, pa.string()), v) if k != "item_id" else v
-           for k, v in out.items()}
-    return RawTables(_interactions(c["user_id"], c["item_id"], c["timestamp"], str(fi)), pa.table(out),
-                     {"format": "recbole", "field_mapping": mapping, "text_columns": [k for k in out if k != "item_id"],
-                      "_used": [fi, fitems]})
+    out = {
+        k: pc.if_else(pc.equal(v, ""), pa.scalar(None, pa.string()), v) if k != "item_id" else v for k, v in out.items()
+    }
+    return RawTables(
+        _interactions(c["user_id"], c["item_id"], c["timestamp"], str(fi)),
+        pa.table(out),
+        {
+            "format": "recbole",
+            "field_mapping": mapping,
+            "text_columns": [k for k in out if k != "item_id"],
+            "_used": [fi, fitems],
+        },
+    )
 
 
 READERS: dict[str, Callable[[list[Path]], RawTables]] = {
-    "hllm": read_hllm, "amazon": read_amazon, "movielens": read_movielens, "recbole": read_recbole,
+    "hllm": read_hllm,
+    "amazon": read_amazon,
+    "movielens": read_movielens,
+    "recbole": read_recbole,
 }
 
 
@@ -355,8 +400,9 @@ def read_source(fmt: str, sources: list[str | Path]) -> RawTables:
     files = _expand(sources)
     tables = READERS[fmt](files)
     used = tables.manifest.pop("_used", files)  # a MovieLens folder also holds files we do not read
-    tables.manifest.update({"sources": _source_entries(used), "interactions": tables.interactions.num_rows,
-                            "items": tables.items.num_rows})
+    tables.manifest.update(
+        {"sources": _source_entries(used), "interactions": tables.interactions.num_rows, "items": tables.items.num_rows}
+    )
     return tables
 
 
@@ -368,8 +414,14 @@ def drop_duplicate_interactions(t: pa.Table) -> tuple[pa.Table, int]:
     return (t.filter(pa.array(~dup)) if n else t), n
 
 
-def import_dataset(cfg: Config, fmt: str, sources: list[str | Path], raw_dir: str | Path | None = None,
-                   validate: bool = True, drop_duplicates: bool = False) -> ImportResult:
+def import_dataset(
+    cfg: Config,
+    fmt: str,
+    sources: list[str | Path],
+    raw_dir: str | Path | None = None,
+    validate: bool = True,
+    drop_duplicates: bool = False,
+) -> ImportResult:
     """Parse ``sources`` as ``fmt``, stage the canonical tables, validate them and swap them into ``raw_dir``.
 
     Raises :class:`DataError` for input that cannot be parsed and
@@ -399,6 +451,7 @@ def import_dataset(cfg: Config, fmt: str, sources: list[str | Path], raw_dir: st
             shutil.rmtree(stage, ignore_errors=True)
     if report is not None:  # the report checked the staged copy; record where the data now lives
         report.relocate(target)
-    log.info("imported %s: %d interactions, %d items -> %s", fmt, tables.interactions.num_rows,
-             tables.items.num_rows, target)
+    log.info(
+        "imported %s: %d interactions, %d items -> %s", fmt, tables.interactions.num_rows, tables.items.num_rows, target
+    )
     return ImportResult(target, tables.interactions.num_rows, tables.items.num_rows, report)

@@ -12,8 +12,9 @@ import ast
 import gzip
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -60,17 +61,24 @@ def check_utf8(path: Path) -> None:
                 nl = b"\n"
                 at_line = line + block.count(nl, 0, e.start)
                 col = e.start - (block.rfind(nl, 0, e.start) + 1) + 1
-                what = ("the file ends inside a multi-byte character (truncated file?)"
-                        if e.reason == "unexpected end of data" else
-                        f"byte 0x{block[e.start]:02x} is not valid UTF-8; re-save the file as UTF-8")
+                what = (
+                    "the file ends inside a multi-byte character (truncated file?)"
+                    if e.reason == "unexpected end of data"
+                    else f"byte 0x{block[e.start]:02x} is not valid UTF-8; re-save the file as UTF-8"
+                )
                 raise DataError(f"{path}: line {at_line}, column {col}: {what}") from None
             line += block.count(b"\n")
             if not chunk:
                 return
 
 
-def read_csv(path: str | Path, required: list[str] | None = None, delimiter: str = ",",
-             encoding: str = "utf-8", column_names: list[str] | None = None) -> pa.Table:
+def read_csv(
+    path: str | Path,
+    required: list[str] | None = None,
+    delimiter: str = ",",
+    encoding: str = "utf-8",
+    column_names: list[str] | None = None,
+) -> pa.Table:
     """A CSV with quoting, every column read as string (types are decided later, by name).
 
     ``column_names`` is for header-less files; otherwise the header names the
@@ -87,8 +95,9 @@ def read_csv(path: str | Path, required: list[str] | None = None, delimiter: str
         missing = [c for c in required if c not in header]
         if missing:
             raise DataError(f"{p}: missing required column(s) {missing}; found {header}")
-    convert = pcsv.ConvertOptions(column_types={h: pa.string() for h in header}, strings_can_be_null=True,
-                                  quoted_strings_can_be_null=False)
+    convert = pcsv.ConvertOptions(
+        column_types={h: pa.string() for h in header}, strings_can_be_null=True, quoted_strings_can_be_null=False
+    )
     bad: list[Any] = []
 
     def on_bad_row(row) -> str:
@@ -99,8 +108,9 @@ def read_csv(path: str | Path, required: list[str] | None = None, delimiter: str
         bad.clear()
         return pcsv.read_csv(
             p,
-            read_options=pcsv.ReadOptions(encoding=encoding, column_names=column_names, block_size=_CHUNK,
-                                          use_threads=threads),
+            read_options=pcsv.ReadOptions(
+                encoding=encoding, column_names=column_names, block_size=_CHUNK, use_threads=threads
+            ),
             parse_options=pcsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_bad_row),
             convert_options=convert,
         )
@@ -115,8 +125,10 @@ def read_csv(path: str | Path, required: list[str] | None = None, delimiter: str
         r = bad[0]
         where = f"line {r.number}" if r.number is not None else "a row"
         more = f" ({len(bad) - 1} more bad row(s))" if len(bad) > 1 else ""
-        raise DataError(f"{p}: {where}: expected {r.expected_columns} fields, got {r.actual_columns}: "
-                        f"{r.text[:120]!r} (truncated or unquoted row?){more}")
+        raise DataError(
+            f"{p}: {where}: expected {r.expected_columns} fields, got {r.actual_columns}: "
+            f"{r.text[:120]!r} (truncated or unquoted row?){more}"
+        )
     return table
 
 
@@ -127,8 +139,9 @@ def csv_header(p: Path, delimiter: str, encoding: str) -> list[str]:
     return [h.strip().strip('"') for h in text.split(delimiter)]
 
 
-def read_delimited(path: str | Path, sep: str, n_fields: int | None = None, header: bool = False,
-                   encoding: str = "utf-8") -> tuple[list[str] | None, list[pa.Array]]:
+def read_delimited(
+    path: str | Path, sep: str, n_fields: int | None = None, header: bool = False, encoding: str = "utf-8"
+) -> tuple[list[str] | None, list[pa.Array]]:
     """An unquoted separated file (MovieLens ``::`` / ``|`` / tab, RecBole atomic files).
 
     Lines are read as one string column and split with Arrow, so a multi-character
@@ -139,13 +152,18 @@ def read_delimited(path: str | Path, sep: str, n_fields: int | None = None, head
     if encoding.replace("-", "").lower() == "utf8":
         check_utf8(p)
     try:
-        lines = pcsv.read_csv(
-            p,
-            read_options=pcsv.ReadOptions(encoding=encoding, column_names=["line"], block_size=_CHUNK),
-            parse_options=pcsv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False,
-                                            ignore_empty_lines=False),
-            convert_options=pcsv.ConvertOptions(column_types={"line": pa.string()}, strings_can_be_null=False),
-        ).column("line").combine_chunks()
+        lines = (
+            pcsv.read_csv(
+                p,
+                read_options=pcsv.ReadOptions(encoding=encoding, column_names=["line"], block_size=_CHUNK),
+                parse_options=pcsv.ParseOptions(
+                    delimiter="\x1f", quote_char=False, escape_char=False, ignore_empty_lines=False
+                ),
+                convert_options=pcsv.ConvertOptions(column_types={"line": pa.string()}, strings_can_be_null=False),
+            )
+            .column("line")
+            .combine_chunks()
+        )
     except pa.ArrowInvalid as e:
         raise DataError(f"{p}: cannot be read as text lines ({e})") from None
     lines = pc.utf8_rtrim(lines, characters="\r")
@@ -169,8 +187,10 @@ def read_delimited(path: str | Path, sep: str, n_fields: int | None = None, head
     if len(bad):
         i = int(bad[0])
         more = f" ({len(bad) - 1} more bad line(s))" if len(bad) > 1 else ""
-        raise DataError(f"{p}: line {i + first_line}: expected {expected} fields separated by {sep!r}, "
-                        f"got {int(counts[i])}: {lines[i].as_py()[:120]!r}{more}")
+        raise DataError(
+            f"{p}: line {i + first_line}: expected {expected} fields separated by {sep!r}, "
+            f"got {int(counts[i])}: {lines[i].as_py()[:120]!r}{more}"
+        )
     if len(lines) == 0:
         return names, [pa.array([], type=pa.string()) for _ in range(expected)]
     flat = pc.list_flatten(parts)
@@ -200,8 +220,9 @@ def iter_json_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 try:
                     rec = ast.literal_eval(text)
                 except (ValueError, SyntaxError, MemoryError, RecursionError):
-                    raise DataError(f"{p}: line {n}: neither JSON nor a Python literal record: {text[:120]!r}"
-                                    ) from None
+                    raise DataError(
+                        f"{p}: line {n}: neither JSON nor a Python literal record: {text[:120]!r}"
+                    ) from None
             if not isinstance(rec, dict):
                 raise DataError(f"{p}: line {n}: expected one object per line, got {type(rec).__name__}")
             yield n, rec

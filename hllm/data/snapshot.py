@@ -51,7 +51,7 @@ def is_s3(source: str | None) -> bool:
 
 def split_s3(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` -> ("bucket", "a/b/"); the prefix always ends with "/" (or is empty)."""
-    rest = uri[len("s3://"):]
+    rest = uri[len("s3://") :]
     bucket, _, prefix = rest.partition("/")
     if not bucket:
         raise DataError(f"{uri}: expected s3://bucket/prefix")
@@ -74,7 +74,7 @@ def download_s3(uri: str, dest: str | Path) -> Path:
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
             key = obj["Key"]
-            rel = key[len(prefix):]
+            rel = key[len(prefix) :]
             if not rel or rel.endswith("/"):  # folder markers
                 continue
             target = dest / rel
@@ -95,10 +95,11 @@ def dated_children_s3(uri: str) -> list[str]:
 
     bucket, prefix = split_s3(uri)
     names = []
-    for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=prefix, Delimiter="/"):
+    for page in (
+        boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+    ):
         for cp in page.get("CommonPrefixes", []):
-            name = cp["Prefix"][len(prefix):].rstrip("/")
+            name = cp["Prefix"][len(prefix) :].rstrip("/")
             if DATED.match(name):
                 names.append(name)
     return names
@@ -129,12 +130,18 @@ def _tables(cfg: Config, folder: Path, fmt: str, source: str):
 
     if fmt == RAW_FORMAT:
         if not (folder / INTERACTIONS).exists():
-            raise DataError(f"{source}: no {INTERACTIONS}; a raw snapshot holds the canonical layout "
-                            "(interactions.parquet + items.parquet), otherwise give its format "
-                            "(hllm, amazon, movielens, recbole)")
+            raise DataError(
+                f"{source}: no {INTERACTIONS}; a raw snapshot holds the canonical layout "
+                "(interactions.parquet + items.parquet), otherwise give its format "
+                "(hllm, amazon, movielens, recbole)"
+            )
         tables = read_raw(folder)
-        tables.manifest = {"format": RAW_FORMAT, "source": source, "interactions": tables.interactions.num_rows,
-                           "items": tables.items.num_rows}
+        tables.manifest = {
+            "format": RAW_FORMAT,
+            "source": source,
+            "interactions": tables.interactions.num_rows,
+            "items": tables.items.num_rows,
+        }
         return tables
     from hllm.data.ingest import read_source
 

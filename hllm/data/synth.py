@@ -43,111 +43,503 @@ log = logging.getLogger(__name__)
 
 # category -> (product nouns, feature phrases)
 CATALOGUE: dict[str, tuple[list[str], list[str]]] = {
-    "hiking gear": (["trail backpack", "trekking poles", "hiking boots", "rain jacket", "headlamp", "water filter",
-                     "trail map case", "daypack"],
-                    ["a hydration sleeve", "taped seams", "a lifetime warranty", "reflective trim",
-                     "an ultralight frame", "a packable hood"]),
-    "coffee": (["espresso beans", "pour-over kettle", "burr grinder", "french press", "cold brew jar",
-                "milk frother", "coffee scale", "travel mug"],
-               ["single-origin flavour", "a gooseneck spout", "a built-in timer", "a double wall",
-                "notes of dark chocolate", "a stainless filter"]),
-    "board games": (["strategy game", "party game", "card game", "dice game", "cooperative game", "puzzle game",
-                     "trivia game", "deck-building game"],
-                    ["two to six players", "a sixty-minute playtime", "hand-painted miniatures",
-                     "a solo mode", "a glossy board", "three expansion packs"]),
-    "science fiction books": (["space opera novel", "cyberpunk novel", "time travel novel",
-                               "short story collection", "first contact novel", "robot saga",
-                               "dystopian novel", "colony ship epic"],
-                              ["an award-winning author", "a twist ending", "a hardcover binding",
-                               "a sequel hook", "illustrated chapter maps", "a foreword by the editor"]),
-    "yoga": (["yoga mat", "yoga block", "meditation cushion", "stretch strap", "yoga wheel", "mat towel",
-              "balance board", "yoga bolster"],
-             ["a non-slip surface", "natural cork", "extra thick padding", "a carry strap",
-              "alignment lines", "washable cotton"]),
-    "cycling": (["bike helmet", "cycling gloves", "bike light", "saddle bag", "floor pump", "bike lock",
-                 "cycling jersey", "bottle cage"],
-                ["a USB rechargeable battery", "aero vents", "a carbon shell", "a quick-release mount",
-                 "padded palms", "a reflective logo"]),
-    "gardening": (["pruning shears", "garden hose", "seed starter kit", "watering can", "raised bed",
-                   "compost bin", "garden gloves", "trowel"],
-                  ["rust-proof steel", "ergonomic handles", "a drip tray", "heirloom seeds",
-                   "a kink-free design", "weatherproof wood"]),
-    "skincare": (["face serum", "night cream", "sunscreen", "cleansing balm", "eye cream", "sheet mask",
-                  "toner", "lip balm"],
-                 ["hyaluronic acid", "a fragrance-free formula", "SPF 50", "vitamin C",
-                  "a refillable jar", "aloe vera"]),
-    "headphones": (["wireless earbuds", "studio headphones", "noise cancelling headphones", "sport earphones",
-                    "gaming headset", "bone conduction headphones", "DJ headphones", "sleep earbuds"],
-                   ["thirty hours of battery", "active noise cancelling", "a detachable mic",
-                    "a sweat-proof build", "low latency mode", "memory foam cushions"]),
-    "photography": (["camera tripod", "prime lens", "camera bag", "lens filter", "ring light", "memory card",
-                     "camera strap", "flash unit"],
-                    ["a fast aperture", "weather sealing", "a quick-release plate", "a padded divider",
-                     "a high write speed", "a swivel head"]),
-    "baking": (["stand mixer", "bread proofing basket", "loaf pan", "piping set", "rolling pin", "cake stand",
-                "baking steel", "sourdough starter kit"],
-               ["a non-stick coating", "a bamboo handle", "twelve nozzles", "a five-litre bowl",
-                "a recipe booklet", "food-grade silicone"]),
-    "fishing": (["spinning reel", "fly rod", "tackle box", "fishing line", "lure set", "landing net",
-                 "wading boots", "rod holder"],
-                ["a smooth drag", "a graphite blank", "braided line", "a waterproof seal",
-                 "a telescopic handle", "felt soles"]),
-    "dog supplies": (["dog bed", "chew toy", "dog leash", "dog harness", "treat pouch", "dog bowl",
-                      "grooming brush", "dog raincoat"],
-                     ["a washable cover", "a padded handle", "an anti-slip base", "durable rubber",
-                      "a reflective stitch", "an orthopedic foam"]),
-    "camping": (["dome tent", "sleeping bag", "camp stove", "camping chair", "lantern", "cooler box",
-                 "hammock", "sleeping pad"],
-                ["a three-season rating", "a compression sack", "a built-in igniter", "a folding frame",
-                 "a rainfly", "a ground sheet"]),
-    "running": (["running shoes", "running shorts", "GPS watch", "running vest", "compression socks",
-                 "running cap", "arm band", "foam roller"],
-                ["a cushioned midsole", "a breathable mesh", "heart rate tracking", "zip pockets",
-                 "a carbon plate", "a quick-dry fabric"]),
-    "tea": (["green tea", "oolong tea", "herbal infusion", "matcha powder", "tea infuser", "teapot",
-             "chai blend", "black tea"],
-            ["loose leaves", "a ceramic glaze", "a bamboo whisk", "organic leaves", "notes of jasmine",
-             "a cast iron body"]),
-    "video games": (["racing game", "role-playing game", "platformer", "shooter game", "puzzle adventure",
-                     "sports game", "survival game", "rhythm game"],
-                    ["online co-op", "a split-screen mode", "an open world", "a season pass",
-                     "a photo mode", "ray-traced lighting"]),
-    "watches": (["dive watch", "chronograph", "field watch", "dress watch", "smartwatch", "pilot watch",
-                 "watch strap", "watch winder"],
-                ["a sapphire crystal", "an automatic movement", "two hundred metres water resistance",
-                 "a leather band", "a luminous dial", "a titanium case"]),
-    "stationery": (["fountain pen", "dotted notebook", "gel pens", "desk organizer", "sketchbook",
-                    "planner", "washi tape", "ink bottle"],
-                   ["acid-free paper", "a fine nib", "a lay-flat binding", "a elastic closure",
-                    "archival ink", "a hard cover"]),
-    "power tools": (["cordless drill", "circular saw", "impact driver", "orbital sander", "jigsaw",
-                     "angle grinder", "heat gun", "rotary tool"],
-                    ["a brushless motor", "two batteries", "a LED work light", "a dust port",
-                     "variable speed", "a carry case"]),
-    "toys": (["building blocks", "plush bear", "toy train", "puzzle cube", "remote control car", "doll house",
-              "science kit", "kite"],
-             ["non-toxic paint", "a hundred pieces", "rechargeable batteries", "a storage box",
-              "ages six and up", "a glow-in-the-dark finish"]),
-    "vinyl records": (["jazz record", "soul record", "blues record", "funk record", "ambient record",
-                       "folk record", "classical record", "hip hop record"],
-                      ["a remastered pressing", "a gatefold sleeve", "a limited edition", "liner notes",
-                       "a 180 gram disc", "a live recording"]),
-    "cookbooks": (["vegetarian cookbook", "baking cookbook", "italian cookbook", "grilling cookbook",
-                   "japanese cookbook", "weeknight cookbook", "vegan cookbook", "soup cookbook"],
-                  ["a hundred recipes", "step-by-step photos", "a chef's foreword", "seasonal menus",
-                   "a lay-flat spine", "a pantry guide"]),
-    "home audio": (["bookshelf speakers", "soundbar", "turntable", "subwoofer", "stereo amplifier",
-                    "smart speaker", "DAC", "speaker stands"],
-                   ["bluetooth streaming", "a walnut finish", "a phono preamp", "room correction",
-                    "a remote control", "optical input"]),
+    "hiking gear": (
+        [
+            "trail backpack",
+            "trekking poles",
+            "hiking boots",
+            "rain jacket",
+            "headlamp",
+            "water filter",
+            "trail map case",
+            "daypack",
+        ],
+        [
+            "a hydration sleeve",
+            "taped seams",
+            "a lifetime warranty",
+            "reflective trim",
+            "an ultralight frame",
+            "a packable hood",
+        ],
+    ),
+    "coffee": (
+        [
+            "espresso beans",
+            "pour-over kettle",
+            "burr grinder",
+            "french press",
+            "cold brew jar",
+            "milk frother",
+            "coffee scale",
+            "travel mug",
+        ],
+        [
+            "single-origin flavour",
+            "a gooseneck spout",
+            "a built-in timer",
+            "a double wall",
+            "notes of dark chocolate",
+            "a stainless filter",
+        ],
+    ),
+    "board games": (
+        [
+            "strategy game",
+            "party game",
+            "card game",
+            "dice game",
+            "cooperative game",
+            "puzzle game",
+            "trivia game",
+            "deck-building game",
+        ],
+        [
+            "two to six players",
+            "a sixty-minute playtime",
+            "hand-painted miniatures",
+            "a solo mode",
+            "a glossy board",
+            "three expansion packs",
+        ],
+    ),
+    "science fiction books": (
+        [
+            "space opera novel",
+            "cyberpunk novel",
+            "time travel novel",
+            "short story collection",
+            "first contact novel",
+            "robot saga",
+            "dystopian novel",
+            "colony ship epic",
+        ],
+        [
+            "an award-winning author",
+            "a twist ending",
+            "a hardcover binding",
+            "a sequel hook",
+            "illustrated chapter maps",
+            "a foreword by the editor",
+        ],
+    ),
+    "yoga": (
+        [
+            "yoga mat",
+            "yoga block",
+            "meditation cushion",
+            "stretch strap",
+            "yoga wheel",
+            "mat towel",
+            "balance board",
+            "yoga bolster",
+        ],
+        [
+            "a non-slip surface",
+            "natural cork",
+            "extra thick padding",
+            "a carry strap",
+            "alignment lines",
+            "washable cotton",
+        ],
+    ),
+    "cycling": (
+        [
+            "bike helmet",
+            "cycling gloves",
+            "bike light",
+            "saddle bag",
+            "floor pump",
+            "bike lock",
+            "cycling jersey",
+            "bottle cage",
+        ],
+        [
+            "a USB rechargeable battery",
+            "aero vents",
+            "a carbon shell",
+            "a quick-release mount",
+            "padded palms",
+            "a reflective logo",
+        ],
+    ),
+    "gardening": (
+        [
+            "pruning shears",
+            "garden hose",
+            "seed starter kit",
+            "watering can",
+            "raised bed",
+            "compost bin",
+            "garden gloves",
+            "trowel",
+        ],
+        [
+            "rust-proof steel",
+            "ergonomic handles",
+            "a drip tray",
+            "heirloom seeds",
+            "a kink-free design",
+            "weatherproof wood",
+        ],
+    ),
+    "skincare": (
+        ["face serum", "night cream", "sunscreen", "cleansing balm", "eye cream", "sheet mask", "toner", "lip balm"],
+        ["hyaluronic acid", "a fragrance-free formula", "SPF 50", "vitamin C", "a refillable jar", "aloe vera"],
+    ),
+    "headphones": (
+        [
+            "wireless earbuds",
+            "studio headphones",
+            "noise cancelling headphones",
+            "sport earphones",
+            "gaming headset",
+            "bone conduction headphones",
+            "DJ headphones",
+            "sleep earbuds",
+        ],
+        [
+            "thirty hours of battery",
+            "active noise cancelling",
+            "a detachable mic",
+            "a sweat-proof build",
+            "low latency mode",
+            "memory foam cushions",
+        ],
+    ),
+    "photography": (
+        [
+            "camera tripod",
+            "prime lens",
+            "camera bag",
+            "lens filter",
+            "ring light",
+            "memory card",
+            "camera strap",
+            "flash unit",
+        ],
+        [
+            "a fast aperture",
+            "weather sealing",
+            "a quick-release plate",
+            "a padded divider",
+            "a high write speed",
+            "a swivel head",
+        ],
+    ),
+    "baking": (
+        [
+            "stand mixer",
+            "bread proofing basket",
+            "loaf pan",
+            "piping set",
+            "rolling pin",
+            "cake stand",
+            "baking steel",
+            "sourdough starter kit",
+        ],
+        [
+            "a non-stick coating",
+            "a bamboo handle",
+            "twelve nozzles",
+            "a five-litre bowl",
+            "a recipe booklet",
+            "food-grade silicone",
+        ],
+    ),
+    "fishing": (
+        [
+            "spinning reel",
+            "fly rod",
+            "tackle box",
+            "fishing line",
+            "lure set",
+            "landing net",
+            "wading boots",
+            "rod holder",
+        ],
+        ["a smooth drag", "a graphite blank", "braided line", "a waterproof seal", "a telescopic handle", "felt soles"],
+    ),
+    "dog supplies": (
+        [
+            "dog bed",
+            "chew toy",
+            "dog leash",
+            "dog harness",
+            "treat pouch",
+            "dog bowl",
+            "grooming brush",
+            "dog raincoat",
+        ],
+        [
+            "a washable cover",
+            "a padded handle",
+            "an anti-slip base",
+            "durable rubber",
+            "a reflective stitch",
+            "an orthopedic foam",
+        ],
+    ),
+    "camping": (
+        [
+            "dome tent",
+            "sleeping bag",
+            "camp stove",
+            "camping chair",
+            "lantern",
+            "cooler box",
+            "hammock",
+            "sleeping pad",
+        ],
+        [
+            "a three-season rating",
+            "a compression sack",
+            "a built-in igniter",
+            "a folding frame",
+            "a rainfly",
+            "a ground sheet",
+        ],
+    ),
+    "running": (
+        [
+            "running shoes",
+            "running shorts",
+            "GPS watch",
+            "running vest",
+            "compression socks",
+            "running cap",
+            "arm band",
+            "foam roller",
+        ],
+        [
+            "a cushioned midsole",
+            "a breathable mesh",
+            "heart rate tracking",
+            "zip pockets",
+            "a carbon plate",
+            "a quick-dry fabric",
+        ],
+    ),
+    "tea": (
+        [
+            "green tea",
+            "oolong tea",
+            "herbal infusion",
+            "matcha powder",
+            "tea infuser",
+            "teapot",
+            "chai blend",
+            "black tea",
+        ],
+        ["loose leaves", "a ceramic glaze", "a bamboo whisk", "organic leaves", "notes of jasmine", "a cast iron body"],
+    ),
+    "video games": (
+        [
+            "racing game",
+            "role-playing game",
+            "platformer",
+            "shooter game",
+            "puzzle adventure",
+            "sports game",
+            "survival game",
+            "rhythm game",
+        ],
+        [
+            "online co-op",
+            "a split-screen mode",
+            "an open world",
+            "a season pass",
+            "a photo mode",
+            "ray-traced lighting",
+        ],
+    ),
+    "watches": (
+        [
+            "dive watch",
+            "chronograph",
+            "field watch",
+            "dress watch",
+            "smartwatch",
+            "pilot watch",
+            "watch strap",
+            "watch winder",
+        ],
+        [
+            "a sapphire crystal",
+            "an automatic movement",
+            "two hundred metres water resistance",
+            "a leather band",
+            "a luminous dial",
+            "a titanium case",
+        ],
+    ),
+    "stationery": (
+        [
+            "fountain pen",
+            "dotted notebook",
+            "gel pens",
+            "desk organizer",
+            "sketchbook",
+            "planner",
+            "washi tape",
+            "ink bottle",
+        ],
+        ["acid-free paper", "a fine nib", "a lay-flat binding", "a elastic closure", "archival ink", "a hard cover"],
+    ),
+    "power tools": (
+        [
+            "cordless drill",
+            "circular saw",
+            "impact driver",
+            "orbital sander",
+            "jigsaw",
+            "angle grinder",
+            "heat gun",
+            "rotary tool",
+        ],
+        ["a brushless motor", "two batteries", "a LED work light", "a dust port", "variable speed", "a carry case"],
+    ),
+    "toys": (
+        [
+            "building blocks",
+            "plush bear",
+            "toy train",
+            "puzzle cube",
+            "remote control car",
+            "doll house",
+            "science kit",
+            "kite",
+        ],
+        [
+            "non-toxic paint",
+            "a hundred pieces",
+            "rechargeable batteries",
+            "a storage box",
+            "ages six and up",
+            "a glow-in-the-dark finish",
+        ],
+    ),
+    "vinyl records": (
+        [
+            "jazz record",
+            "soul record",
+            "blues record",
+            "funk record",
+            "ambient record",
+            "folk record",
+            "classical record",
+            "hip hop record",
+        ],
+        [
+            "a remastered pressing",
+            "a gatefold sleeve",
+            "a limited edition",
+            "liner notes",
+            "a 180 gram disc",
+            "a live recording",
+        ],
+    ),
+    "cookbooks": (
+        [
+            "vegetarian cookbook",
+            "baking cookbook",
+            "italian cookbook",
+            "grilling cookbook",
+            "japanese cookbook",
+            "weeknight cookbook",
+            "vegan cookbook",
+            "soup cookbook",
+        ],
+        [
+            "a hundred recipes",
+            "step-by-step photos",
+            "a chef's foreword",
+            "seasonal menus",
+            "a lay-flat spine",
+            "a pantry guide",
+        ],
+    ),
+    "home audio": (
+        [
+            "bookshelf speakers",
+            "soundbar",
+            "turntable",
+            "subwoofer",
+            "stereo amplifier",
+            "smart speaker",
+            "DAC",
+            "speaker stands",
+        ],
+        [
+            "bluetooth streaming",
+            "a walnut finish",
+            "a phono preamp",
+            "room correction",
+            "a remote control",
+            "optical input",
+        ],
+    ),
 }
-STYLES = ["vintage", "minimalist", "rugged", "premium", "compact", "classic", "modern", "eco-friendly",
-          "professional", "playful"]
+STYLES = [
+    "vintage",
+    "minimalist",
+    "rugged",
+    "premium",
+    "compact",
+    "classic",
+    "modern",
+    "eco-friendly",
+    "professional",
+    "playful",
+]
 COLOURS = ["black", "white", "red", "navy", "forest green", "sand", "grey", "orange", "teal", "burgundy"]
-_SYLLABLES_A = ["Nor", "Al", "Bel", "Cor", "Dra", "El", "Fen", "Gal", "Hal", "Ist", "Jun", "Kal", "Lum", "Mar",
-                "Nov", "Or", "Pel", "Quen", "Ros", "Sol", "Tor", "Ul", "Val", "Wen", "Xan", "Yor", "Zel"]
-_SYLLABLES_B = ["vik", "tra", "den", "mont", "ora", "stad", "wick", "ley", "ton", "ria", "holm", "dor", "ix",
-                "wyn", "ford", "ano"]
+_SYLLABLES_A = [
+    "Nor",
+    "Al",
+    "Bel",
+    "Cor",
+    "Dra",
+    "El",
+    "Fen",
+    "Gal",
+    "Hal",
+    "Ist",
+    "Jun",
+    "Kal",
+    "Lum",
+    "Mar",
+    "Nov",
+    "Or",
+    "Pel",
+    "Quen",
+    "Ros",
+    "Sol",
+    "Tor",
+    "Ul",
+    "Val",
+    "Wen",
+    "Xan",
+    "Yor",
+    "Zel",
+]
+_SYLLABLES_B = [
+    "vik",
+    "tra",
+    "den",
+    "mont",
+    "ora",
+    "stad",
+    "wick",
+    "ley",
+    "ton",
+    "ria",
+    "holm",
+    "dor",
+    "ix",
+    "wyn",
+    "ford",
+    "ano",
+]
 BRANDS_PER_CATEGORY = 6
 BASE_TIMESTAMP = 1_672_531_200  # 2023-01-01T00:00:00Z: fixed, so the bytes never depend on the clock
 SPAN_DAYS = 240
@@ -205,8 +597,9 @@ def generate(p: SynthConfig) -> RawTables:
     cat_w = rng.dirichlet(np.full(n_cat, 4.0))
     item_cat = rng.choice(n_cat, size=p.n_items, p=cat_w)
     brand_w = 1.0 / np.arange(1, BRANDS_PER_CATEGORY + 1)
-    item_brand = item_cat * BRANDS_PER_CATEGORY + rng.choice(BRANDS_PER_CATEGORY, size=p.n_items,
-                                                             p=brand_w / brand_w.sum())
+    item_brand = item_cat * BRANDS_PER_CATEGORY + rng.choice(
+        BRANDS_PER_CATEGORY, size=p.n_items, p=brand_w / brand_w.sum()
+    )
     item_noun = rng.integers(0, 8, size=p.n_items)
     item_feat = rng.integers(0, 6, size=p.n_items)
     item_style = rng.integers(0, n_sty, size=p.n_items)
@@ -221,8 +614,13 @@ def generate(p: SynthConfig) -> RawTables:
     colour = np.array(COLOURS, dtype=object)[item_colour]
     brand = brands.astype(object)[item_brand]
     cat_name = np.array(cats, dtype=object)[item_cat]
-    title = brand + " " + np.array([s.capitalize() for s in STYLES], dtype=object)[item_style] + " " + \
-        np.array([w.title() for w in nouns], dtype=object)[item_cat * 8 + item_noun]
+    title = (
+        brand
+        + " "
+        + np.array([s.capitalize() for s in STYLES], dtype=object)[item_style]
+        + " "
+        + np.array([w.title() for w in nouns], dtype=object)[item_cat * 8 + item_noun]
+    )
     tag = cat_name + ", " + style + ", " + colour
     article = np.where(np.isin(colour.astype(str), ["orange"]), "An ", "A ")
     description = article + colour + " " + noun + " with " + feats[item_cat * 6 + item_feat] + "."
@@ -275,6 +673,7 @@ def generate(p: SynthConfig) -> RawTables:
         same_brand = stay & (mode < P_SAME_BRAND) & (item_cat[prev] == cur_cat)
         cs_key = cur_cat * n_sty + user_style
         use_style = ~same_brand & (mode < P_SAME_BRAND + P_PREFERRED_STYLE) & (cs_sizes[cs_key] > 0)
+
         def draw_pooled(rows: np.ndarray, u: np.ndarray) -> np.ndarray:
             """Each row's pool: its previous item's brand, its style within the category, or the category."""
             out = by_cat(cur_cat[rows], u)
@@ -318,20 +717,25 @@ def generate(p: SynthConfig) -> RawTables:
     user_ids = np.array([f"u{j:0{uwidth}d}" for j in range(1, p.n_users + 1)], dtype=object)
 
     def ids(codes: np.ndarray, names: np.ndarray) -> pa.Array:  # strings materialised in Arrow, not Python
-        return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)),
-                                              pa.array(names, type=pa.string())).cast(pa.string())
+        return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), pa.array(names, type=pa.string())).cast(
+            pa.string()
+        )
 
-    interactions = pa.table({
-        "user_id": ids(u_idx[order], user_ids),
-        "item_id": ids(i_idx[order], item_ids),
-        "timestamp": pa.array(t_all[order], type=pa.int64()),
-    })
-    items = pa.table({
-        "item_id": pa.array(item_ids, type=pa.string()),
-        "title": pa.array(title, type=pa.string()),
-        "tag": pa.array(tag, type=pa.string()),
-        "description": pa.array(description, type=pa.string()),
-    })
+    interactions = pa.table(
+        {
+            "user_id": ids(u_idx[order], user_ids),
+            "item_id": ids(i_idx[order], item_ids),
+            "timestamp": pa.array(t_all[order], type=pa.int64()),
+        }
+    )
+    items = pa.table(
+        {
+            "item_id": pa.array(item_ids, type=pa.string()),
+            "title": pa.array(title, type=pa.string()),
+            "tag": pa.array(tag, type=pa.string()),
+            "description": pa.array(description, type=pa.string()),
+        }
+    )
     manifest = {
         "format": "synth",
         "params": asdict(p),
@@ -346,6 +750,11 @@ def synthesize(cfg: Config, raw_dir: str | Path | None = None) -> Path:
     """Generate the default dataset into ``raw_dir`` (default ``paths.raw_dir``)."""
     tables = generate(cfg.synth)
     out = write_raw(tables, raw_dir or cfg.paths.raw_dir)
-    log.info("synthesised %d interactions, %d users, %d items -> %s", tables.interactions.num_rows,
-             cfg.synth.n_users, tables.items.num_rows, out)
+    log.info(
+        "synthesised %d interactions, %d users, %d items -> %s",
+        tables.interactions.num_rows,
+        cfg.synth.n_users,
+        tables.items.num_rows,
+        out,
+    )
     return out

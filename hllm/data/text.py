@@ -96,8 +96,16 @@ def ensure_tokens(cfg: Config, built_dir: str | Path | None = None) -> TokenCach
     save_npz(tmp, ids=cache.ids, offsets=cache.offsets)
     tmp.replace(path)
     (d / "tokens" / f"{key}.json").write_text(
-        json.dumps({"model": icfg.path, "max_text_len": icfg.max_text_len, "prompt": icfg.prompt,
-                    "fields": icfg.text_fields, "tokenizer": tokenizer_identity(tok)}, indent=2)
+        json.dumps(
+            {
+                "model": icfg.path,
+                "max_text_len": icfg.max_text_len,
+                "prompt": icfg.prompt,
+                "fields": icfg.text_fields,
+                "tokenizer": tokenizer_identity(tok),
+            },
+            indent=2,
+        )
     )
     log.info("tokenised %d items -> %s (%.1f tokens/item)", len(texts), path, cache.lengths()[1:].mean())
     return cache

@@ -78,8 +78,9 @@ class ValidationReport:
     data_docs: str | None = None
 
     def summary(self) -> str:
-        head = (f"validation {'PASSED' if self.passed else 'FAILED'} ({self.source}): "
-                + ", ".join(f"{t} {v['expectations'] - v['failed']}/{v['expectations']}" for t, v in self.tables.items()))
+        head = f"validation {'PASSED' if self.passed else 'FAILED'} ({self.source}): " + ", ".join(
+            f"{t} {v['expectations'] - v['failed']}/{v['expectations']}" for t, v in self.tables.items()
+        )
         lines = [head] + [f"  - {f.line()}" for f in self.failures]
         lines.append(f"  report: {self.report_path}")
         if self.data_docs:
@@ -115,8 +116,9 @@ def load_suite(name: str) -> dict[str, Any]:
     return json.loads(text)
 
 
-def expand_suite(suite: dict[str, Any], columns: list[str], required_text: list[str],
-                 integer_columns: set[str]) -> list[dict[str, Any]]:
+def expand_suite(
+    suite: dict[str, Any], columns: list[str], required_text: list[str], integer_columns: set[str]
+) -> list[dict[str, Any]]:
     """Instantiate templates for the columns present and drop what cannot be evaluated.
 
     ``{required_text}`` / ``{optional_text}`` expand per text field. Column
@@ -247,9 +249,14 @@ def thresholds(cfg: Config, now: float | None = None) -> dict[str, Any]:
     }
 
 
-def validate_raw(cfg: Config, raw_dir: str | Path | None = None, report_dir: str | Path | None = None,
-                 source: str | None = None, data_docs: bool | None = None, raise_on_failure: bool = False
-                 ) -> ValidationReport:
+def validate_raw(
+    cfg: Config,
+    raw_dir: str | Path | None = None,
+    report_dir: str | Path | None = None,
+    source: str | None = None,
+    data_docs: bool | None = None,
+    raise_on_failure: bool = False,
+) -> ValidationReport:
     """Validate the raw tables in ``raw_dir`` (default ``paths.raw_dir``); always writes the report.
 
     Returns the report (``report.passed``); with ``raise_on_failure`` a failed
@@ -294,13 +301,18 @@ def validate_raw(cfg: Config, raw_dir: str | Path | None = None, report_dir: str
         except (KeyError, LookupError):
             bd = asset.add_batch_definition_whole_dataframe("all")
         vd = ctx.validation_definitions.add_or_update(gx.ValidationDefinition(name=name, data=bd, suite=suite))
-        cp = ctx.checkpoints.add_or_update(gx.Checkpoint(
-            name=name, validation_definitions=[vd],
-            result_format={"result_format": "SUMMARY", "partial_unexpected_count": v.max_examples,
-                           "unexpected_index_column_names": INDEX_COLUMNS[name]},
-        ))
-        res = next(iter(cp.run(batch_parameters={"dataframe": df}, expectation_parameters=params)
-                        .run_results.values()))
+        cp = ctx.checkpoints.add_or_update(
+            gx.Checkpoint(
+                name=name,
+                validation_definitions=[vd],
+                result_format={
+                    "result_format": "SUMMARY",
+                    "partial_unexpected_count": v.max_examples,
+                    "unexpected_index_column_names": INDEX_COLUMNS[name],
+                },
+            )
+        )
+        res = next(iter(cp.run(batch_parameters={"dataframe": df}, expectation_parameters=params).run_results.values()))
         n_failed = 0
         for r in res.results:
             if r.success:
@@ -318,10 +330,17 @@ def validate_raw(cfg: Config, raw_dir: str | Path | None = None, report_dir: str
                 expected = cfg_e.kwargs.get("type_")
                 why += f"; expected {expected}, found {result.get('observed_value')}"
                 examples = _non_integer_examples(df[column], v.max_examples) if expected == "int64" else examples
-            failures.append(Failure(name, cfg_e.type, column, why, result.get("unexpected_count"),
-                                    result.get("element_count"), examples))
-        summary[name] = {"rows": len(df), "expectations": len(res.results), "failed": n_failed,
-                         "success": bool(res.success)}
+            failures.append(
+                Failure(
+                    name, cfg_e.type, column, why, result.get("unexpected_count"), result.get("element_count"), examples
+                )
+            )
+        summary[name] = {
+            "rows": len(df),
+            "expectations": len(res.results),
+            "failed": n_failed,
+            "success": bool(res.success),
+        }
     bar.close()
 
     docs = None
@@ -332,11 +351,16 @@ def validate_raw(cfg: Config, raw_dir: str | Path | None = None, report_dir: str
     order = {n: i for i, n in enumerate(SUITES)}
     failures.sort(key=lambda f: order[f.table])
     report = ValidationReport(
-        passed=not failures, raw_dir=str(raw), source=source or str(raw), fingerprint=fp,
+        passed=not failures,
+        raw_dir=str(raw),
+        source=source or str(raw),
+        fingerprint=fp,
         thresholds={**params, "required_text_fields": required_text},
-        tables=summary, failures=failures,
-        validated_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        report_path=str(out / REPORT), data_docs=docs,
+        tables=summary,
+        failures=failures,
+        validated_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        report_path=str(out / REPORT),
+        data_docs=docs,
     )
     report.write()
     if report.passed:
@@ -361,10 +385,11 @@ def require_passed(cfg: Config, raw_dir: str | Path | None = None) -> dict[str, 
     if rep is None:
         raise DataError(f"{where}: no validation report; run `hllm data validate` before `hllm data build`")
     if not rep.get("passed"):
-        raise DataError(f"{where}: the last validation FAILED; fix the data and run `hllm data validate` "
-                        "(nothing is built from data that failed validation)")
+        raise DataError(
+            f"{where}: the last validation FAILED; fix the data and run `hllm data validate` "
+            "(nothing is built from data that failed validation)"
+        )
     now = fingerprint(raw)
     if rep.get("fingerprint") != now:
         raise DataError(f"{raw}: changed since it was validated ({where}); run `hllm data validate` again")
     return rep
-

@@ -46,8 +46,7 @@ class DvcRecord:
 
 def dvc(*args: str, repo: str | Path = ".", check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "ITERATIVE_DO_NOT_TRACK": "1"}
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, text=True,
-                          capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, text=True, capture_output=True)
     if check and proc.returncode != 0:
         out = (proc.stderr or proc.stdout).strip()[-2000:]
         raise VersioningError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}) in {repo}:\n{out}")
@@ -125,8 +124,9 @@ def push(dvc_file: str | Path = DVC_FILE, remote: str | None = None, repo: str |
     dvc(*args, repo=repo)
 
 
-def add_and_push(raw_dir: str | Path = "data/raw", dvc_file: str | Path = DVC_FILE, remote: str | None = None,
-                 repo: str | Path = ".") -> DvcRecord:
+def add_and_push(
+    raw_dir: str | Path = "data/raw", dvc_file: str | Path = DVC_FILE, remote: str | None = None, repo: str | Path = "."
+) -> DvcRecord:
     """Record the raw data as a version and upload it; returns the version (md5)."""
     v = add(raw_dir, dvc_file, repo)
     push(dvc_file, remote, repo)

@@ -68,7 +68,9 @@ def check_protocol(p: ProtocolConfig) -> None:
         raise ValueError(f"eval.protocol.ks must be positive integers, got {p.ks}")
     name, _, kk = p.select_metric.partition("@")
     if name not in ("recall", "ndcg") or not kk.isdigit() or int(kk) not in p.ks:
-        raise ValueError(f"eval.protocol.select_metric {p.select_metric!r} must be recall@K or ndcg@K with K in ks {p.ks}")
+        raise ValueError(
+            f"eval.protocol.select_metric {p.select_metric!r} must be recall@K or ndcg@K with K in ks {p.ks}"
+        )
     if p.max_history < 1:
         raise ValueError(f"eval.protocol.max_history must be >= 1, got {p.max_history}")
 
@@ -145,7 +147,9 @@ def evaluate(
     return res
 
 
-def _rank_split(model, item_table: torch.Tensor, items: torch.Tensor, es, cfg: Config, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+def _rank_split(
+    model, item_table: torch.Tensor, items: torch.Tensor, es, cfg: Config, progress: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Ranks for the users of one split; sharded by contiguous user blocks under torchrun.
 
     ``item_table`` (raw) feeds the user model, as in training; ``items``
@@ -230,11 +234,18 @@ def load_for_eval(ckpt_dir: str | Path, cfg: Config | None = None, built_dir: st
     return model, ckpt_cfg, built
 
 
-def evaluate_checkpoint(ckpt_dir: str | Path, cfg: Config | None = None, splits: tuple[str, ...] = ("test",),
-                        built_dir: str | Path | None = None, progress: bool = True) -> dict[str, EvalResult]:
+def evaluate_checkpoint(
+    ckpt_dir: str | Path,
+    cfg: Config | None = None,
+    splits: tuple[str, ...] = ("test",),
+    built_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, EvalResult]:
     """Evaluate a saved checkpoint on one or more splits, encoding the items once
     (and caching them in the checkpoint folder)."""
     model, ecfg, built = load_for_eval(ckpt_dir, cfg, built_dir)
     with torch.inference_mode():
         table = cached_item_embeddings(model, built, ecfg, ckpt_dir, progress)
-    return {s: evaluate(model, built, ecfg, s, item_table=table, checkpoint_dir=ckpt_dir, progress=progress) for s in splits}
+    return {
+        s: evaluate(model, built, ecfg, s, item_table=table, checkpoint_dir=ckpt_dir, progress=progress) for s in splits
+    }

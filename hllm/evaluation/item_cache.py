@@ -79,13 +79,16 @@ def item_cache_key(ckpt_dir: str | Path, built: BuiltData, cfg: Config, model=No
     ``item_inputs_fingerprint``)."""
     items = built.dir / "items.parquet"
     m = unwrap(model) if model is not None else None
-    return stable_hash({
-        "weights": checkpoint_fingerprint(ckpt_dir),
-        "items": _file_sha(items) if items.exists() else list(map(str, built.item_ids)),
-        "n_items": built.n_items,
-        "item_model": dataclasses.asdict(cfg.model.item),
-        "inputs": m.item_inputs_fingerprint() if m is not None and hasattr(m, "item_inputs_fingerprint") else None,
-    }, n=16)
+    return stable_hash(
+        {
+            "weights": checkpoint_fingerprint(ckpt_dir),
+            "items": _file_sha(items) if items.exists() else list(map(str, built.item_ids)),
+            "n_items": built.n_items,
+            "item_model": dataclasses.asdict(cfg.model.item),
+            "inputs": m.item_inputs_fingerprint() if m is not None and hasattr(m, "item_inputs_fingerprint") else None,
+        },
+        n=16,
+    )
 
 
 def item_cache_dir(cfg: Config) -> Path:
@@ -136,14 +139,25 @@ def store_cached_items(table: np.ndarray, model, built: BuiltData, cfg: Config, 
         tmp = d / f".{key}.{os.getpid()}.tmp.npy"
         np.save(tmp, np.asarray(table, dtype=np.float32))
         tmp.replace(npy)
-        _atomic_write_text(d / f"{key}.json", json.dumps({"checkpoint": str(ckpt_dir), "n_items": built.n_items,
-                                                          "dim": int(table.shape[1]), "built_dir": str(built.dir)}))
+        _atomic_write_text(
+            d / f"{key}.json",
+            json.dumps(
+                {
+                    "checkpoint": str(ckpt_dir),
+                    "n_items": built.n_items,
+                    "dim": int(table.shape[1]),
+                    "built_dir": str(built.dir),
+                }
+            ),
+        )
         _prune_cache(d, cfg.eval.item_cache_keep)
     except OSError as e:
         log.warning("could not write item-embedding cache in %s: %s", d, e)
 
 
-def cached_item_embeddings(model, built: BuiltData, cfg: Config, ckpt_dir: str | Path, progress: bool = True) -> torch.Tensor:
+def cached_item_embeddings(
+    model, built: BuiltData, cfg: Config, ckpt_dir: str | Path, progress: bool = True
+) -> torch.Tensor:
     """Item table of a saved checkpoint, from ``<runs_dir>/.item_emb_cache/<key>.npy`` when present,
     else computed and saved there. The key (:func:`item_cache_key`) hashes the weights, the item
     table, the item-text settings and the token cache, so a changed checkpoint or catalogue never
@@ -159,6 +173,6 @@ def cached_item_embeddings(model, built: BuiltData, cfg: Config, ckpt_dir: str |
 
 def _prune_cache(d: Path, keep: int) -> None:
     files = sorted(d.glob("*.npy"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for p in files[max(keep, 1):]:
+    for p in files[max(keep, 1) :]:
         p.unlink(missing_ok=True)
         p.with_suffix(".json").unlink(missing_ok=True)

@@ -34,7 +34,9 @@ class ProtocolMismatchError(ValueError):
     """Two results were produced under different evaluation protocols."""
 
 
-def target_ranks(scores: np.ndarray, targets: np.ndarray, exclude: np.ndarray | None = None, tol: float = 0.0) -> np.ndarray:
+def target_ranks(
+    scores: np.ndarray, targets: np.ndarray, exclude: np.ndarray | None = None, tol: float = 0.0
+) -> np.ndarray:
     """Exact 0-based rank of each target in a dense score matrix (the reference
     implementation the chunked evaluator is tested against).
 
@@ -112,12 +114,16 @@ def ensure_comparable(*hashes: str) -> str:
     return distinct[0]
 
 
-def format_table(rows: Mapping[str, Mapping[str, float]], ks: Iterable[int], names: tuple[str, ...] = ("recall", "ndcg")) -> str:
+def format_table(
+    rows: Mapping[str, Mapping[str, float]], ks: Iterable[int], names: tuple[str, ...] = ("recall", "ndcg")
+) -> str:
     """A markdown table, one row per model/split, metrics as percentages."""
     ks = list(ks)
     cols = [f"{n}@{k}" for n in names for k in ks]
     short = {"recall": "R", "ndcg": "N"}
-    header = "| | " + " | ".join(f"{short.get(c.split('@')[0], c.split('@')[0])}@{c.split('@')[1]}" for c in cols) + " |"
+    header = (
+        "| | " + " | ".join(f"{short.get(c.split('@')[0], c.split('@')[0])}@{c.split('@')[1]}" for c in cols) + " |"
+    )
     lines = [header, "|---|" + "---:|" * len(cols)]
     for label, metrics in rows.items():
         cells = [f"{100 * metrics[c]:.2f}" if c in metrics else "-" for c in cols]

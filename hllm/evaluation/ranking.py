@@ -26,7 +26,7 @@ def tie_tolerance(u: torch.Tensor, item_norm_max: float, dim: int) -> torch.Tens
     popularity counts below 2e6) are unaffected.
     """
     eps = torch.finfo(torch.float32).eps
-    return 4.0 * eps * (dim ** 0.5) * u.norm(dim=1) * item_norm_max
+    return 4.0 * eps * (dim**0.5) * u.norm(dim=1) * item_norm_max
 
 
 @dataclass
@@ -118,7 +118,9 @@ def rank_items(
                 s[:, PAD] = neg_inf
             x0, x1 = np.searchsorted(cols_x, [a, e])
             if x1 > x0:
-                s[torch.from_numpy(rows_x[x0:x1]).to(s.device), torch.from_numpy(cols_x[x0:x1] - a).to(s.device)] = neg_inf
+                s[torch.from_numpy(rows_x[x0:x1]).to(s.device), torch.from_numpy(cols_x[x0:x1] - a).to(s.device)] = (
+                    neg_inf
+                )
             if targets is not None:
                 higher += _count_ge(s, t_floor)
                 inside = np.nonzero((t_idx >= a) & (t_idx < e))[0]

@@ -1,4 +1,16 @@
-"""One evaluation result: ``metrics.json`` + ``per_user.npz`` (the schema every reader uses)."""
+"""One evaluation result and its files: the schema every writer and reader uses.
+
+A result is a folder with two files::
+
+    metrics.json   {"split", "metrics" (fractions), "protocol_hash", "protocol", "data_version",
+                    "n_users", "n_items", "n_masked_targets", "seconds", "checkpoint"}
+    per_user.npz   "users" (int32 user idx) + one array per metric, aligned (the gate bootstraps them)
+
+``hllm evaluate`` writes it under ``reports/eval/<run>/<split>/``; in MLflow it lives under
+:func:`artifact_dir` = ``eval/<split>/<protocol hash>/<data version>/`` of the model's run, so a
+gate never compares results of different protocols or data. Older ``metrics.json`` files with only
+``split``/``metrics``/``protocol_hash`` (and ``data_version``) still load.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +40,13 @@ class EvalResult:
     n_masked_targets: int = 0  # targets that were in the masked history (counted as misses)
     seconds: float = 0.0
     checkpoint: str | None = None
+    data_version: str | None = None  # d<dvc md5>-s<sequences md5> (hllm.data.versioning)
+
+    def __post_init__(self) -> None:
+        n = len(self.users)
+        bad = [k for k, v in self.per_user.items() if np.shape(v) != (n,)]
+        if bad:
+            raise ValueError(f"per-user arrays {bad} do not have one value per user ({n})")
 
     @property
     def select_value(self) -> float:
@@ -56,6 +75,7 @@ class EvalResult:
             "n_masked_targets": self.n_masked_targets,
             "seconds": round(self.seconds, 3),
             "checkpoint": self.checkpoint,
+            "data_version": self.data_version,
         }
 
     def save(self, out_dir: str | Path) -> Path:
@@ -69,21 +89,52 @@ class EvalResult:
         return out
 
     @classmethod
-    def load(cls, out_dir: str | Path) -> "EvalResult":
+    def load(cls, out_dir: str | Path) -> EvalResult:
+        """Read a result folder (``per_user.npz`` optional)."""
         out = Path(out_dir)
-        s = json.loads((out / "metrics.json").read_text())
+        npz = out / "per_user.npz"
+        return cls.load_files(out / "metrics.json", npz if npz.exists() else None)
+
+    @classmethod
+    def load_files(cls, metrics_json: str | Path, per_user_npz: str | Path | None = None) -> EvalResult:
+        """Read ``metrics.json`` (+ ``per_user.npz``); a missing key is an error naming the file."""
+        s = json.loads(Path(metrics_json).read_text())
+        missing = [k for k in ("metrics", "protocol_hash") if k not in s]
+        if missing:
+            raise ValueError(f"{metrics_json}: missing key(s) {missing}")
         per_user: dict[str, np.ndarray] = {}
         users = np.zeros(0, dtype=np.int32)
-        if (out / "per_user.npz").exists():
-            with np.load(out / "per_user.npz") as z:
+        if per_user_npz is not None:
+            with np.load(per_user_npz, allow_pickle=False) as z:
+                if "users" not in z.files:
+                    raise ValueError(f"{per_user_npz}: no 'users' array")
                 per_user = {k: z[k] for k in z.files if k != "users"}
                 users = z["users"]
         return cls(
-            split=s["split"], metrics=s["metrics"], per_user=per_user, users=users,
-            protocol_hash=s["protocol_hash"], n_users=s["n_users"], protocol=s.get("protocol", {}),
-            n_items=s.get("n_items", 0), n_masked_targets=s.get("n_masked_targets", 0),
-            seconds=s.get("seconds", 0.0), checkpoint=s.get("checkpoint"),
+            split=s.get("split", "test"),
+            metrics={k: float(v) for k, v in s["metrics"].items()},
+            per_user=per_user,
+            users=users,
+            protocol_hash=s["protocol_hash"],
+            n_users=s.get("n_users", len(users)),
+            protocol=s.get("protocol", {}),
+            n_items=s.get("n_items", 0),
+            n_masked_targets=s.get("n_masked_targets", 0),
+            seconds=s.get("seconds", 0.0),
+            checkpoint=s.get("checkpoint"),
+            data_version=s.get("data_version"),
         )
+
+
+def artifact_dir(split: str, protocol: str, data_ver: str) -> str:
+    """Where a result lives in its model's MLflow run: ``eval/<split>/<protocol hash>/<data version>``."""
+    return f"eval/{split}/{protocol}/{data_ver}"
+
+
+def parse_artifact_dir(path: str) -> tuple[str, str, str] | None:
+    """``eval/<split>/<protocol>/<data>`` -> (split, protocol, data version); None for another path."""
+    parts = path.strip("/").split("/")
+    return (parts[1], parts[2], parts[3]) if len(parts) == 4 and parts[0] == "eval" else None
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

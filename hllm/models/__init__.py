@@ -9,7 +9,8 @@ text-based models; ID models ignore it, and HLLM builds it when given None.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hllm.config import Config

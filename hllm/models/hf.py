@@ -12,6 +12,7 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- backbones
 
+
 # Model types whose bare AutoModel is a bidirectional encoder (they ship a
 # masked-LM head, not a causal one). Everything else is treated as a decoder.
 def is_encoder(hf_config) -> bool:
@@ -89,7 +90,7 @@ def drop_input_embeddings(model) -> None:
     """Remove the word-embedding table of a model that is only fed ``inputs_embeds``
     (the User LLM): for a pretrained 7B decoder that is ~0.5B dead parameters."""
     emb = model.get_input_embeddings()
-    for name, module in model.named_modules():
+    for _name, module in model.named_modules():
         for child_name, child in list(module.named_children()):
             if child is emb:
                 setattr(module, child_name, None)

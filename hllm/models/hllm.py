@@ -177,8 +177,11 @@ def build(cfg: "Config", built: "BuiltData", tokens: "TokenCache | None" = None)
             "the cache is stale: delete the tokens/ folder of the built dataset"
         )
     item_bb = load_backbone(
-        icfg.path, icfg.config, from_scratch=icfg.from_scratch,
-        attn_implementation=icfg.attn_implementation, what="model.item",
+        icfg.path,
+        icfg.config,
+        from_scratch=icfg.from_scratch,
+        attn_implementation=icfg.attn_implementation,
+        what="model.item",
     )
     max_len = int(tokens.lengths().max(initial=0)) + 1
     max_pos = getattr(item_bb.config, "max_position_embeddings", None)
@@ -186,17 +189,29 @@ def build(cfg: "Config", built: "BuiltData", tokens: "TokenCache | None" = None)
         raise ValueError(f"model.item: texts of {max_len - 1} tokens + [ITEM] exceed max_position_embeddings={max_pos}")
     pad_id = getattr(item_bb.config, "pad_token_id", None)
     item = ItemLLM(
-        item_bb, tokens, pooling=icfg.pooling, layout=icfg.layout,
-        max_tokens_per_forward=icfg.max_tokens_per_forward, pad_id=int(pad_id) if pad_id is not None else 0,
+        item_bb,
+        tokens,
+        pooling=icfg.pooling,
+        layout=icfg.layout,
+        max_tokens_per_forward=icfg.max_tokens_per_forward,
+        pad_id=int(pad_id) if pad_id is not None else 0,
     )
     user_bb = load_backbone(
-        ucfg.path, ucfg.config, from_scratch=ucfg.from_scratch,
-        attn_implementation=ucfg.attn_implementation, what="model.user",
+        ucfg.path,
+        ucfg.config,
+        from_scratch=ucfg.from_scratch,
+        attn_implementation=ucfg.attn_implementation,
+        what="model.user",
     )
     user = UserLLM(user_bb)
     model = HLLM(
-        item, user, projection=ucfg.projection, scale_init=tcfg.scale_init, scale_max=tcfg.scale_max,
-        nce_threshold=tcfg.nce_threshold, dedup=tcfg.dedup_items,
+        item,
+        user,
+        projection=ucfg.projection,
+        scale_init=tcfg.scale_init,
+        scale_max=tcfg.scale_max,
+        nce_threshold=tcfg.nce_threshold,
+        dedup=tcfg.dedup_items,
     )
     if icfg.path is None or icfg.from_scratch:
         model._new_prefixes.append("item.backbone")
@@ -204,8 +219,13 @@ def build(cfg: "Config", built: "BuiltData", tokens: "TokenCache | None" = None)
         model._new_prefixes.append("user")
     log.info(
         "HLLM: item %s (%s, %d hidden, %.1fM params), user %s (%d hidden, %.1fM params), projection %s",
-        icfg.path or item_bb.config.model_type, "encoder" if item.encoder else "decoder", item.hidden_size,
-        _millions(item), ucfg.path or user_bb.config.model_type, user.hidden_size, _millions(user),
+        icfg.path or item_bb.config.model_type,
+        "encoder" if item.encoder else "decoder",
+        item.hidden_size,
+        _millions(item),
+        ucfg.path or user_bb.config.model_type,
+        user.hidden_size,
+        _millions(user),
         "linear" if model.proj is not None else "none",
     )
     return model

@@ -33,12 +33,17 @@ def step_dir_name(step: int) -> str:
 
 
 def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
+    """``meta.json`` of a checkpoint, patched to the current vocabulary: checkpoints written before
+    the data-version vocabulary was unified call the built tables' hash ``data_version``; it is
+    ``content_hash`` now (``data_version`` means the DVC + sequences version everywhere else)."""
     p = Path(ckpt_dir) / "meta.json"
     if not p.exists():
         raise FileNotFoundError(f"{ckpt_dir}: not a checkpoint (no meta.json)")
     meta = json.loads(p.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{p}: checkpoint format {meta.get('format')!r}, this code reads format {FORMAT}")
+    if "data_version" in meta and "content_hash" not in meta:
+        meta["content_hash"] = meta.pop("data_version")
     return meta
 
 
@@ -72,8 +77,10 @@ def load_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     missing = set(_param_names(model)) - set(sd)
     unexpected = set(sd) - set(_param_names(model))
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the model: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+        raise ValueError(
+            f"{path}: weights do not match the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
     set_model_state_dict(model, sd, options=_options())
 
 
@@ -108,13 +115,16 @@ def check_catalogue(meta: dict[str, Any], built, ckpt_dir: str | Path) -> None:
     if meta.get("n_items") is not None and meta["n_items"] != built.n_items:
         why = f"it was trained on {meta['n_items']} item slots, {built.dir} has {built.n_items}"
     elif meta.get("catalogue") and meta["catalogue"] != catalogue_hash(built.item_ids):
-        why = (f"{built.dir} has the same number of items ({built.n_items} slots) but other item ids or another "
-               f"idx order (catalogue {catalogue_hash(built.item_ids)}, trained on {meta['catalogue']})")
+        why = (
+            f"{built.dir} has the same number of items ({built.n_items} slots) but other item ids or another "
+            f"idx order (catalogue {catalogue_hash(built.item_ids)}, trained on {meta['catalogue']})"
+        )
     if why:
         raise ValueError(
             f"{ckpt_dir}: a {kind!r} model cannot score this catalogue: {why}. Its item table is indexed by "
             "the training catalogue (ID-based); retrain it on the new data. (Text-based item towers such as "
-            "HLLM embed items from their text and accept a changed catalogue.)")
+            "HLLM embed items from their text and accept a changed catalogue.)"
+        )
 
 
 def load_model(ckpt_dir: str | Path, built_dir: str | Path | None = None, device: str | torch.device = "cpu"):
@@ -137,9 +147,13 @@ def load_model(ckpt_dir: str | Path, built_dir: str | Path | None = None, device
         cfg.paths.built_dir = str(built_dir)
     built = load_built(cfg.paths.built_dir)
     check_catalogue(meta, built, ckpt_dir)
-    if meta.get("data_version") and meta["data_version"] != content_hash(built.dir):
-        log.info("%s: built data at %s differs from the training data (version %s)", ckpt_dir, built.dir,
-                 meta["data_version"])
+    if meta.get("content_hash") and meta["content_hash"] != content_hash(built.dir):
+        log.info(
+            "%s: built data at %s differs from the training data (version %s)",
+            ckpt_dir,
+            built.dir,
+            meta["content_hash"],
+        )
     build_cfg = copy.deepcopy(cfg)
     # Architecture only: the weights come from the checkpoint.
     for tower in (build_cfg.model.item, build_cfg.model.user):

@@ -27,7 +27,9 @@ class Popularity(SeqRecModel):
         super().__init__()
         counts = torch.as_tensor(np.asarray(counts), dtype=torch.float32).clone()
         if counts.ndim != 1 or len(counts) < 2:
-            raise ValueError(f"popularity counts must be a vector over item idx (incl. padding), got shape {tuple(counts.shape)}")
+            raise ValueError(
+                f"popularity counts must be a vector over item idx (incl. padding), got shape {tuple(counts.shape)}"
+            )
         counts[PAD] = 0
         # a buffer, not a parameter: saved in model.safetensors, never optimised
         self.register_buffer("counts", counts)

@@ -5,8 +5,8 @@ matplotlib runs headless (Agg) and is imported inside each function: the CLI nev
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 
 def _pyplot():
@@ -18,8 +18,9 @@ def _pyplot():
     return plt
 
 
-def loss_curve(series: Mapping[str, Sequence[tuple[int, float]]], path: str | Path,
-               title: str = "training loss") -> Path:
+def loss_curve(
+    series: Mapping[str, Sequence[tuple[int, float]]], path: str | Path, title: str = "training loss"
+) -> Path:
     """One line per series of (step, value) points, e.g. ``{"train/loss": [(0, 5.1), (10, 4.2)]}``."""
     if not any(series.values()):
         raise ValueError("loss_curve: no points to plot")
@@ -43,8 +44,9 @@ def loss_curve(series: Mapping[str, Sequence[tuple[int, float]]], path: str | Pa
     return path
 
 
-def metric_bars(results: Mapping[str, Mapping[str, float]], ks: Sequence[int], path: str | Path,
-                title: str = "test metrics") -> Path:
+def metric_bars(
+    results: Mapping[str, Mapping[str, float]], ks: Sequence[int], path: str | Path, title: str = "test metrics"
+) -> Path:
     """Grouped bars, one panel per metric family (Recall@K, NDCG@K), one bar per model and K.
 
     ``results``: model label -> {"recall@10": 0.12, "ndcg@10": 0.07, ...} as fractions; drawn in %.

@@ -29,7 +29,7 @@ import socket
 import tempfile
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,9 +39,8 @@ from hllm.ops import tracking
 from hllm.ops.gate import GateResult, _gate_dict, gate
 
 if TYPE_CHECKING:
-    from mlflow.entities.model_registry import ModelVersion
-
     from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ def default_actor() -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def _client(cfg: Config) -> "MlflowClient":
@@ -104,7 +103,7 @@ def _get_version(client: "MlflowClient", name: str, version: str | int) -> "Mode
     try:
         return client.get_model_version(name, str(version))
     except MlflowException:
-        known = sorted((int(v.version) for v in _versions(client, name)))
+        known = sorted(int(v.version) for v in _versions(client, name))
         raise RegistryError(f"model {name!r} has no version {version} (versions: {known or 'none'})") from None
 
 
@@ -144,8 +143,12 @@ def _set_history(client: "MlflowClient", name: str, history: list[str]) -> None:
 
 def _audit_run_id(cfg: Config, client: "MlflowClient", create: bool) -> str | None:
     exp_id = tracking.configure(cfg, cfg.registry.audit_experiment)
-    runs = client.search_runs([exp_id], filter_string=f"tags.`{tracking.TAG_KIND}` = 'audit'",
-                              max_results=1, order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`{tracking.TAG_KIND}` = 'audit'",
+        max_results=1,
+        order_by=["attributes.start_time ASC"],
+    )
     if runs:
         return runs[0].info.run_id
     if not create:
@@ -160,8 +163,7 @@ def record(cfg: Config, event: dict[str, Any], client: "MlflowClient | None" = N
     event = {"ts": _now(), "model": cfg.registry.model_name, **event}
     run_id = _audit_run_id(cfg, client, create=True)
     stamp = event["ts"].replace(":", "").replace("+0000", "Z")
-    client.log_text(run_id, json.dumps(event, sort_keys=True) + "\n",
-                    f"audit/{stamp}-{uuid.uuid4().hex[:8]}.json")
+    client.log_text(run_id, json.dumps(event, sort_keys=True) + "\n", f"audit/{stamp}-{uuid.uuid4().hex[:8]}.json")
     return event
 
 
@@ -182,39 +184,70 @@ def audit_log(cfg: Config) -> list[dict[str, Any]]:
     return sorted(events, key=lambda e: e.get("ts", ""))
 
 
-def _move(cfg: Config, client: "MlflowClient", alias: str, version: str, *, actor: str, reason: str,
-          action: str, previous: str | None, extra: dict | None = None) -> dict:
+def _move(
+    cfg: Config,
+    client: "MlflowClient",
+    alias: str,
+    version: str,
+    *,
+    actor: str,
+    reason: str,
+    action: str,
+    previous: str | None,
+    extra: dict | None = None,
+) -> dict:
     """Point ``alias`` at ``version``; tag who/when/why/how (``action``) and from which version on the
     version (and on the one it left); audit."""
     name = cfg.registry.model_name
     now = _now()
     client.set_registered_model_alias(name, alias, version)
-    for k, v in {"set_by": actor, "set_at": now, "reason": reason, "set_action": action,
-                 "set_from": previous or ""}.items():
+    for k, v in {
+        "set_by": actor,
+        "set_at": now,
+        "reason": reason,
+        "set_action": action,
+        "set_from": previous or "",
+    }.items():
         client.set_model_version_tag(name, version, f"alias.{alias}.{k}", v)
     if previous and previous != version:
         for k, v in {"removed_by": actor, "removed_at": now, "removed_reason": reason}.items():
             client.set_model_version_tag(name, previous, f"alias.{alias}.{k}", v)
-    return record(cfg, {"action": action, "alias": alias, "version": version, "previous": previous,
-                        "actor": actor, "reason": reason, **(extra or {})}, client)
+    return record(
+        cfg,
+        {
+            "action": action,
+            "alias": alias,
+            "version": version,
+            "previous": previous,
+            "actor": actor,
+            "reason": reason,
+            **(extra or {}),
+        },
+        client,
+    )
 
 
-def _unset(cfg: Config, client: "MlflowClient", alias: str, version: str, *, actor: str, reason: str,
-           action: str) -> dict:
+def _unset(
+    cfg: Config, client: "MlflowClient", alias: str, version: str, *, actor: str, reason: str, action: str
+) -> dict:
     name = cfg.registry.model_name
     now = _now()
     client.delete_registered_model_alias(name, alias)
     for k, v in {"removed_by": actor, "removed_at": now, "removed_reason": reason}.items():
         client.set_model_version_tag(name, version, f"alias.{alias}.{k}", v)
-    return record(cfg, {"action": action, "alias": alias, "version": None, "previous": version,
-                        "actor": actor, "reason": reason}, client)
+    return record(
+        cfg,
+        {"action": action, "alias": alias, "version": None, "previous": version, "actor": actor, "reason": reason},
+        client,
+    )
 
 
 # --------------------------------------------------------------------------- registration
 
 
-def register_version(cfg: Config, run_id: str, source: str | None = None,
-                     tags: dict[str, Any] | None = None) -> "ModelVersion":
+def register_version(
+    cfg: Config, run_id: str, source: str | None = None, tags: dict[str, Any] | None = None
+) -> "ModelVersion":
     """Register ``source`` (default ``runs:/<run_id>/model``) as a new version of ``registry.model_name``.
 
     Copies the run's lineage (protocol hash, data version, model kind, git commit) onto the version
@@ -229,15 +262,27 @@ def register_version(cfg: Config, run_id: str, source: str | None = None,
     rt = run.data.tags
     missing = [t for t in (tracking.TAG_PROTOCOL, tracking.TAG_DATA_VERSION) if not rt.get(t)]
     if missing:
-        raise RegistryError(f"run {run_id} has no {missing} tag(s): log the config and dataset with "
-                            "hllm.ops.tracking before registering (nothing was registered)")
+        raise RegistryError(
+            f"run {run_id} has no {missing} tag(s): log the config and dataset with "
+            "hllm.ops.tracking before registering (nothing was registered)"
+        )
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="HLLM sequential recommender: user history -> top-K items")
-    vtags = {k: rt[k] for k in (tracking.TAG_PROTOCOL, tracking.TAG_DATA_VERSION, tracking.TAG_DVC_MD5,
-                                tracking.TAG_SEQ_MD5, tracking.TAG_MODEL_KIND, tracking.TAG_GIT_COMMIT,
-                                tracking.TAG_FLOW_RUN) if rt.get(k)}
+    vtags = {
+        k: rt[k]
+        for k in (
+            tracking.TAG_PROTOCOL,
+            tracking.TAG_DATA_VERSION,
+            tracking.TAG_DVC_MD5,
+            tracking.TAG_SEQ_MD5,
+            tracking.TAG_MODEL_KIND,
+            tracking.TAG_GIT_COMMIT,
+            tracking.TAG_FLOW_RUN,
+        )
+        if rt.get(k)
+    }
     vtags.update({k: str(v) for k, v in (tags or {}).items()})
     source = source or f"runs:/{run_id}/{MODEL_ARTIFACT}"
     mv = client.create_model_version(name, source, run_id=run_id, tags=vtags)
@@ -245,8 +290,13 @@ def register_version(cfg: Config, run_id: str, source: str | None = None,
     return mv
 
 
-def register_model(cfg: Config, run_id: str, export_dir: str | Path, checkpoint_dir: str | Path | None = None,
-                   tags: dict[str, Any] | None = None) -> "ModelVersion":
+def register_model(
+    cfg: Config,
+    run_id: str,
+    export_dir: str | Path,
+    checkpoint_dir: str | Path | None = None,
+    tags: dict[str, Any] | None = None,
+) -> "ModelVersion":
     """Log the serving pyfunc (see :mod:`hllm.serving.pyfunc`) into run ``run_id`` and register it.
 
     Idempotent (safe to retry): a run that already has a registered version gets that version back,
@@ -280,6 +330,7 @@ def reevaluate(cfg: Config, version: str | int | None = None, progress: bool = F
     artifact directory the evaluation was attached under.
     """
     import mlflow
+
     from hllm.evaluation.evaluate import evaluate_checkpoint
     from hllm.serving import pyfunc as serving
 
@@ -303,16 +354,21 @@ def reevaluate(cfg: Config, version: str | int | None = None, progress: bool = F
         except ValueError as e:  # e.g. the catalogue changed size under an ID model
             raise RegistryError(f"version {mv.version} cannot be evaluated on {cfg.paths.built_dir}: {e}") from e
     art = tracking.attach(mv.run_id, cfg).log_eval_result(res, dv, log_as_metrics=False)
-    log.info("version %s re-evaluated on data %s: %s", mv.version, dv,
-             {k: round(v, 5) for k, v in res.metrics.items()})
+    log.info("version %s re-evaluated on data %s: %s", mv.version, dv, {k: round(v, 5) for k, v in res.metrics.items()})
     return art
 
 
 # --------------------------------------------------------------------------- alias moves
 
 
-def promote(cfg: Config, version: str | int | None, to: str = CHALLENGER, reason: str = "",
-            actor: str | None = None, share: float | None = None) -> MoveResult:
+def promote(
+    cfg: Config,
+    version: str | int | None,
+    to: str = CHALLENGER,
+    reason: str = "",
+    actor: str | None = None,
+    share: float | None = None,
+) -> MoveResult:
     """Move an alias to ``version`` after the checks; raises :class:`PromotionRefused` /
     :class:`RegistryError` with the reason (and moves nothing) otherwise.
 
@@ -343,16 +399,28 @@ def promote(cfg: Config, version: str | int | None, to: str = CHALLENGER, reason
         why = reason or "first champion: there was no champion to compare with"
         ev = _move(cfg, client, CHAMPION, v, actor=actor, reason=why, action="promote", previous=None)
         _set_history(client, name, [*_history(client, name), v])
-        return MoveResult(CHAMPION, v, f"version {v} is the first champion of {name} (no champion to gate "
-                                       "against)", events=[ev])
+        return MoveResult(
+            CHAMPION, v, f"version {v} is the first champion of {name} (no champion to gate against)", events=[ev]
+        )
 
     if to == CHALLENGER:
         if challenger is not None and str(challenger.version) == v:
             return MoveResult("noop", v, f"version {v} is already the challenger; nothing moved")
         res = gate(cfg, mv, champion, client)
         if not res.ok:
-            record(cfg, {"action": "refused", "alias": CHALLENGER, "version": v, "previous": None, "actor": actor,
-                         "reason": res.reason, "champion": str(champion.version)}, client)
+            record(
+                cfg,
+                {
+                    "action": "refused",
+                    "alias": CHALLENGER,
+                    "version": v,
+                    "previous": None,
+                    "actor": actor,
+                    "reason": res.reason,
+                    "champion": str(champion.version),
+                },
+                client,
+            )
             raise PromotionRefused(f"version {v} not promoted to challenger: {res.reason}", res)
         events = []
         if challenger is not None:
@@ -361,46 +429,96 @@ def promote(cfg: Config, version: str | int | None, to: str = CHALLENGER, reason
         share = cfg.registry.challenger_share if share is None else share
         if not 0.0 < share < 1.0:
             raise RegistryError(f"challenger share must be in (0, 1), got {share}")
-        ab = {"ab.status": "running", "ab.share": share, "ab.start": _now(), "ab.champion_version": str(champion.version),
-              "ab.gate_metric": res.metric, "ab.min_rel_gain": cfg.registry.min_rel_gain,
-              "ab.candidate_value": res.candidate, "ab.champion_value": res.champion, "ab.rel_gain": res.rel_gain,
-              "ab.ci_low": res.ci_low, "ab.ci_high": res.ci_high, "ab.confidence": res.confidence,
-              "ab.bootstrap_samples": res.samples, "ab.n_users": res.n_users, "ab.protocol_hash": res.protocol_hash,
-              "ab.data_version": res.data_version}
+        ab = {
+            "ab.status": "running",
+            "ab.share": share,
+            "ab.start": _now(),
+            "ab.champion_version": str(champion.version),
+            "ab.gate_metric": res.metric,
+            "ab.min_rel_gain": cfg.registry.min_rel_gain,
+            "ab.candidate_value": res.candidate,
+            "ab.champion_value": res.champion,
+            "ab.rel_gain": res.rel_gain,
+            "ab.ci_low": res.ci_low,
+            "ab.ci_high": res.ci_high,
+            "ab.confidence": res.confidence,
+            "ab.bootstrap_samples": res.samples,
+            "ab.n_users": res.n_users,
+            "ab.protocol_hash": res.protocol_hash,
+            "ab.data_version": res.data_version,
+        }
         for k, val in ab.items():
             client.set_model_version_tag(name, v, k, str(val))
         why = reason or f"gate passed ({res.metric} {res.candidate:.5f} vs {res.champion:.5f})"
-        events.append(_move(cfg, client, CHALLENGER, v, actor=actor, reason=why, action="promote",
-                            previous=str(challenger.version) if challenger else None,
-                            extra={"share": share, "gate": _gate_dict(res)}))
-        return MoveResult(CHALLENGER, v, f"version {v} is the challenger with {share:.0%} of the traffic "
-                                         f"against champion v{str(champion.version)}; {res.reason}",
-                          previous=str(challenger.version) if challenger else None, gate=res, events=events)
+        events.append(
+            _move(
+                cfg,
+                client,
+                CHALLENGER,
+                v,
+                actor=actor,
+                reason=why,
+                action="promote",
+                previous=str(challenger.version) if challenger else None,
+                extra={"share": share, "gate": _gate_dict(res)},
+            )
+        )
+        return MoveResult(
+            CHALLENGER,
+            v,
+            f"version {v} is the challenger with {share:.0%} of the traffic "
+            f"against champion v{str(champion.version)}; {res.reason}",
+            previous=str(challenger.version) if challenger else None,
+            gate=res,
+            events=events,
+        )
 
     # to == CHAMPION: end the A/B test in favour of the challenger
     if challenger is None or str(challenger.version) != v:
         raise PromotionRefused(
             f"version {v} is not the challenger (challenger: {str(challenger.version) if challenger else 'none'}); "
-            f"only the challenger of a running A/B test can become champion: run `hllm registry promote {v}` first")
+            f"only the challenger of a running A/B test can become champion: run `hllm registry promote {v}` first"
+        )
     res = None
     gated_against = mv.tags.get("ab.champion_version")
     if gated_against != str(champion.version):  # champion moved (e.g. rollback) since the challenger was gated
         res = gate(cfg, mv, champion, client)
         if not res.ok:
-            record(cfg, {"action": "refused", "alias": CHAMPION, "version": v, "previous": str(champion.version),
-                         "actor": actor, "reason": res.reason}, client)
-            raise PromotionRefused(f"version {v} not promoted to champion: the champion changed to "
-                                   f"v{str(champion.version)} since the A/B test started and {res.reason}", res)
+            record(
+                cfg,
+                {
+                    "action": "refused",
+                    "alias": CHAMPION,
+                    "version": v,
+                    "previous": str(champion.version),
+                    "actor": actor,
+                    "reason": res.reason,
+                },
+                client,
+            )
+            raise PromotionRefused(
+                f"version {v} not promoted to champion: the champion changed to "
+                f"v{str(champion.version)} since the A/B test started and {res.reason}",
+                res,
+            )
     why = reason or "A/B test ended in favour of the challenger"
-    events = [_move(cfg, client, CHAMPION, v, actor=actor, reason=why, action="promote", previous=str(champion.version))]
+    events = [
+        _move(cfg, client, CHAMPION, v, actor=actor, reason=why, action="promote", previous=str(champion.version))
+    ]
     client.delete_registered_model_alias(name, CHALLENGER)
     for k, val in {"ab.status": "won", "ab.end": _now()}.items():
         client.set_model_version_tag(name, v, k, val)
     for k, val in {"removed_by": actor, "removed_at": _now(), "removed_reason": "became champion"}.items():
         client.set_model_version_tag(name, v, f"alias.{CHALLENGER}.{k}", val)
     _set_history(client, name, [*_history(client, name), v])
-    return MoveResult(CHAMPION, v, f"version {v} is the champion (was v{str(champion.version)}); A/B test closed",
-                      previous=str(champion.version), gate=res, events=events)
+    return MoveResult(
+        CHAMPION,
+        v,
+        f"version {v} is the champion (was v{str(champion.version)}); A/B test closed",
+        previous=str(champion.version),
+        gate=res,
+        events=events,
+    )
 
 
 def end_ab(cfg: Config, reason: str = "", actor: str | None = None) -> MoveResult:
@@ -411,16 +529,26 @@ def end_ab(cfg: Config, reason: str = "", actor: str | None = None) -> MoveResul
     if challenger is None:
         return MoveResult("noop", None, "there is no challenger; nothing moved")
     why = reason or "A/B test ended in favour of the champion"
-    ev = _unset(cfg, client, CHALLENGER, str(challenger.version), actor=actor or default_actor(), reason=why,
-                action="end_ab")
+    ev = _unset(
+        cfg, client, CHALLENGER, str(challenger.version), actor=actor or default_actor(), reason=why, action="end_ab"
+    )
     for k, val in {"ab.status": "lost", "ab.end": _now()}.items():
         client.set_model_version_tag(name, str(challenger.version), k, val)
-    return MoveResult("end_ab", str(challenger.version), f"challenger v{str(challenger.version)} removed; A/B test closed",
-                      events=[ev])
+    return MoveResult(
+        "end_ab",
+        str(challenger.version),
+        f"challenger v{str(challenger.version)} removed; A/B test closed",
+        events=[ev],
+    )
 
 
-def rollback(cfg: Config, reason: str = "", actor: str | None = None,
-             expect_current: str | int | None = None, force: bool = False) -> MoveResult:
+def rollback(
+    cfg: Config,
+    reason: str = "",
+    actor: str | None = None,
+    expect_current: str | int | None = None,
+    force: bool = False,
+) -> MoveResult:
     """Put the previous champion back. Safe to repeat:
 
     - with ``expect_current`` it only rolls back while that version is still the champion;
@@ -440,10 +568,14 @@ def rollback(cfg: Config, reason: str = "", actor: str | None = None,
     t = champion.tags or {}
     if expect_current is None and not force and t.get(f"alias.{CHAMPION}.set_action") == "rollback":
         frm = t.get(f"alias.{CHAMPION}.set_from") or "?"
-        return MoveResult("noop", cur, f"champion v{cur} is already the result of a rollback from v{frm} "
-                                       f"({t.get(f'alias.{CHAMPION}.set_at', '?')} by {t.get(f'alias.{CHAMPION}.set_by', '?')})"
-                                       f"; nothing moved. To roll v{cur} back as well: --from {cur} (or --force)",
-                          previous=frm)
+        return MoveResult(
+            "noop",
+            cur,
+            f"champion v{cur} is already the result of a rollback from v{frm} "
+            f"({t.get(f'alias.{CHAMPION}.set_at', '?')} by {t.get(f'alias.{CHAMPION}.set_by', '?')})"
+            f"; nothing moved. To roll v{cur} back as well: --from {cur} (or --force)",
+            previous=frm,
+        )
     history = _history(client, name)
     while history and history[-1] == str(champion.version):
         history.pop()
@@ -455,8 +587,13 @@ def rollback(cfg: Config, reason: str = "", actor: str | None = None,
     ev = _move(cfg, client, CHAMPION, prev, actor=actor, reason=why, action="rollback", previous=str(champion.version))
     client.set_model_version_tag(name, str(champion.version), "hllm.rolled_back_at", _now())
     _set_history(client, name, history)
-    return MoveResult("rollback", prev, f"champion rolled back from v{str(champion.version)} to v{prev}",
-                      previous=str(champion.version), events=[ev])
+    return MoveResult(
+        "rollback",
+        prev,
+        f"champion rolled back from v{str(champion.version)} to v{prev}",
+        previous=str(champion.version),
+        events=[ev],
+    )
 
 
 # --------------------------------------------------------------------------- listing
@@ -480,16 +617,19 @@ def list_versions(cfg: Config) -> list[dict[str, Any]]:
         except Exception:  # the run was deleted: still list the version
             metrics = {}
         t = mv.tags
-        rows.append({
-            "version": str(mv.version),
-            "aliases": sorted(by_version.get(str(mv.version), [])),
-            "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M"),
-            "model_kind": t.get(tracking.TAG_MODEL_KIND, ""),
-            "data_version": t.get(tracking.TAG_DATA_VERSION, ""),
-            "protocol_hash": t.get(tracking.TAG_PROTOCOL, ""),
-            "metrics": {k.split("/", 1)[1].replace("_at_", "@"): v for k, v in metrics.items()
-                        if k.startswith("test/")},
-            "ab": {k[3:]: v for k, v in t.items() if k.startswith("ab.")},
-            "run_id": mv.run_id,
-        })
+        rows.append(
+            {
+                "version": str(mv.version),
+                "aliases": sorted(by_version.get(str(mv.version), [])),
+                "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).strftime("%Y-%m-%d %H:%M"),
+                "model_kind": t.get(tracking.TAG_MODEL_KIND, ""),
+                "data_version": t.get(tracking.TAG_DATA_VERSION, ""),
+                "protocol_hash": t.get(tracking.TAG_PROTOCOL, ""),
+                "metrics": {
+                    k.split("/", 1)[1].replace("_at_", "@"): v for k, v in metrics.items() if k.startswith("test/")
+                },
+                "ab": {k[3:]: v for k, v in t.items() if k.startswith("ab.")},
+                "run_id": mv.run_id,
+            }
+        )
     return rows

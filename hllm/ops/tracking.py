@@ -26,18 +26,21 @@ MLflow metric names may not contain ``@``: ``ndcg@10`` is logged as ``ndcg_at_10
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from hllm.config import Config, protocol_hash
 from hllm.data.versioning import DataVersion, data_version
-from hllm.lineage import git_commit, system_info
+from hllm.evaluation.results import EvalResult, artifact_dir
+from hllm.lineage import code_version, system_info
 from hllm.logs import is_rank0
 
 if TYPE_CHECKING:
@@ -78,7 +81,7 @@ def resolve_tracking_uri(cfg: Config) -> str:
 def _default_artifact_location(uri: str) -> str | None:
     """Local stores keep artifacts next to the db; a server decides for itself."""
     if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+        db = Path(uri[len("sqlite:///") :])
         return (db.parent / "artifacts").resolve().as_uri()
     return None
 
@@ -225,13 +228,18 @@ class Tracker:
 
         self.log_params(cfg.flat())
         self.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config/params.yaml")
-        self.set_tags({"hllm.config_hash": cfg.hash(), TAG_PROTOCOL: protocol_hash(cfg.eval.protocol),
-                       TAG_MODEL_KIND: cfg.model.kind})
+        self.set_tags(
+            {
+                "hllm.config_hash": cfg.hash(),
+                TAG_PROTOCOL: protocol_hash(cfg.eval.protocol),
+                TAG_MODEL_KIND: cfg.model.kind,
+            }
+        )
 
     def log_git(self, cwd: str | Path | None = None) -> None:
-        sha, dirty = git_commit(cwd)
-        if sha:
-            self.set_tags({TAG_GIT_COMMIT: sha, "hllm.git_dirty": str(dirty).lower()})
+        cv = code_version(cwd)
+        if cv.sha:
+            self.set_tags({TAG_GIT_COMMIT: cv.sha, "hllm.git_dirty": str(cv.dirty).lower()})
 
     def log_system_info(self, world_size: int | None = None, device: str | None = None) -> None:
         self.set_tags(system_info(world_size, device))
@@ -250,11 +258,14 @@ class Tracker:
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
         entity = _sequences_dataset(built, dv)
-        inp = DatasetInput(entity, tags=[
-            InputTag(MLFLOW_DATASET_CONTEXT, context),
-            InputTag("dvc_md5", dv.dvc_md5),
-            InputTag("data_version", dv.version),
-        ])
+        inp = DatasetInput(
+            entity,
+            tags=[
+                InputTag(MLFLOW_DATASET_CONTEXT, context),
+                InputTag("dvc_md5", dv.dvc_md5),
+                InputTag("data_version", dv.version),
+            ],
+        )
         self.client.log_inputs(self.run_id, datasets=[inp])
         return dv
 
@@ -262,71 +273,21 @@ class Tracker:
         """The GX validation report (a JSON file or a Data Docs folder) under ``data/validation/``."""
         self.log_artifact(path, "data/validation")
 
-    def log_evaluation(
-        self,
-        metrics: Mapping[str, float],
-        per_user: Mapping[str, Any] | None,
-        users: Any,
-        protocol: str,
-        data_ver: str,
-        split: str = "test",
-        log_as_metrics: bool = True,
-    ) -> str:
-        """Final metrics of one split under a protocol hash and data version.
-
-        ``metrics.json`` and ``per_user.npz`` (``users`` + one array per metric, what the
-        promotion gate bootstraps over) go to ``eval/<split>/<protocol>/<data_version>/``;
-        with ``log_as_metrics`` the values are also run metrics ``<split>/<name>``.
-        Returns the artifact directory.
-        """
-        import numpy as np
-
-        art_dir = eval_artifact_dir(split, protocol, data_ver)
+    def log_eval_result(self, result: EvalResult, data_ver: str, log_as_metrics: bool = True) -> str:
+        """Log one evaluation result (:mod:`hllm.evaluation.results`: ``metrics.json`` + ``per_user.npz``,
+        what the promotion gate bootstraps over) under ``eval/<split>/<protocol>/<data_version>/``;
+        with ``log_as_metrics`` the values are also run metrics ``<split>/<name>``. Returns the
+        artifact directory."""
+        art_dir = artifact_dir(result.split, result.protocol_hash, data_ver)
         if not self.active:
             return art_dir
         if log_as_metrics:
-            self.log_metrics(metrics, step=0, prefix=f"{split}/")
-            self.set_tags({TAG_PROTOCOL: protocol})
+            self.log_metrics(result.metrics, step=0, prefix=f"{result.split}/")
+            self.set_tags({TAG_PROTOCOL: result.protocol_hash})
         with tempfile.TemporaryDirectory() as tmp:
-            body = {"split": split, "protocol_hash": protocol, "data_version": data_ver,
-                    "metrics": {k: float(v) for k, v in metrics.items()}}
-            (Path(tmp) / "metrics.json").write_text(json.dumps(body, indent=2, sort_keys=True))
-            if per_user:
-                arrays = {k: np.asarray(v) for k, v in per_user.items()}
-                n = len(np.asarray(users))
-                bad = [k for k, v in arrays.items() if v.shape != (n,)]
-                if bad:
-                    raise ValueError(f"per-user arrays {bad} do not have one value per user ({n})")
-                np.savez_compressed(Path(tmp) / "per_user.npz", users=np.asarray(users), **arrays)
+            dataclasses.replace(result, data_version=data_ver).save(tmp)
             self.client.log_artifacts(self.run_id, tmp, art_dir)
         return art_dir
-
-    def log_eval_result(self, result: Any, data_ver: str, log_as_metrics: bool = True) -> str:
-        """Same as :meth:`log_evaluation` for an ``hllm.evaluation.results.EvalResult``."""
-        return self.log_evaluation(result.metrics, result.per_user, result.users, result.protocol_hash, data_ver,
-                                   result.split, log_as_metrics)
-
-    def log_evaluation_files(self, metrics_json: str | Path, per_user_npz: str | Path | None,
-                             data_ver: str, split: str | None = None, log_as_metrics: bool = True) -> str:
-        """Same as :meth:`log_evaluation` from what ``hllm evaluate`` writes (``metrics.json`` with
-        ``metrics`` and ``protocol_hash``; ``per_user.npz`` with ``users`` + per-metric arrays)."""
-        import numpy as np
-
-        body = json.loads(Path(metrics_json).read_text())
-        try:
-            metrics = body["metrics"]
-            protocol = body["protocol_hash"]
-        except KeyError as e:
-            raise ValueError(f"{metrics_json}: missing key {e}") from e
-        split = split or body.get("split", "test")
-        per_user, users = None, None
-        if per_user_npz is not None:
-            with np.load(per_user_npz, allow_pickle=False) as z:
-                if "users" not in z:
-                    raise ValueError(f"{per_user_npz}: no 'users' array")
-                users = z["users"]
-                per_user = {k: z[k] for k in z.files if k != "users"}
-        return self.log_evaluation(metrics, per_user, users, protocol, data_ver, split, log_as_metrics)
 
     def log_figure_file(self, path: str | Path) -> None:
         self.log_artifact(path, "plots")
@@ -347,8 +308,7 @@ class Tracker:
             self.log_figure_file(out)
         return Path("plots/loss_curve.png")
 
-    def log_comparison(self, runs: Mapping[str, str], split: str = "test",
-                       ks: list[int] | None = None) -> Path | None:
+    def log_comparison(self, runs: Mapping[str, str], split: str = "test", ks: list[int] | None = None) -> Path | None:
         """Recall@K / NDCG@K bars of this run against others (label -> run id, e.g. the baselines),
         from their logged ``<split>/<metric>`` values, as ``plots/<split>_metrics.png``."""
         from hllm.ops import plots
@@ -359,8 +319,12 @@ class Tracker:
         results: dict[str, dict[str, float]] = {}
         for label, rid in runs.items():
             m = self.client.get_run(rid).data.metrics
-            vals = {f"{name}@{k}": m[metric_key(f"{name}@{k}", split)]
-                    for name in ("recall", "ndcg") for k in ks if metric_key(f"{name}@{k}", split) in m}
+            vals = {
+                f"{name}@{k}": m[metric_key(f"{name}@{k}", split)]
+                for name in ("recall", "ndcg")
+                for k in ks
+                if metric_key(f"{name}@{k}", split) in m
+            }
             if vals:
                 results[label] = vals
         if not results:
@@ -377,10 +341,16 @@ class Tracker:
         if not self.active:
             return
         ckpt = result.best_checkpoint or result.last_checkpoint
-        self.set_tags({"hllm.checkpoint": str(Path(ckpt).resolve()), "hllm.run_dir": str(Path(result.run_dir).resolve()),
-                       "hllm.steps": result.steps, "hllm.best_step": result.best_step,
-                       "hllm.select_metric": result.select_metric or None,
-                       "hllm.stopped_early": str(bool(result.stopped_early)).lower()})
+        self.set_tags(
+            {
+                "hllm.checkpoint": str(Path(ckpt).resolve()),
+                "hllm.run_dir": str(Path(result.run_dir).resolve()),
+                "hllm.steps": result.steps,
+                "hllm.best_step": result.best_step,
+                "hllm.select_metric": result.select_metric or None,
+                "hllm.stopped_early": str(bool(result.stopped_early)).lower(),
+            }
+        )
         if result.best_value is not None and result.select_metric:
             self.log_metrics({f"best/{result.select_metric}": result.best_value}, step=result.best_step or 0)
         if result.steps:
@@ -401,8 +371,12 @@ def _sequences_dataset(built: Path, dv: DataVersion):
 
     path = built / "sequences.parquet"
     meta = pq.ParquetFile(path).metadata
-    interactions = sum(meta.row_group(g).column(c).num_values for g in range(meta.num_row_groups)
-                       for c in range(meta.num_columns) if meta.row_group(g).column(c).path_in_schema.startswith("items"))
+    interactions = sum(
+        meta.row_group(g).column(c).num_values
+        for g in range(meta.num_row_groups)
+        for c in range(meta.num_columns)
+        if meta.row_group(g).column(c).path_in_schema.startswith("items")
+    )
     schema = Schema([ColSpec("integer", "user_idx"), ColSpec(Array("integer"), "items")])
     stats = {}
     if (built / "stats.json").is_file():
@@ -410,15 +384,19 @@ def _sequences_dataset(built: Path, dv: DataVersion):
             stats = json.loads((built / "stats.json").read_text())
         except ValueError:
             stats = {}
-    profile = {"num_rows": meta.num_rows, "num_interactions": int(interactions),
-               **{f"num_{k}": stats[k] for k in ("items", "users") if isinstance(stats.get(k), int)}}
-    return Dataset(name=f"hllm-sequences@{dv.version}", digest=dv.sequences_md5[:20], source_type="local",
-                   source=json.dumps({"uri": str(path.resolve())}),
-                   schema=json.dumps({"mlflow_colspec": schema.to_dict()}), profile=json.dumps(profile))
-
-
-def eval_artifact_dir(split: str, protocol: str, data_ver: str) -> str:
-    return f"eval/{split}/{protocol}/{data_ver}"
+    profile = {
+        "num_rows": meta.num_rows,
+        "num_interactions": int(interactions),
+        **{f"num_{k}": stats[k] for k in ("items", "users") if isinstance(stats.get(k), int)},
+    }
+    return Dataset(
+        name=f"hllm-sequences@{dv.version}",
+        digest=dv.sequences_md5[:20],
+        source_type="local",
+        source=json.dumps({"uri": str(path.resolve())}),
+        schema=json.dumps({"mlflow_colspec": schema.to_dict()}),
+        profile=json.dumps(profile),
+    )
 
 
 def _param_value(v: Any) -> str:
@@ -463,8 +441,9 @@ def open_run(
     return tracker
 
 
-def reopen_run(cfg: Config, run_id: str, root: str | Path = ".", world_size: int | None = None,
-               device: str | None = None) -> Tracker:
+def reopen_run(
+    cfg: Config, run_id: str, root: str | Path = ".", world_size: int | None = None, device: str | None = None
+) -> Tracker:
     """Set a run back to RUNNING to continue it (``hllm train --resume``).
 
     MLflow params are immutable, so only keys the run does not have yet are logged; values that
@@ -483,9 +462,15 @@ def reopen_run(cfg: Config, run_id: str, root: str | Path = ".", world_size: int
         flat = {k: _param_value(v) for k, v in cfg.flat().items()}
         tracker.log_params({k: v for k, v in flat.items() if k not in have})
         changed = {k: {"was": have[k], "now": v} for k, v in flat.items() if k in have and have[k] != v}
-        tracker.set_tags({"hllm.resumes": n, "hllm.config_hash": cfg.hash(),
-                          TAG_PROTOCOL: protocol_hash(cfg.eval.protocol), TAG_MODEL_KIND: cfg.model.kind,
-                          **({"hllm.resume.changed_params": _param_value(changed)} if changed else {})})
+        tracker.set_tags(
+            {
+                "hllm.resumes": n,
+                "hllm.config_hash": cfg.hash(),
+                TAG_PROTOCOL: protocol_hash(cfg.eval.protocol),
+                TAG_MODEL_KIND: cfg.model.kind,
+                **({"hllm.resume.changed_params": _param_value(changed)} if changed else {}),
+            }
+        )
         tracker.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), f"config/params.resume-{n}.yaml")
         tracker.log_system_info(world_size, device)
         tracker.log_git(root)
@@ -566,8 +551,15 @@ def _resumable(cfg: Config, pointer: dict[str, str] | None) -> str | None:
 
 
 @contextlib.contextmanager
-def training_run(cfg: Config, *, resume: bool = False, world_size: int = 1, launcher: str = "cli",
-                 tags: Mapping[str, Any] | None = None, root: str | Path = ".") -> Iterator[Tracker]:
+def training_run(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    world_size: int = 1,
+    launcher: str = "cli",
+    tags: Mapping[str, Any] | None = None,
+    root: str | Path = ".",
+) -> Iterator[Tracker]:
     """The MLflow run of one training of ``cfg.train.run_name`` outside a flow (``hllm train``).
 
     A new run (``hllm.kind`` train for HLLM, baseline otherwise) with everything :func:`open_run`
@@ -583,23 +575,38 @@ def training_run(cfg: Config, *, resume: bool = False, world_size: int = 1, laun
     else:
         kind = "train" if cfg.model.kind == "hllm" else "baseline"
         all_tags = {"hllm.launcher": launcher, **({"hllm.resumed": "true"} if resume else {}), **(tags or {})}
-        tracker = open_run(cfg, cfg.train.run_name, tags=all_tags, kind=kind, root=root,
-                           world_size=world_size, device=device)
+        tracker = open_run(
+            cfg, cfg.train.run_name, tags=all_tags, kind=kind, root=root, world_size=world_size, device=device
+        )
     with _finishing(tracker):
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RUN_POINTER).write_text(json.dumps(
-            {"run_id": tracker.run_id, "tracking_uri": resolve_tracking_uri(cfg),
-             "experiment_id": tracker.client.get_run(tracker.run_id).info.experiment_id}, indent=2) + "\n")
+        (run_dir / RUN_POINTER).write_text(
+            json.dumps(
+                {
+                    "run_id": tracker.run_id,
+                    "tracking_uri": resolve_tracking_uri(cfg),
+                    "experiment_id": tracker.client.get_run(tracker.run_id).info.experiment_id,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         yield tracker
 
 
 @contextlib.contextmanager
-def start_parent_run(cfg: Config, run_name: str, flow_run_id: str | None = None,
-                     tags: Mapping[str, Any] | None = None, root: str | Path = ".") -> Iterator[Tracker]:
+def start_parent_run(
+    cfg: Config,
+    run_name: str,
+    flow_run_id: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    root: str | Path = ".",
+) -> Iterator[Tracker]:
     """The parent run of one nightly flow run, tagged with the Prefect flow-run id; open child runs
     with ``start_run(..., parent_run_id=parent.run_id)``."""
-    with start_run(cfg, run_name, tags={TAG_FLOW_RUN: flow_run_id, **(tags or {})}, kind="flow",
-                   log_data=True, root=root) as t:
+    with start_run(
+        cfg, run_name, tags={TAG_FLOW_RUN: flow_run_id, **(tags or {})}, kind="flow", log_data=True, root=root
+    ) as t:
         yield t
 
 
@@ -618,5 +625,6 @@ def find_runs(cfg: Config, filter_string: str = "", max_results: int = 100) -> l
     exp_id = configure(cfg)
     import mlflow
 
-    return mlflow.MlflowClient().search_runs([exp_id], filter_string=filter_string, max_results=max_results,
-                                             order_by=["attributes.start_time DESC"])
+    return mlflow.MlflowClient().search_runs(
+        [exp_id], filter_string=filter_string, max_results=max_results, order_by=["attributes.start_time DESC"]
+    )

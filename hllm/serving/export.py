@@ -85,11 +85,14 @@ def item_model_version(model: torch.nn.Module, cfg: Config) -> str:
     it the whole model counts."""
     m = getattr(model, "module", model)
     prefixes = getattr(m, "item_state_prefixes", None)
-    return stable_hash({
-        "kind": cfg.model.kind,
-        "weights": state_hash(m, tuple(prefixes) if prefixes else None),
-        "item": dataclasses.asdict(cfg.model.item),
-    }, n=16)
+    return stable_hash(
+        {
+            "kind": cfg.model.kind,
+            "weights": state_hash(m, tuple(prefixes) if prefixes else None),
+            "item": dataclasses.asdict(cfg.model.item),
+        },
+        n=16,
+    )
 
 
 def item_text_keys(built: BuiltData, cfg: Config):
@@ -106,30 +109,32 @@ def item_text_keys(built: BuiltData, cfg: Config):
     return items, keys
 
 
-def data_version(built: BuiltData) -> str:
-    """sha256 of the built tables' files: the ``data_version`` a checkpoint's ``meta.json`` records
-    (not the one MLflow and the registry use: see :func:`data_lineage`)."""
-    from hllm.data.versioning import content_hash
-
-    return content_hash(built.dir)
-
-
 def data_lineage(built: BuiltData, cfg: Config, root: str | Path = ".") -> dict[str, str]:
-    """The manifest's ``data`` section: the checkpoint-style ``version`` and the MLflow-style
-    ``data_version`` (``d<dvc md5>-s<sequences md5>``, what runs and registered versions are
+    """The manifest's ``data`` section: the built tables' ``content_hash`` (as in a checkpoint's
+    ``meta.json``) and the ``data_version`` (``d<dvc md5>-s<sequences md5>``, what runs and registered versions are
     tagged with, so an export can be matched to them) with its two parts. The DVC md5 comes from
     ``data.dvc`` under ``root`` (the project root), as for the MLflow run."""
 
     dv = versioning.DataVersion(versioning.dvc_md5(cfg, root), versioning.sequences_md5(built.dir))
-    return {"built_dir": str(built.dir), "version": data_version(built), "data_version": dv.version,
-            "dvc_md5": dv.dvc_md5, "sequences_md5": dv.sequences_md5}
+    return {
+        "built_dir": str(built.dir),
+        "content_hash": versioning.content_hash(built.dir),
+        "data_version": dv.version,
+        "dvc_md5": dv.dvc_md5,
+        "sequences_md5": dv.sequences_md5,
+    }
 
 
 # --------------------------------------------------------------------------- export
 
 
-def export(ckpt_dir: str | Path, out_dir: str | Path | None = None, cfg: Config | None = None,
-           built_dir: str | Path | None = None, progress: bool = True) -> ExportResult:
+def export(
+    ckpt_dir: str | Path,
+    out_dir: str | Path | None = None,
+    cfg: Config | None = None,
+    built_dir: str | Path | None = None,
+    progress: bool = True,
+) -> ExportResult:
     """Export a saved checkpoint. ``cfg`` supplies the ``eval`` (max history)
     and ``export`` sections and output paths; the model comes from the checkpoint."""
     from hllm.evaluation.evaluate import load_for_eval
@@ -141,7 +146,7 @@ def export(ckpt_dir: str | Path, out_dir: str | Path | None = None, cfg: Config 
     info = {
         "checkpoint": str(Path(ckpt_dir).resolve()),
         "fingerprint": checkpoint_fingerprint(ckpt_dir),
-        **{k: meta[k] for k in ("step", "epoch", "code_sha", "data_version") if k in meta},
+        **{k: meta[k] for k in ("step", "epoch", "code_sha", "content_hash") if k in meta},
         "run_name": cfg.train.run_name,
     }
     out = Path(out_dir) if out_dir is not None else Path(cfg.paths.export_dir) / cfg.train.run_name
@@ -149,9 +154,16 @@ def export(ckpt_dir: str | Path, out_dir: str | Path | None = None, cfg: Config 
 
 
 @torch.inference_mode()
-def export_model(model, built: BuiltData, cfg: Config, out_dir: str | Path, *,
-                 model_info: dict[str, Any] | None = None, progress: bool = True,
-                 checkpoint_dir: str | Path | None = None) -> ExportResult:
+def export_model(
+    model,
+    built: BuiltData,
+    cfg: Config,
+    out_dir: str | Path,
+    *,
+    model_info: dict[str, Any] | None = None,
+    progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+) -> ExportResult:
     """Write an export of ``model`` over ``built`` to ``out_dir`` atomically.
 
     Item embeddings come, in this order, from the previous export in ``out_dir`` (same item
@@ -175,8 +187,11 @@ def export_model(model, built: BuiltData, cfg: Config, out_dir: str | Path, *,
         hist = left_pad_windows(seqs, seqs.offsets[1:], users, cfg.eval.protocol.max_history)
         ufn = user_embedding_fn(m, table_t, hist)
         chunk = cfg.eval.user_chunk
-        user_emb = np.concatenate([ufn(s, min(s + chunk, len(users))).cpu().numpy() for s in range(0, len(users), chunk)]) \
-            if len(users) else np.zeros((0, table.shape[1]), np.float32)
+        user_emb = (
+            np.concatenate([ufn(s, min(s + chunk, len(users))).cpu().numpy() for s in range(0, len(users), chunk)])
+            if len(users)
+            else np.zeros((0, table.shape[1]), np.float32)
+        )
     finally:
         m.train(was_training)
     if not np.isfinite(table).all() or not np.isfinite(user_emb).all():
@@ -184,7 +199,7 @@ def export_model(model, built: BuiltData, cfg: Config, out_dir: str | Path, *,
     item_vecs = table[1:]
     manifest = {
         "format": FORMAT_VERSION,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "model": {"kind": cfg.model.kind, **(model_info or {})},
         "item_model_version": version,
         "data": data_lineage(built, cfg),
@@ -194,17 +209,31 @@ def export_model(model, built: BuiltData, cfg: Config, out_dir: str | Path, *,
         "normalize": bool(m.normalize),
         "max_history": cfg.eval.protocol.max_history,
         "counts": {"items": len(item_vecs), "users": len(users), "interactions": int(len(seqs.items))},
-        "index": {"type": cfg.export.faiss_index, "metric": "inner_product",
-                  **({"m": cfg.export.hnsw_m, "ef_search": cfg.export.hnsw_ef_search} if cfg.export.faiss_index == "hnsw" else {})},
+        "index": {
+            "type": cfg.export.faiss_index,
+            "metric": "inner_product",
+            **(
+                {"m": cfg.export.hnsw_m, "ef_search": cfg.export.hnsw_ef_search}
+                if cfg.export.faiss_index == "hnsw"
+                else {}
+            ),
+        },
         "refresh": {"items_encoded": n_new, "items_reused": len(item_vecs) - n_new, "reused_from": sources},
     }
     import pandas as pd
 
     title = items["title"].astype("string").fillna("") if "title" in items.columns else pd.Series([""] * len(items))
-    item_df = pd.DataFrame({"row": np.arange(len(items), dtype=np.int64), "item_id": items["item_id"].astype(str),
-                            "title": title.astype(str), "text_key": keys})
-    user_df = pd.DataFrame({"row": users.astype(np.int64), "user_id": built.user_ids.astype(str),
-                            "n_seen": seqs.lengths.astype(np.int64)})
+    item_df = pd.DataFrame(
+        {
+            "row": np.arange(len(items), dtype=np.int64),
+            "item_id": items["item_id"].astype(str),
+            "title": title.astype(str),
+            "text_key": keys,
+        }
+    )
+    user_df = pd.DataFrame(
+        {"row": users.astype(np.int64), "user_id": built.user_ids.astype(str), "n_seen": seqs.lengths.astype(np.int64)}
+    )
 
     def write(tmp: Path) -> None:
         item_df.to_parquet(tmp / "items.parquet", index=False)
@@ -216,13 +245,27 @@ def export_model(model, built: BuiltData, cfg: Config, out_dir: str | Path, *,
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
     atomic_dir(out, write)
-    log.info("exported %d items (%d encoded, %d reused) and %d users to %s",
-             len(item_vecs), n_new, len(item_vecs) - n_new, len(users), out)
+    log.info(
+        "exported %d items (%d encoded, %d reused) and %d users to %s",
+        len(item_vecs),
+        n_new,
+        len(item_vecs) - n_new,
+        len(users),
+        out,
+    )
     return ExportResult(out, manifest, n_new, len(item_vecs) - n_new)
 
 
-def _item_table(m, built: BuiltData, cfg: Config, keys: list[str], version: str, out: Path, progress: bool,
-                checkpoint_dir: str | Path | None) -> tuple[np.ndarray, int, dict[str, int]]:
+def _item_table(
+    m,
+    built: BuiltData,
+    cfg: Config,
+    keys: list[str],
+    version: str,
+    out: Path,
+    progress: bool,
+    checkpoint_dir: str | Path | None,
+) -> tuple[np.ndarray, int, dict[str, int]]:
     """[n_items, d] float32 item table (row 0 zero), the number of items encoded, and where the
     others came from (``previous_export`` / ``evaluation_cache`` counts)."""
     from tqdm.auto import tqdm

@@ -43,8 +43,19 @@ BUILT_FILES = ("items.parquet", "users.parquet", "sequences.parquet", "stats.jso
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".ot", ".gguf")
 
 # What the model needs at serving time (distribution name, as pip spells it).
-_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "faiss-cpu", "numpy", "pandas",
-                 "pyarrow", "pyyaml", "tqdm")
+_REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "faiss-cpu",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "pyyaml",
+    "tqdm",
+)
 
 _MODEL_CODE = """\
 # MLflow "models from code" entry point for hllm-recommender (written by hllm.serving.pyfunc.save_pyfunc).
@@ -73,8 +84,9 @@ def signature():
     from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "user_id", required=False),
-                       ColSpec(Array("string"), "history", required=False)]),
+        inputs=Schema(
+            [ColSpec("string", "user_id", required=False), ColSpec(Array("string"), "history", required=False)]
+        ),
         outputs=Schema([ColSpec(Array("string"), "item_ids"), ColSpec(Array("double"), "scores")]),
         params=ParamSchema([ParamSpec("k", "long", 10), ParamSpec("exclude_seen", "boolean", True)]),
     )
@@ -210,8 +222,10 @@ def stage_artifacts(work: Path, export_dir: str | Path, checkpoint_dir: str | Pa
     manifest = json.loads((export_dir / MANIFEST).read_text())
     want = manifest.get("model", {}).get("fingerprint")
     if want and want != checkpoint_fingerprint(ckpt):
-        raise ValueError(f"checkpoint {ckpt} is not the one export {export_dir} was made from "
-                         f"(fingerprint {checkpoint_fingerprint(ckpt)} != {want}); nothing registered")
+        raise ValueError(
+            f"checkpoint {ckpt} is not the one export {export_dir} was made from "
+            f"(fingerprint {checkpoint_fingerprint(ckpt)} != {want}); nothing registered"
+        )
     out = work / "checkpoint"
     out.mkdir(parents=True)
     for name in ("model.safetensors", "meta.json"):
@@ -221,8 +235,10 @@ def stage_artifacts(work: Path, export_dir: str | Path, checkpoint_dir: str | Pa
     cfg = meta["config"]
     built_src = Path(cfg["paths"]["built_dir"])
     if not (built_src / "items.parquet").is_file():
-        raise FileNotFoundError(f"{built_src}: the built dataset the checkpoint was trained on is missing "
-                                "(needed to rebuild the model); nothing registered")
+        raise FileNotFoundError(
+            f"{built_src}: the built dataset the checkpoint was trained on is missing "
+            "(needed to rebuild the model); nothing registered"
+        )
     built = work / "built"
     built.mkdir()
     for name in BUILT_FILES:

@@ -73,7 +73,9 @@ class Recommender:
             want = rec.manifest.get("model", {}).get("fingerprint")
             got = checkpoint_fingerprint(checkpoint)
             if want and want != got:
-                raise ValueError(f"checkpoint {checkpoint} ({got}) is not the one export {export_dir} was made from ({want})")
+                raise ValueError(
+                    f"checkpoint {checkpoint} ({got}) is not the one export {export_dir} was made from ({want})"
+                )
             from hllm.models.loading import load_model
 
             rec.model = load_model(checkpoint)[0].eval()
@@ -96,8 +98,9 @@ class Recommender:
         rows, scores = self.for_histories([item_ids], k, exclude_seen)
         return self._recs(rows[0], scores[0])
 
-    def for_histories(self, histories: Sequence[Sequence[str]], k: int = 10, exclude_seen: bool = True,
-                      batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    def for_histories(
+        self, histories: Sequence[Sequence[str]], k: int = 10, exclude_seen: bool = True, batch: int = 256
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` item rows [n, k] (-1 = none) and scores for many histories at once."""
         q = self.query_vectors(histories, batch)
         excl = [self._rows(h) if exclude_seen else np.zeros(0, np.int64) for h in histories]
@@ -161,8 +164,13 @@ class Recommender:
     def _rows(self, item_ids: Sequence[str]) -> np.ndarray:
         missing = [x for x in item_ids if str(x) not in self._item_row]
         if missing:
-            raise KeyError(f"item id(s) {missing[:5]} not in export {self.dir}" + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+            raise KeyError(
+                f"item id(s) {missing[:5]} not in export {self.dir}"
+                + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+            )
         return np.array([self._item_row[str(x)] for x in item_ids], dtype=np.int64)
 
     def _recs(self, rows: np.ndarray, scores: np.ndarray) -> list[Recommendation]:
-        return [Recommendation(str(self.item_ids[r]), str(self.titles[r]), float(s)) for r, s in zip(rows, scores) if r >= 0]
+        return [
+            Recommendation(str(self.item_ids[r]), str(self.titles[r]), float(s)) for r, s in zip(rows, scores) if r >= 0
+        ]

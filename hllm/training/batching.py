@@ -96,5 +96,3 @@ def sample_negatives(seed: int, step: int, n_items: int, k_local: int, world_siz
 
 
 # --------------------------------------------------------------------------- item token batches
-
-

@@ -219,5 +219,3 @@ def load_training_state(
         log.warning("%s: no RNG state for rank %d (different world size?): dropout streams will differ", d, rank)
     state_path = d / "trainer_state.json"
     return json.loads(state_path.read_text()) if state_path.exists() else {}
-
-

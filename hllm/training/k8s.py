@@ -31,9 +31,10 @@ import os
 import re
 import runpy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
 PARAMS_KEY = "params.yaml"  # the ConfigMap key the template mounts at /etc/hllm/params.yaml
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the checkout (hllm/training/k8s.py -> .)
 # Pods are named <job>-worker-<i> and get a Service of that name: both must stay within 63 characters.
 MAX_JOB_NAME = 48
 _REQUEST_TIMEOUT = (10, 60)  # connect, read (seconds) of each API call
@@ -83,7 +84,7 @@ def _resolve_file(path: str, what: str) -> Path:
     """A repository file: relative to the working directory (a flow run's checkout, /app in the
     image), else to the checkout this package is installed from."""
     p = Path(path)
-    for cand in ([p] if p.is_absolute() else [Path.cwd() / p, REPO / p]):
+    for cand in [p] if p.is_absolute() else [Path.cwd() / p, REPO / p]:
         if cand.is_file():
             return cand
     raise ConfigError(f"{what}: {path} not found (relative to {Path.cwd()} or {REPO})")
@@ -96,7 +97,7 @@ def job_name(prefix: str, run_name: str) -> str:
         name = "j-" + name
     if len(name) > MAX_JOB_NAME:  # keep it unique: the run name's hash replaces the cut-off tail
         digest = hashlib.sha1(run_name.encode()).hexdigest()[:8]
-        name = name[:MAX_JOB_NAME - 9].rstrip("-") + "-" + digest
+        name = name[: MAX_JOB_NAME - 9].rstrip("-") + "-" + digest
     return name
 
 
@@ -113,10 +114,15 @@ def check(cfg: Config) -> None:
     this process sees it, the template, the client library. Raises ``ConfigError`` naming the key."""
     kc = cfg.flow.k8s
     if not kc.image:
-        raise ConfigError("flow.k8s.image is empty: set it to the CUDA image built from infra/Dockerfile "
-                          "(e.g. registry.example.com/ml/hllm:cuda)")
-    for key, value, low in (("workers", kc.workers, 0), ("gpus_per_node", kc.gpus_per_node, 1),
-                            ("cpus_per_node", kc.cpus_per_node, 1)):
+        raise ConfigError(
+            "flow.k8s.image is empty: set it to the CUDA image built from infra/Dockerfile "
+            "(e.g. registry.example.com/ml/hllm:cuda)"
+        )
+    for key, value, low in (
+        ("workers", kc.workers, 0),
+        ("gpus_per_node", kc.gpus_per_node, 1),
+        ("cpus_per_node", kc.cpus_per_node, 1),
+    ):
         if value < low:
             raise ConfigError(f"flow.k8s.{key} must be >= {low}, got {value}")
     if kc.poll_s <= 0 or kc.timeout_s <= 0:
@@ -125,16 +131,20 @@ def check(cfg: Config) -> None:
     if not mount.is_absolute():
         raise ConfigError(f"flow.k8s.shared_mount must be an absolute path, got {kc.shared_mount!r}")
     if not mount.is_dir():
-        raise ConfigError(f"flow.k8s.shared_mount={mount} is not a folder here: the flow must see the shared "
-                          f"volume (claim {kc.shared_pvc}) at the path the training pods mount it (the hllm-k8s "
-                          "work pool's job template mounts it at /shared)")
+        raise ConfigError(
+            f"flow.k8s.shared_mount={mount} is not a folder here: the flow must see the shared "
+            f"volume (claim {kc.shared_pvc}) at the path the training pods mount it (the hllm-k8s "
+            "work pool's job template mounts it at /shared)"
+        )
     mount = mount.resolve()
     for key in ("built_dir", "runs_dir"):
         value = getattr(cfg.paths, key)
         if not _on_volume(value, mount):
-            raise ConfigError(f"paths.{key}={value} is not on the shared volume {mount} (flow.k8s.shared_mount): "
-                              f"the training pods could not see it; set e.g. paths.{key}: "
-                              f"{mount / 'hllm' / ('data/built' if key == 'built_dir' else 'runs')}")
+            raise ConfigError(
+                f"paths.{key}={value} is not on the shared volume {mount} (flow.k8s.shared_mount): "
+                f"the training pods could not see it; set e.g. paths.{key}: "
+                f"{mount / 'hllm' / ('data/built' if key == 'built_dir' else 'runs')}"
+            )
     try:
         import kubernetes  # noqa: F401
     except ImportError as e:
@@ -149,8 +159,12 @@ def job_params(cfg: Config) -> str:
     for key in ("raw_dir", "built_dir", "reports_dir", "runs_dir", "export_dir"):
         setattr(c.paths, key, str(Path(getattr(c.paths, key)).resolve()))
     item = c.model.item.path
-    if item and not item.startswith("pkg:") and Path(item).is_absolute() and \
-            not _on_volume(item, Path(cfg.flow.k8s.shared_mount).resolve()):
+    if (
+        item
+        and not item.startswith("pkg:")
+        and Path(item).is_absolute()
+        and not _on_volume(item, Path(cfg.flow.k8s.shared_mount).resolve())
+    ):
         log.warning("model.item.path=%s is outside the shared volume: the training image must have it", item)
     return yaml.safe_dump(c.to_dict(), sort_keys=False)
 
@@ -159,11 +173,20 @@ def manifest(cfg: Config, job: str, configmap: str, mlflow_run_id: str) -> dict[
     """The PyTorchJob object: ``flow.k8s.template`` rendered by ``infra/k8s/render.py``."""
     kc = cfg.flow.k8s
     render = runpy.run_path(str(_resolve_file("infra/k8s/render.py", "the template renderer")))["render"]
-    values = {"JOB_NAME": job, "IMAGE": kc.image, "PARAMS_CONFIGMAP": configmap, "NAMESPACE": kc.namespace,
-              "WORKERS": str(kc.workers), "GPUS_PER_NODE": str(kc.gpus_per_node),
-              "CPUS_PER_NODE": str(kc.cpus_per_node), "MEMORY_PER_NODE": kc.memory_per_node,
-              "SHARED_PVC": kc.shared_pvc, "SHARED_MOUNT": kc.shared_mount, "STACK_SECRET": kc.stack_secret,
-              "MLFLOW_RUN_ID": mlflow_run_id}
+    values = {
+        "JOB_NAME": job,
+        "IMAGE": kc.image,
+        "PARAMS_CONFIGMAP": configmap,
+        "NAMESPACE": kc.namespace,
+        "WORKERS": str(kc.workers),
+        "GPUS_PER_NODE": str(kc.gpus_per_node),
+        "CPUS_PER_NODE": str(kc.cpus_per_node),
+        "MEMORY_PER_NODE": kc.memory_per_node,
+        "SHARED_PVC": kc.shared_pvc,
+        "SHARED_MOUNT": kc.shared_mount,
+        "STACK_SECRET": kc.stack_secret,
+        "MLFLOW_RUN_ID": mlflow_run_id,
+    }
     try:
         doc = yaml.safe_load(render(_resolve_file(kc.template, "flow.k8s.template"), values, environ={}))
     except ValueError as e:
@@ -174,10 +197,16 @@ def manifest(cfg: Config, job: str, configmap: str, mlflow_run_id: str) -> dict[
 
 
 def _configmap(cfg: Config, name: str, job: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": name, "namespace": cfg.flow.k8s.namespace,
-                         "labels": {"app.kubernetes.io/part-of": "hllm", "hllm/job": job}},
-            "data": {PARAMS_KEY: job_params(cfg)}}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name,
+            "namespace": cfg.flow.k8s.namespace,
+            "labels": {"app.kubernetes.io/part-of": "hllm", "hllm/job": job},
+        },
+        "data": {PARAMS_KEY: job_params(cfg)},
+    }
 
 
 # --------------------------------------------------------------------------- API access
@@ -194,11 +223,14 @@ def api_client(cfg: Config):
             conf = client.Configuration()
             config.load_incluster_config(client_configuration=conf)
             return client.ApiClient(conf)
-        return config.new_client_from_config(config_file=kc.kubeconfig or None, context=kc.context or None,
-                                             persist_config=False)
+        return config.new_client_from_config(
+            config_file=kc.kubeconfig or None, context=kc.context or None, persist_config=False
+        )
     except config.ConfigException as e:
-        raise K8sError(f"no Kubernetes credentials ({e}): run the flow in the cluster (service account "
-                       "hllm-flow) or set flow.k8s.kubeconfig / $KUBECONFIG") from None
+        raise K8sError(
+            f"no Kubernetes credentials ({e}): run the flow in the cluster (service account "
+            "hllm-flow) or set flow.k8s.kubeconfig / $KUBECONFIG"
+        ) from None
 
 
 def _api_error(e: Exception) -> tuple[int | None, str]:
@@ -244,10 +276,11 @@ def _call(fn: Callable[[], Any], what: str) -> Any:
 
 def _explain(e: Exception, what: str) -> K8sError:
     status, msg = _api_error(e)
-    hint = {401: "the API refused the credentials",
-            403: "the flow's service account lacks a permission (Role hllm-flow in infra/k8s/prefect-worker.yaml)",
-            404: "no such namespace, or no PyTorchJob kind: install the Kubeflow Training Operator (kubeflow.org/v1)",
-            }.get(status or 0, "")
+    hint = {
+        401: "the API refused the credentials",
+        403: "the flow's service account lacks a permission (Role hllm-flow in infra/k8s/prefect-worker.yaml)",
+        404: "no such namespace, or no PyTorchJob kind: install the Kubeflow Training Operator (kubeflow.org/v1)",
+    }.get(status or 0, "")
     return K8sError(f"{what}: HTTP {status}: {msg}" + (f" ({hint})" if hint else ""))
 
 
@@ -276,38 +309,49 @@ def submit(cfg: Config, mlflow_run_id: str, api) -> Submission:
     body = _configmap(cfg, sub.configmap, job)
     try:
         try:
-            _call(lambda: core.create_namespaced_config_map(ns, body, _request_timeout=_REQUEST_TIMEOUT),
-                  f"creating ConfigMap {ns}/{sub.configmap}")
+            _call(
+                lambda: core.create_namespaced_config_map(ns, body, _request_timeout=_REQUEST_TIMEOUT),
+                f"creating ConfigMap {ns}/{sub.configmap}",
+            )
         except ApiException as e:
             if e.status != 409:
                 raise
-            _call(lambda: core.replace_namespaced_config_map(sub.configmap, ns, body,
-                                                             _request_timeout=_REQUEST_TIMEOUT),
-                  f"replacing ConfigMap {ns}/{sub.configmap}")
+            _call(
+                lambda: core.replace_namespaced_config_map(sub.configmap, ns, body, _request_timeout=_REQUEST_TIMEOUT),
+                f"replacing ConfigMap {ns}/{sub.configmap}",
+            )
     except ApiException as e:
         raise _explain(e, f"writing ConfigMap {ns}/{sub.configmap}") from None
 
     try:
-        created = _call(lambda: custom.create_namespaced_custom_object(
-            GROUP, VERSION, ns, PLURAL, sub.manifest, _request_timeout=_REQUEST_TIMEOUT),
-            f"creating {KIND} {sub.ref}")
+        created = _call(
+            lambda: custom.create_namespaced_custom_object(
+                GROUP, VERSION, ns, PLURAL, sub.manifest, _request_timeout=_REQUEST_TIMEOUT
+            ),
+            f"creating {KIND} {sub.ref}",
+        )
     except ApiException as e:
         if e.status != 409:
             raise _explain(e, f"creating {KIND} {sub.ref}") from None
         created = get_job(api, ns, job)
         owner = _run_id_of(created)
         if owner != mlflow_run_id:
-            raise K8sError(f"{KIND} {sub.ref} already exists for another MLflow run ({owner or 'none'}): delete it "
-                           f"(kubectl -n {ns} delete pytorchjob {job}) or use another train.run_name") from None
+            raise K8sError(
+                f"{KIND} {sub.ref} already exists for another MLflow run ({owner or 'none'}): delete it "
+                f"(kubectl -n {ns} delete pytorchjob {job}) or use another train.run_name"
+            ) from None
         log.info("%s %s already exists for this MLflow run: waiting on it", KIND, sub.ref)
         sub.adopted = True
 
     # The job owns the ConfigMap: both go when the job's ttlSecondsAfterFinished removes it.
-    body["metadata"]["ownerReferences"] = [{"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": job,
-                                            "uid": created["metadata"]["uid"]}]
+    body["metadata"]["ownerReferences"] = [
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": job, "uid": created["metadata"]["uid"]}
+    ]
     try:
-        _call(lambda: core.replace_namespaced_config_map(sub.configmap, ns, body, _request_timeout=_REQUEST_TIMEOUT),
-              f"setting the owner of ConfigMap {ns}/{sub.configmap}")
+        _call(
+            lambda: core.replace_namespaced_config_map(sub.configmap, ns, body, _request_timeout=_REQUEST_TIMEOUT),
+            f"setting the owner of ConfigMap {ns}/{sub.configmap}",
+        )
     except (ApiException, K8sError) as e:
         log.warning("ConfigMap %s/%s keeps no owner (delete it by hand later): %s", ns, sub.configmap, e)
     return sub
@@ -319,9 +363,12 @@ def get_job(api, namespace: str, name: str) -> dict[str, Any]:
 
     custom = client.CustomObjectsApi(api)
     try:
-        return _call(lambda: custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
-                                                                 _request_timeout=_REQUEST_TIMEOUT),
-                     f"reading {KIND} {namespace}/{name}")
+        return _call(
+            lambda: custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, _request_timeout=_REQUEST_TIMEOUT
+            ),
+            f"reading {KIND} {namespace}/{name}",
+        )
     except ApiException as e:
         if e.status == 404:
             raise K8sError(f"{KIND} {namespace}/{name} is gone (deleted while the flow waited on it?)") from None
@@ -331,9 +378,12 @@ def get_job(api, namespace: str, name: str) -> dict[str, Any]:
 def delete_job(api, namespace: str, name: str) -> None:
     from kubernetes import client
 
-    _call(lambda: client.CustomObjectsApi(api).delete_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background", _request_timeout=_REQUEST_TIMEOUT),
-        f"deleting {KIND} {namespace}/{name}")
+    _call(
+        lambda: client.CustomObjectsApi(api).delete_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background", _request_timeout=_REQUEST_TIMEOUT
+        ),
+        f"deleting {KIND} {namespace}/{name}",
+    )
 
 
 def conditions(job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -359,14 +409,24 @@ def describe(job: dict[str, Any]) -> str:
         parts.append(text + (f" ({detail})" if detail else ""))
     replicas = (job.get("status") or {}).get("replicaStatuses") or {}
     if replicas:
-        parts.append("replicas " + ", ".join(
-            f"{role} " + "/".join(f"{k} {v}" for k, v in sorted(st.items()) if isinstance(v, int))
-            for role, st in sorted(replicas.items())))
+        parts.append(
+            "replicas "
+            + ", ".join(
+                f"{role} " + "/".join(f"{k} {v}" for k, v in sorted(st.items()) if isinstance(v, int))
+                for role, st in sorted(replicas.items())
+            )
+        )
     return "; ".join(parts) or "no conditions yet"
 
 
-def wait(cfg: Config, sub: Submission, api, *, sleep: Callable[[float], None] = time.sleep,
-         clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
+def wait(
+    cfg: Config,
+    sub: Submission,
+    api,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any]:
     """Poll the job until it succeeds (returns it) or fails / times out (raises ``K8sError``)."""
     kc = cfg.flow.k8s
     deadline = clock() + kc.timeout_s
@@ -397,8 +457,10 @@ def wait(cfg: Config, sub: Submission, api, *, sleep: Callable[[float], None] = 
                 fate = "deleted it"
             except Exception as e:  # noqa: BLE001 - the timeout is the error to report
                 fate = f"could not delete it ({e})"
-            raise K8sError(f"training failed: {KIND} {sub.ref} did not finish within {kc.timeout_s:.0f} s "
-                           f"(flow.k8s.timeout_s), {fate}; last state: {describe(job)}. Logs: {sub.logs_hint()}")
+            raise K8sError(
+                f"training failed: {KIND} {sub.ref} did not finish within {kc.timeout_s:.0f} s "
+                f"(flow.k8s.timeout_s), {fate}; last state: {describe(job)}. Logs: {sub.logs_hint()}"
+            )
         sleep(max(0.01, min(kc.poll_s, deadline - clock())))  # one last look at the deadline
 
 
@@ -413,14 +475,23 @@ def train(cfg: Config, mlflow_run_id: str, api=None):
     kc = cfg.flow.k8s
     try:
         sub = submit(cfg, mlflow_run_id, api)
-        log.info("%s %s submitted: %d node(s) x %d GPU(s), image %s; logs: %s", KIND, sub.ref, kc.workers + 1,
-                 kc.gpus_per_node, kc.image, sub.logs_hint())
+        log.info(
+            "%s %s submitted: %d node(s) x %d GPU(s), image %s; logs: %s",
+            KIND,
+            sub.ref,
+            kc.workers + 1,
+            kc.gpus_per_node,
+            kc.image,
+            sub.logs_hint(),
+        )
         wait(cfg, sub, api)
     finally:
         if own:
             api.close()
     run_dir = Path(cfg.paths.runs_dir).resolve() / cfg.train.run_name
     if not (run_dir / "result.json").is_file():
-        raise K8sError(f"{KIND} {sub.ref} succeeded but {run_dir}/result.json is missing: does the flow see the "
-                       f"volume the pods write to at flow.k8s.shared_mount={kc.shared_mount}?")
+        raise K8sError(
+            f"{KIND} {sub.ref} succeeded but {run_dir}/result.json is missing: does the flow see the "
+            f"volume the pods write to at flow.k8s.shared_mount={kc.shared_mount}?"
+        )
     return TrainResult.load(run_dir), sub

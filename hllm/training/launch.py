@@ -31,8 +31,17 @@ class LaunchError(RuntimeError):
 
 def torchrun_command(nproc: int, params: str | Path, sets: Sequence[str] = (), resume: bool = False) -> list[str]:
     """The single-machine launch (``--standalone``); for several machines run torchrun yourself (docs/training.md)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={max(1, nproc)}",
-           "-m", "hllm.cli.worker", "--params", str(params)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={max(1, nproc)}",
+        "-m",
+        "hllm.cli.worker",
+        "--params",
+        str(params),
+    ]
     for s in sets:
         cmd += ["--set", s]
     if resume:
@@ -54,8 +63,16 @@ def worker_env(nproc: int, run_id: str | None = None, tracking_uri: str | None =
     return env
 
 
-def run_torchrun(cfg: Config, nproc: int, *, params: str | Path | None = None, sets: Sequence[str] = (),
-                 resume: bool = False, run_id: str | None = None, tracking_uri: str | None = None) -> TrainResult:
+def run_torchrun(
+    cfg: Config,
+    nproc: int,
+    *,
+    params: str | Path | None = None,
+    sets: Sequence[str] = (),
+    resume: bool = False,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> TrainResult:
     """Train ``cfg`` under torchrun with ``nproc`` ranks and return the run's :class:`TrainResult`.
 
     ``params``: the file every rank loads (with ``sets`` applied); default the resolved ``cfg``,

@@ -22,8 +22,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
-                 new_lr: float | None = None) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float | None = None, new_lr: float | None = None
+) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on biases, norms, 1-d params and anything the
     model lists in ``no_weight_decay()`` (the [ITEM] vector, the similarity scale).
 
@@ -98,8 +99,11 @@ def _fsdp_shard(step_module: _Step) -> None:
                 emb = None
             if emb is not None:
                 embeddings.append(emb)
-    blocks = [m for m in step_module.modules() if type(m).__name__ in names
-              and not any(e is sub for e in embeddings for sub in m.modules())]
+    blocks = [
+        m
+        for m in step_module.modules()
+        if type(m).__name__ in names and not any(e is sub for e in embeddings for sub in m.modules())
+    ]
     for b in blocks:
         fully_shard(b)
     fully_shard(step_module)

@@ -102,8 +102,9 @@ def _n_targets(windows: np.ndarray) -> int:
 # --------------------------------------------------------------------------- validation
 
 
-def validate(model: nn.Module, built, cfg: Config, info: D.DistInfo
-             ) -> tuple[dict[str, float], str, bool, torch.Tensor | None]:
+def validate(
+    model: nn.Module, built, cfg: Config, info: D.DistInfo
+) -> tuple[dict[str, float], str, bool, torch.Tensor | None]:
     """Validation metrics, the selection key, whether higher is better, and the item table the
     metrics were computed with (None for the loss fallback).
 
@@ -157,7 +158,9 @@ def validation_loss(model: nn.Module, built, cfg: Config, info: D.DistInfo) -> f
 # --------------------------------------------------------------------------- the loop
 
 
-def train(cfg: Config, resume: bool = False, logger: MetricLogger | None = None, *, progress: bool = True) -> TrainResult:
+def train(
+    cfg: Config, resume: bool = False, logger: MetricLogger | None = None, *, progress: bool = True
+) -> TrainResult:
     """Train ``cfg.model.kind`` on the built dataset; see the module docstring.
 
     Under torchrun every rank calls this (the process group is created from the
@@ -225,8 +228,12 @@ class _Trainer:
         self.total_steps = t.epochs * spe if t.max_steps <= 0 else min(t.max_steps, t.epochs * spe)
         self.k_local = negatives_per_rank(t.num_negatives, info.world_size)
         if self.k_local * info.world_size != t.num_negatives:
-            log.warning("train.num_negatives=%d is not a multiple of %d ranks: the pool holds %d",
-                        t.num_negatives, info.world_size, self.k_local * info.world_size)
+            log.warning(
+                "train.num_negatives=%d is not a multiple of %d ranks: the pool holds %d",
+                t.num_negatives,
+                info.world_size,
+                self.k_local * info.world_size,
+            )
         self.step_module = _Step(self.model)
         self.wrapped: nn.Module = self.step_module
         self.fsdp = False
@@ -243,21 +250,32 @@ class _Trainer:
         if self.trainable:
             groups = param_groups(self.model, t.weight_decay, t.lr, t.new_params_lr or None)
             # logged as train/lr (pretrained parameters, train.lr) and train/lr_new (train.new_params_lr)
-            self.lr_keys = ["lr_new" if t.new_params_lr and t.new_params_lr != t.lr and g["lr"] == t.new_params_lr
-                            else "lr" for g in groups]
+            self.lr_keys = [
+                "lr_new" if t.new_params_lr and t.new_params_lr != t.lr and g["lr"] == t.new_params_lr else "lr"
+                for g in groups
+            ]
             self.optimizer = torch.optim.AdamW(groups, lr=t.lr)
             self.lr_fn = lr_lambda(self.total_steps, t.warmup_ratio)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_fn)
         self.scales = _scale_modules(self.model)
-        self.data_version = versioning.content_hash(self.built.dir) if info.is_main else None
-        self.code_sha = lineage.code_sha() if info.is_main else None
+        self.content_hash = versioning.content_hash(self.built.dir) if info.is_main else None
+        self.code_sha = lineage.code_version().label if info.is_main else None
         log.info(
             "train %s: %d windows, %d steps/epoch x %d epochs -> %d steps; global batch %d (%d ranks x %d x accum %d), "
             "%d negatives/step, %.2fM trainable params%s, device %s",
-            cfg.model.kind, len(self.windows), spe, t.epochs, self.total_steps, self.batches.global_batch,
-            info.world_size, t.batch_size, t.grad_accum, self.k_local * info.world_size,
+            cfg.model.kind,
+            len(self.windows),
+            spe,
+            t.epochs,
+            self.total_steps,
+            self.batches.global_batch,
+            info.world_size,
+            t.batch_size,
+            t.grad_accum,
+            self.k_local * info.world_size,
             sum(p.numel() for p in self.model.parameters() if p.requires_grad) / 1e6,
-            " (FSDP2)" if self.fsdp else (" (DDP)" if info.distributed and self.trainable else ""), info.device,
+            " (FSDP2)" if self.fsdp else (" (DDP)" if info.distributed and self.trainable else ""),
+            info.device,
         )
 
     # -------------------------------------------------------------- checkpoints
@@ -269,7 +287,7 @@ class _Trainer:
             "epoch": step / self.batches.steps_per_epoch,
             "total_steps": self.total_steps,
             "config": self.cfg.to_dict(),
-            "data_version": self.data_version,
+            "content_hash": self.content_hash,  # of the built tables (hllm.data.versioning)
             "built_dir": str(self.built.dir),
             "n_items": self.built.n_items,
             "catalogue": loading.catalogue_hash(self.built.item_ids),  # ids by idx: ID models need the same
@@ -281,14 +299,23 @@ class _Trainer:
         }
 
     def _trainer_state(self) -> dict[str, Any]:
-        return {"best_value": self.best_value, "best_step": self.best_step, "bad_epochs": self.bad_epochs,
-                "history": self.history}
+        return {
+            "best_value": self.best_value,
+            "best_step": self.best_step,
+            "bad_epochs": self.bad_epochs,
+            "history": self.history,
+        }
 
     def _save(self, step: int, metrics: dict[str, float] | None = None) -> Path:
         dst = self.ckpt_root / loading.step_dir_name(step)
         ckpt.save_checkpoint(
-            dst, model=self.model, meta=self._meta(step, metrics), optimizer=self.optimizer,
-            scheduler=self.scheduler, trainer_state=self._trainer_state(), rank=self.info.rank,
+            dst,
+            model=self.model,
+            meta=self._meta(step, metrics),
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            trainer_state=self._trainer_state(),
+            rank=self.info.rank,
         )
         if self.info.is_main:
             ckpt.write_pointer(self.ckpt_root, dst)
@@ -307,13 +334,20 @@ class _Trainer:
         saved_cfg = meta.get("config", {})
         for section in ("model",):
             if saved_cfg.get(section) != self.cfg.to_dict()[section]:
-                raise ValueError(f"--resume: {latest} was trained with a different `{section}` config; "
-                                 "resume with the same params or start a new train.run_name")
-        if self.info.is_main and meta.get("data_version") not in (None, self.data_version):
-            log.warning("--resume: %s was trained on data version %s, the built data is now %s",
-                        latest, meta.get("data_version"), self.data_version)
-        state = ckpt.load_training_state(latest, model=self.model, optimizer=self.optimizer,
-                                         scheduler=self.scheduler, rank=self.info.rank)
+                raise ValueError(
+                    f"--resume: {latest} was trained with a different `{section}` config; "
+                    "resume with the same params or start a new train.run_name"
+                )
+        if self.info.is_main and meta.get("content_hash") not in (None, self.content_hash):
+            log.warning(
+                "--resume: %s was trained on data version %s, the built data is now %s",
+                latest,
+                meta.get("content_hash"),
+                self.content_hash,
+            )
+        state = ckpt.load_training_state(
+            latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, rank=self.info.rank
+        )
         self.best_value = state.get("best_value")
         self.best_step = state.get("best_step")
         self.bad_epochs = state.get("bad_epochs", 0)
@@ -340,8 +374,15 @@ class _Trainer:
             self.best_value, self.best_step, self.bad_epochs = value, step, 0
         else:
             self.bad_epochs += 1
-        rec = {"step": step, "epoch": step / self.batches.steps_per_epoch, "split": "valid",
-               "select_metric": key, "value": value, "improved": improved, "metrics": metrics}
+        rec = {
+            "step": step,
+            "epoch": step / self.batches.steps_per_epoch,
+            "split": "valid",
+            "select_metric": key,
+            "value": value,
+            "improved": improved,
+            "metrics": metrics,
+        }
         self.history.append(rec)
         if self.info.is_main:
             log.info("validation at step %d: %s=%.5f%s", step, key, value, " (best)" if improved else "")
@@ -372,8 +413,10 @@ class _Trainer:
     def run(self, resume: bool) -> TrainResult:
         t0 = time.perf_counter()
         cfg, info = self.cfg, self.info
-        taken = info.is_main and not resume and (
-            loading.latest_checkpoint(self.run_dir) is not None or (self.run_dir / "best").exists()
+        taken = (
+            info.is_main
+            and not resume
+            and (loading.latest_checkpoint(self.run_dir) is not None or (self.run_dir / "best").exists())
         )
         if D.broadcast_object(taken):  # every rank stops, not only rank 0
             raise FileExistsError(
@@ -396,8 +439,11 @@ class _Trainer:
             step = 0
         else:
             step, stopped_early = self._loop(start)
-            last = self.last_saved if self.last_saved is not None and self.last_saved.name == loading.step_dir_name(step) \
+            last = (
+                self.last_saved
+                if self.last_saved is not None and self.last_saved.name == loading.step_dir_name(step)
                 else self._save(step)
+            )
         if self.best_step is None:  # no validation ran: the final weights are the ones to ship
             self.best_step = step
         if info.is_main:
@@ -407,15 +453,29 @@ class _Trainer:
         best = self._publish_best()
         D.barrier()
         result = TrainResult(
-            run_dir=self.run_dir, best_checkpoint=best if best is not None and best.exists() else None,
-            last_checkpoint=last, history=self.history, select_metric=self.select_key, best_value=self.best_value,
-            best_step=self.best_step, steps=step, stopped_early=stopped_early, seconds=time.perf_counter() - t0,
+            run_dir=self.run_dir,
+            best_checkpoint=best if best is not None and best.exists() else None,
+            last_checkpoint=last,
+            history=self.history,
+            select_metric=self.select_key,
+            best_value=self.best_value,
+            best_step=self.best_step,
+            steps=step,
+            stopped_early=stopped_early,
+            seconds=time.perf_counter() - t0,
         )
         if info.is_main:
             (self.run_dir / "history.json").write_text(json.dumps(self.history, indent=2))
             (self.run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
-            log.info("done: %d steps in %.1fs; best %s=%s at step %s -> %s", step, result.seconds, self.select_key,
-                     self.best_value, self.best_step, result.best_checkpoint)
+            log.info(
+                "done: %d steps in %.1fs; best %s=%s at step %s -> %s",
+                step,
+                result.seconds,
+                self.select_key,
+                self.best_value,
+                self.best_step,
+                result.best_checkpoint,
+            )
         return result
 
     def _loop(self, start: int) -> tuple[int, bool]:
@@ -423,8 +483,14 @@ class _Trainer:
 
         info, t = self.info, self.cfg.train
         spe = self.batches.steps_per_epoch
-        bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step",
-                   disable=not (self.progress and info.is_main), dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=start,
+            desc="train",
+            unit="step",
+            disable=not (self.progress and info.is_main),
+            dynamic_ncols=True,
+        )
         autocast = (
             torch.autocast(device_type=info.device.type, dtype=torch.bfloat16) if t.bf16 else contextlib.nullcontext()
         )
@@ -485,8 +551,9 @@ class _Trainer:
                 self.step_module.set_requires_gradient_sync(last)
             with sync:
                 with autocast:
-                    out = self.wrapped(torch.from_numpy(w).long().to(info.device),
-                                       torch.from_numpy(neg).to(info.device))
+                    out = self.wrapped(
+                        torch.from_numpy(w).long().to(info.device), torch.from_numpy(neg).to(info.device)
+                    )
                 n_local = _n_targets(w)
                 # mean over the local targets -> sum -> share of the global mean;
                 # x world because DDP/FSDP average gradients over ranks
@@ -497,7 +564,9 @@ class _Trainer:
             acc["loss"] = acc.get("loss", 0.0) + float(out.loss.detach()) * n_local / max(n_global, 1) * info.world_size
         if t.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
-            acc["grad_norm"] = acc.get("grad_norm", 0.0) + float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            acc["grad_norm"] = acc.get("grad_norm", 0.0) + float(
+                norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            )
         # the rates this step applies (the scheduler set them after the previous step), per group kind
         for key, g in zip(self.lr_keys, self.optimizer.param_groups):
             rates.setdefault(key, float(g["lr"]))
@@ -512,7 +581,11 @@ class _Trainer:
     def _step_log(self, stats: dict[str, float], elapsed: float, steps: int, step: int) -> dict[str, float]:
         """Per-step means over the logging window (and over ranks), plus throughput."""
         world = self.info.world_size
-        row = {f"train/{k}": v for k, v in stats.items() if k not in ("items", "item_tokens", "padded_tokens", "slots", "targets")}
+        row = {
+            f"train/{k}": v
+            for k, v in stats.items()
+            if k not in ("items", "item_tokens", "padded_tokens", "slots", "targets")
+        }
         per_s = steps / max(elapsed, 1e-9)
         row["train/steps_per_s"] = per_s
         # stats are per-rank means; x world for the whole job
@@ -530,4 +603,3 @@ def _versions() -> dict[str, str]:
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__}
-

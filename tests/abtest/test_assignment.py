@@ -33,8 +33,14 @@ IDS = [f"user-{i}" for i in range(4000)]
 
 
 def _exp(exposure: float = 0.5, split: float = 0.5, **kw: object) -> Experiment:
-    base = {"experiment_id": "hllm-ab-0007", "layer": "home-ranking", "champion_version": "12",
-            "challenger_version": "14", "exposure": exposure, "split": split}
+    base = {
+        "experiment_id": "hllm-ab-0007",
+        "layer": "home-ranking",
+        "champion_version": "12",
+        "challenger_version": "14",
+        "exposure": exposure,
+        "split": split,
+    }
     return Experiment(**{**base, **kw})  # type: ignore[arg-type]
 
 
@@ -53,13 +59,16 @@ def test_separator_makes_the_pair_unambiguous() -> None:
         digest("a\x1fb", "c")
 
 
-@pytest.mark.parametrize("unit_id, utf8", [
-    ("usér-42", b"us\xc3\xa9r-42"),
-    ("中文", "中文".encode()),
-    ("😀", b"\xf0\x9f\x98\x80"),
-    ("\u00e9", b"\xc3\xa9"),  # NFC é
-    ("e\u0301", b"e\xcc\x81"),  # NFD é
-])
+@pytest.mark.parametrize(
+    "unit_id, utf8",
+    [
+        ("usér-42", b"us\xc3\xa9r-42"),
+        ("中文", "中文".encode()),
+        ("😀", b"\xf0\x9f\x98\x80"),
+        ("\u00e9", b"\xc3\xa9"),  # NFC é
+        ("e\u0301", b"e\xcc\x81"),  # NFD é
+    ],
+)
 def test_non_ascii_ids_hash_their_utf8_bytes(unit_id: str, utf8: bytes) -> None:
     assert digest("s", unit_id) == hashlib.sha256(b"s\x1f" + utf8).digest()
 
@@ -251,12 +260,19 @@ def test_json_round_trip_and_strict_from_dict() -> None:
 def test_assignment_is_deterministic_across_processes() -> None:
     """No Python hash(): another interpreter with another hash seed gives the same assignment."""
     exp = _exp(0.5)
-    code = ("import json, sys; from hllm.abtest.assignment import Experiment, assign; "
-            "e = Experiment.from_dict(json.loads(sys.argv[1])); "
-            "print(json.dumps([assign(e, u).arm for u in json.loads(sys.argv[2])]))")
+    code = (
+        "import json, sys; from hllm.abtest.assignment import Experiment, assign; "
+        "e = Experiment.from_dict(json.loads(sys.argv[1])); "
+        "print(json.dumps([assign(e, u).arm for u in json.loads(sys.argv[2])]))"
+    )
     ids = [*IDS[:50], "usér-42", "😀"]
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(exp.to_dict()), json.dumps(ids)], check=True,
-                         capture_output=True, text=True, env={"PYTHONHASHSEED": "12345"}).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(exp.to_dict()), json.dumps(ids)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={"PYTHONHASHSEED": "12345"},
+    ).stdout
     assert json.loads(out) == [assign(exp, u).arm for u in ids]
     assert [assign(exp, u) for u in ids] == [assign(exp, u) for u in ids]
 
@@ -305,8 +321,12 @@ def _node() -> str:
 
 
 def test_vectors_match_an_independent_javascript_implementation() -> None:
-    proc = subprocess.run([_node(), str(VECTORS / "check_vectors.mjs"), str(VECTORS / "assignment.json")],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [_node(), str(VECTORS / "check_vectors.mjs"), str(VECTORS / "assignment.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("ok:")
 
@@ -317,6 +337,7 @@ def test_the_javascript_checker_fails_on_a_wrong_vector(tmp_path: Path) -> None:
     data["hashes"][-1]["sha256"] = "0" * 64
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data), encoding="utf-8")
-    proc = subprocess.run([_node(), str(VECTORS / "check_vectors.mjs"), str(bad)], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [_node(), str(VECTORS / "check_vectors.mjs"), str(bad)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 1 and proc.stderr.count("MISMATCH") == 2, proc.stdout + proc.stderr

@@ -233,8 +233,9 @@ def test_msprt_detects_a_planted_effect() -> None:
 
 
 def _md(diff: float, se: float, control_mean: float = 100.0) -> MeanDiff:
-    return MeanDiff(control_mean, control_mean + diff, diff, se, diff / control_mean, se / control_mean, 1000, 1000,
-                    math.inf)
+    return MeanDiff(
+        control_mean, control_mean + diff, diff, se, diff / control_mean, se / control_mean, 1000, 1000, math.inf
+    )
 
 
 def test_non_inferiority_lower_is_better_by_hand() -> None:
@@ -324,21 +325,39 @@ def _guard(status: str, name: str = "p99_ms") -> GuardrailResult:
 BETTER, WORSE, FLAT = _primary(0.05), _primary(-0.05), _primary(0.001)
 
 
-@pytest.mark.parametrize("srm, primary, guards, kw, verdict, reason", [
-    (SRM_BAD, BETTER, [_guard("pass")], {}, "invalid", "sample ratio mismatch"),
-    (SRM_OK, BETTER, [_guard("pass"), _guard("fail", "fallback_rate")], {}, "stop", "guardrail fallback_rate failed"),
-    (SRM_OK, BETTER, [_guard("pass")], {}, "ship", "significantly better"),
-    (SRM_OK, BETTER, [_guard("pass")], {"min_units": 20_000}, "keep_running", "minimum sample"),
-    (SRM_OK, WORSE, [_guard("pass")], {"min_units": 20_000}, "stop", "significantly worse"),
-    (SRM_OK, BETTER, [_guard("inconclusive")], {}, "keep_running", "not shown non-inferior"),
-    (SRM_OK, BETTER, [_guard("inconclusive")], {"max_units": 10_000}, "stop", "non-inferior: ['p99_ms'] at max"),
-    (SRM_OK, FLAT, [_guard("pass")], {}, "keep_running", "no significant difference yet"),
-    (SRM_OK, FLAT, [_guard("pass")], {"max_units": 10_000}, "stop", "no detectable difference at max sample"),
-    (SRM_OK, FLAT, [_guard("pass")], {"days": 28, "max_days": 28}, "stop", "no detectable difference at max sample"),
-    (SRM_OK, WORSE, [_guard("pass")], {"higher_is_better": False}, "ship", "significantly better"),
-])
-def test_decide(srm: SRMResult, primary: SequentialResult, guards: list[GuardrailResult], kw: dict, verdict: str,
-                reason: str) -> None:
+@pytest.mark.parametrize(
+    "srm, primary, guards, kw, verdict, reason",
+    [
+        (SRM_BAD, BETTER, [_guard("pass")], {}, "invalid", "sample ratio mismatch"),
+        (
+            SRM_OK,
+            BETTER,
+            [_guard("pass"), _guard("fail", "fallback_rate")],
+            {},
+            "stop",
+            "guardrail fallback_rate failed",
+        ),
+        (SRM_OK, BETTER, [_guard("pass")], {}, "ship", "significantly better"),
+        (SRM_OK, BETTER, [_guard("pass")], {"min_units": 20_000}, "keep_running", "minimum sample"),
+        (SRM_OK, WORSE, [_guard("pass")], {"min_units": 20_000}, "stop", "significantly worse"),
+        (SRM_OK, BETTER, [_guard("inconclusive")], {}, "keep_running", "not shown non-inferior"),
+        (SRM_OK, BETTER, [_guard("inconclusive")], {"max_units": 10_000}, "stop", "non-inferior: ['p99_ms'] at max"),
+        (SRM_OK, FLAT, [_guard("pass")], {}, "keep_running", "no significant difference yet"),
+        (SRM_OK, FLAT, [_guard("pass")], {"max_units": 10_000}, "stop", "no detectable difference at max sample"),
+        (
+            SRM_OK,
+            FLAT,
+            [_guard("pass")],
+            {"days": 28, "max_days": 28},
+            "stop",
+            "no detectable difference at max sample",
+        ),
+        (SRM_OK, WORSE, [_guard("pass")], {"higher_is_better": False}, "ship", "significantly better"),
+    ],
+)
+def test_decide(
+    srm: SRMResult, primary: SequentialResult, guards: list[GuardrailResult], kw: dict, verdict: str, reason: str
+) -> None:
     out = decide(srm, primary, guards, **{"min_units": 1000, **kw})  # type: ignore[arg-type]
     assert out.decision == verdict
     assert any(reason in r for r in out.reasons), out.reasons
@@ -349,8 +368,9 @@ def test_decide_end_to_end_on_simulated_data() -> None:
     c, t = rng.binomial(1, 0.10, 20_000).astype(float), rng.binomial(1, 0.12, 20_000).astype(float)
     srm = srm_test([c.size, t.size], [0.5, 0.5])
     primary = sequential_looks([(c[:10_000], t[:10_000]), (c, t)], tau=0.01)[-1]
-    guard = non_inferiority(rng.normal(50, 10, 20_000), rng.normal(50, 10, 20_000), 0.05, relative=True,
-                            name="mean_latency")
+    guard = non_inferiority(
+        rng.normal(50, 10, 20_000), rng.normal(50, 10, 20_000), 0.05, relative=True, name="mean_latency"
+    )
     out = decide(srm, primary, [guard], min_units=10_000)
     assert out.decision == "ship", out.reasons
 
@@ -388,7 +408,8 @@ def test_cuped_and_srm_match_tea_tasting() -> None:
     x = rng.normal(10, 2, variant.size)
     y = 0.8 * x + rng.normal(0, 1, variant.size) + 0.1 * variant
     ref = tt.Experiment(m=tt.Mean("y", "x"), sr=tt.SampleRatio(method="norm", correction=False)).analyze(
-        pd.DataFrame({"variant": variant, "y": y, "x": x}), control=0)
+        pd.DataFrame({"variant": variant, "y": y, "x": x}), control=0
+    )
     c, t, _ = cuped_arms(y[:n_c], x[:n_c], y[n_c:], x[n_c:])
     ours = diff_in_means(c, t)
     assert ours.diff == pytest.approx(ref["m"].effect_size, rel=1e-9)

@@ -18,8 +18,11 @@ LAYERS = ["core", "data", "models", "evaluation", "training", "serving", "ops", 
 CORE = {"hllm", "hllm.config", "hllm.logs", "hllm.distributed", "hllm.lineage", "hllm.pretrained", "hllm.testing"}
 # beyond the order: MLflow stays out of training and the export (a training job must run with the
 # tracking server down), and orchestration never reaches up into the CLI
-FORBIDDEN = {"hllm.training": ("mlflow", "hllm.ops"), "hllm.serving.export": ("mlflow", "hllm.ops"),
-             "flows": ("hllm.cli",)}
+FORBIDDEN = {
+    "hllm.training": ("mlflow", "hllm.ops"),
+    "hllm.serving.export": ("mlflow", "hllm.ops"),
+    "flows": ("hllm.cli",),
+}
 
 
 def layer(module: str) -> str | None:
@@ -51,7 +54,9 @@ def imports(path: Path, module: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             found.add(base)
             found.update(f"{base}.{a.name}" for a in node.names)  # `from hllm import tracking`
     return found
@@ -69,8 +74,11 @@ def violations() -> list[str]:
                 bad.append(f"{path.relative_to(ROOT)}: {name} ({mine}) imports {imp} ({target})")
             for prefix, banned in FORBIDDEN.items():
                 if name == prefix or name.startswith(prefix + "."):
-                    bad += [f"{path.relative_to(ROOT)}: {name} must not import {imp}"
-                            for b in banned if imp == b or imp.startswith(b + ".")]
+                    bad += [
+                        f"{path.relative_to(ROOT)}: {name} must not import {imp}"
+                        for b in banned
+                        if imp == b or imp.startswith(b + ".")
+                    ]
     return sorted(set(bad))
 
 
@@ -78,9 +86,17 @@ def test_imports_point_down() -> None:
     assert violations() == []
 
 
-@pytest.mark.parametrize("module, expected", [("hllm.config", "core"), ("hllm.data.build", "data"),
-                                              ("hllm.ops.registry", "ops"), ("flows.nightly", "flows"),
-                                              ("hllm.cli.train", "cli"), ("numpy", None)])
+@pytest.mark.parametrize(
+    "module, expected",
+    [
+        ("hllm.config", "core"),
+        ("hllm.data.build", "data"),
+        ("hllm.ops.registry", "ops"),
+        ("flows.nightly", "flows"),
+        ("hllm.cli.train", "cli"),
+        ("numpy", None),
+    ],
+)
 def test_layer_names(module: str, expected: str | None) -> None:
     assert layer(module) == expected
 

@@ -54,8 +54,12 @@ def test_iterative_k_core_is_a_true_core(tmp_path):
     _, b = built(tmp_path, "build.k_core_user=3", "build.k_core_item=2", "build.k_core_mode=iterative")
     # i4, i7, i8 (1 interaction) go; u4 falls to 2 items and goes; then i6 has 1 user left and goes,
     # which drops u6 to 2 items: gone too.
-    assert seqs_by_id(b) == {"u1": ["i1", "i2", "i3"], "u2": ["i3", "i1", "i2", "i5"],
-                             "u3": ["i5", "i1", "i2"], "u5": ["i2", "i3", "i5"]}
+    assert seqs_by_id(b) == {
+        "u1": ["i1", "i2", "i3"],
+        "u2": ["i3", "i1", "i2", "i5"],
+        "u3": ["i5", "i1", "i2"],
+        "u5": ["i2", "i3", "i5"],
+    }
     assert [b.sequences.of(u).tolist() for u in range(b.n_users)] == [[1, 2, 3], [3, 1, 2, 4], [4, 1, 2], [2, 3, 4]]
     assert b.stats["k_core"] == {"mode": "iterative", "user": 3, "item": 2, "iterations": 3, "rows_removed": 8}
 

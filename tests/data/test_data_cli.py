@@ -19,9 +19,14 @@ def test_every_data_command_has_a_one_line_help():
 
 def test_synth_validate_build_stats(tmp_path: Path, tiny_synth):
     sets = []
-    for s in [f"paths.raw_dir={tmp_path / 'raw'}", f"paths.built_dir={tmp_path / 'built'}",
-              f"paths.reports_dir={tmp_path / 'reports'}", "validate.data_docs=false", "build.tokenize=false",
-              *tiny_synth]:
+    for s in [
+        f"paths.raw_dir={tmp_path / 'raw'}",
+        f"paths.built_dir={tmp_path / 'built'}",
+        f"paths.reports_dir={tmp_path / 'reports'}",
+        "validate.data_docs=false",
+        "build.tokenize=false",
+        *tiny_synth,
+    ]:
         sets += ["--set", s]
     r = CliRunner()
     assert r.invoke(app, ["data", "build", *sets]).exit_code == 1  # nothing to build yet

@@ -31,12 +31,19 @@ def test_hllm_reference_csvs(cfg):
     assert str(raw.interactions.schema.field("timestamp").type) == "int64"
     # file order is preserved exactly (the build's tie rule depends on it)
     assert rows(inter, ["user_id", "item_id", "timestamp"])[:6] == [
-        ("u1", "i1", 100), ("u1", "i2", 100), ("u2", "i3", 105), ("u2", "i1", 110), ("u1", "i3", 120), ("u1", "i4", 90)]
+        ("u1", "i1", 100),
+        ("u1", "i2", 100),
+        ("u2", "i3", 105),
+        ("u2", "i1", 110),
+        ("u1", "i3", 120),
+        ("u1", "i4", 90),
+    ]
     assert rows(items, ["item_id", "title", "tag", "description"])[:4] == [
         ("i1", "Trail Backpack", "hiking, outdoor", "A light 30 litre pack."),
         ("i2", "Camp Stove", "camping, cooking", "Folds small; boils a litre in 3 minutes."),
         ("i3", "Espresso Beans", "coffee", "Dark roast with notes of chocolate."),
-        ("i4", "Pour-over Kettle", "coffee", None)]
+        ("i4", "Pour-over Kettle", "coffee", None),
+    ]
     assert raw.manifest["format"] == "hllm"
     assert [s["name"] for s in raw.manifest["sources"]] == ["interactions.csv", "items.csv"]
 
@@ -53,14 +60,18 @@ def test_amazon_snap_ratings_and_2014_metadata(cfg):
     import_dataset(cfg, "amazon", [FORMATS / "amazon"])
     inter, items = frames(read_raw(cfg.paths.raw_dir))
     assert rows(inter, ["user_id", "item_id", "timestamp"])[:3] == [
-        ("A1", "B001", 1356998400), ("A1", "B002", 1357084800), ("A1", "B003", 1357084800)]
+        ("A1", "B001", 1356998400),
+        ("A1", "B002", 1357084800),
+        ("A1", "B003", 1357084800),
+    ]
     assert len(inter) == 9
     assert rows(items, ["item_id", "title", "tag", "description"]) == [
         ("B001", "The Hobbit", "Books, Fantasy, Classics", "A hobbit goes on an adventure."),
         ("B002", "Ender's Game", "Books, Science Fiction", None),
         ("B003", "Dune", "Books, Science Fiction", "Spice and sand."),
         ("B004", "Emma", "Books, Romance", "A novel by Jane Austen."),
-        ("B005", "Nobody Rated This", "Books", None)]
+        ("B005", "Nobody Rated This", "Books", None),
+    ]
 
 
 def test_amazon_ratings_with_header_and_gzipped_reviews(tmp_path):
@@ -82,13 +93,16 @@ def test_movielens_100k_latin1_genres_and_release_date(cfg):
         ("1", "Toy Story (1995)", "Animation, Children's, Comedy", "Released 01-Jan-1995."),
         ("2", "GoldenEye (1995)", "Action, Adventure, Thriller", "Released 01-Jan-1995."),
         ("3", "Café au lait (1994)", "Comedy", "Released 01-Jan-1994."),
-        ("4", "unknown", "unknown", None)]
+        ("4", "unknown", "unknown", None),
+    ]
     assert raw.manifest["version"] == "ml-100k"
     assert [s["name"] for s in raw.manifest["sources"]] == ["u.data", "u.item", "u.genre"]
 
 
 def test_movielens_1m_double_colon_files(cfg):
-    import_dataset(cfg, "movielens", [FORMATS / "movielens-1m" / "ratings.dat", FORMATS / "movielens-1m" / "movies.dat"])
+    import_dataset(
+        cfg, "movielens", [FORMATS / "movielens-1m" / "ratings.dat", FORMATS / "movielens-1m" / "movies.dat"]
+    )
     inter, items = frames(read_raw(cfg.paths.raw_dir))
     assert rows(inter, ["user_id", "item_id", "timestamp"])[:2] == [("1", "1193", 978300760), ("1", "661", 978302109)]
     assert rows(items, ["item_id", "title", "tag"]) == [
@@ -96,7 +110,8 @@ def test_movielens_1m_double_colon_files(cfg):
         ("661", "James and the Giant Peach (1996)", "Animation, Children's, Musical"),
         ("914", "My Fair Lady (1964)", "Musical, Romance"),
         ("3408", "Erin Brockovich (2000)", "Drama"),
-        ("2905", "Château, The (2001)", "Comedy")]
+        ("2905", "Château, The (2001)", "Comedy"),
+    ]
     assert items["description"].isna().all()
 
 
@@ -109,7 +124,8 @@ def test_recbole_atomic_files_map_fields_by_name(cfg):
     assert list(items.columns) == ["item_id", "title", "tag", "release_year"]
     assert rows(items, ["item_id", "title", "tag", "release_year"])[:2] == [
         ("10", "Toy Story", "Animation, Children's, Comedy", "1995"),
-        ("20", "GoldenEye", "Action, Adventure, Thriller", "1995")]
+        ("20", "GoldenEye", "Action, Adventure, Thriller", "1995"),
+    ]
     assert raw.manifest["field_mapping"] == {"title": "movie_title", "tag": "class"}
 
 
@@ -127,8 +143,9 @@ def test_unknown_format_and_wrong_file_sets_are_named(tmp_path):
 
 
 def test_drop_duplicates_keeps_first_row(cfg, tmp_path):
-    (tmp_path / "i.csv").write_text("item_id,user_id,timestamp\n" + "".join(
-        f"i{k},u1,{t}\n" for k, t in [(1, 1), (2, 2), (2, 2), (3, 3)]))
+    (tmp_path / "i.csv").write_text(
+        "item_id,user_id,timestamp\n" + "".join(f"i{k},u1,{t}\n" for k, t in [(1, 1), (2, 2), (2, 2), (3, 3)])
+    )
     (tmp_path / "t.csv").write_text("item_id,title\ni1,a\ni2,b\ni3,c\n")
     res = import_dataset(cfg, "hllm", [tmp_path / "i.csv", tmp_path / "t.csv"], drop_duplicates=True)
     raw = read_raw(cfg.paths.raw_dir)

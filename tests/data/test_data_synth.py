@@ -53,7 +53,7 @@ def test_item_text_is_readable_and_built_from_the_attributes():
 
 
 def test_text_predicts_the_next_item_far_better_than_popularity():
-    """"Same category as the last item, most popular first" uses only item text (the tag's category) and
+    """ "Same category as the last item, most popular first" uses only item text (the tag's category) and
     must beat global popularity by a wide margin on the default dataset: the property the HLLM
     demo relies on."""
     raw = generate(SynthConfig())

@@ -49,8 +49,9 @@ def test_good_data_passes_with_report_and_data_docs(good):
 
 
 def test_thresholds_come_from_params(tmp_path):
-    cfg = make_cfg(tmp_path, "validate.min_interactions_per_user=4", "validate.max_text_chars=30",
-                   "validate.data_docs=false")
+    cfg = make_cfg(
+        tmp_path, "validate.min_interactions_per_user=4", "validate.max_text_chars=30", "validate.data_docs=false"
+    )
     write_raw(read_source("hllm", [FORMATS / "hllm"]), cfg.paths.raw_dir)
     rep = validate_raw(cfg)
     assert not rep.passed and rep.data_docs is None
@@ -60,9 +61,11 @@ def test_thresholds_come_from_params(tmp_path):
     assert sorted(users.examples) == ["user_id=u3: 3", "user_id=u4: 3", "user_id=u6: 3"]
     assert "at least 4 interactions" in users.why
     desc = by[("items", "description")]
-    assert desc.examples == ["row 2: 'Folds small; boils a litre in 3 minutes.'",
-                             "row 3: 'Dark roast with notes of chocolate.'",
-                             "row 9: 'Nobody interacted with this item.'"]
+    assert desc.examples == [
+        "row 2: 'Folds small; boils a litre in 3 minutes.'",
+        "row 3: 'Dark roast with notes of chocolate.'",
+        "row 9: 'Nobody interacted with this item.'",
+    ]
 
 
 def test_missing_column_in_raw_parquet_is_reported_once(good):

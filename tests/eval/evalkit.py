@@ -51,13 +51,24 @@ def make_built(tmp: Path, sequences: list[list[int]], n_items: int, titles: list
     item_ids = np.array(["<pad>"] + [f"i{j}" for j in range(1, n_items)], dtype=object)
     user_ids = np.array([f"u{j}" for j in range(len(sequences))], dtype=object)
     titles = titles or [""] + [f"title {j}" for j in range(1, n_items)]
-    pd.DataFrame({"idx": np.arange(n_items, dtype=np.int32), "item_id": item_ids.astype(str), "title": titles}).to_parquet(tmp / "items.parquet")
-    pd.DataFrame({"idx": np.arange(len(sequences), dtype=np.int32), "user_id": user_ids.astype(str)}).to_parquet(tmp / "users.parquet")
+    pd.DataFrame(
+        {"idx": np.arange(n_items, dtype=np.int32), "item_id": item_ids.astype(str), "title": titles}
+    ).to_parquet(tmp / "items.parquet")
+    pd.DataFrame({"idx": np.arange(len(sequences), dtype=np.int32), "user_id": user_ids.astype(str)}).to_parquet(
+        tmp / "users.parquet"
+    )
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"user_idx": pa.array(np.arange(len(sequences), dtype=np.int32)),
-                             "items": pa.array(sequences, type=pa.list_(pa.int32()))}), tmp / "sequences.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "user_idx": pa.array(np.arange(len(sequences), dtype=np.int32)),
+                "items": pa.array(sequences, type=pa.list_(pa.int32())),
+            }
+        ),
+        tmp / "sequences.parquet",
+    )
     return BuiltData(tmp, item_ids, user_ids, Sequences.from_lists(sequences), {})
 
 
@@ -75,7 +86,11 @@ def random_dataset(tmp: Path, n_users: int = 40, n_items: int = 60, seed: int = 
     seqs = []
     for _ in range(n_users):
         n = int(rng.integers(1, 14))
-        seqs.append(rng.integers(1, n_items, size=n).tolist() if repeats else rng.choice(np.arange(1, n_items), n, replace=False).tolist())
+        seqs.append(
+            rng.integers(1, n_items, size=n).tolist()
+            if repeats
+            else rng.choice(np.arange(1, n_items), n, replace=False).tolist()
+        )
     return make_built(tmp, seqs, n_items)
 
 

@@ -89,7 +89,9 @@ def test_sasrec_learns_a_deterministic_sequence(tmp_path):
     cfg = _cfg()
     torch.manual_seed(0)
     model = sasrec.build(cfg, built)
-    windows = torch.from_numpy(training_windows(train_sequences(built.sequences), cfg.build.max_seq_len).astype(np.int64))
+    windows = torch.from_numpy(
+        training_windows(train_sequences(built.sequences), cfg.build.max_seq_len).astype(np.int64)
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
     losses = []
     for step in range(30):

@@ -74,8 +74,9 @@ def test_cache_invalidated_by_new_items_and_pruned(tmp_path):
     _save(model, ck)
     cfg = _cfg(tmp_path, item_cache_keep=1)
     evaluate(model, make_built(tmp_path / "b1", SEQS, n_items=7), cfg, "test", checkpoint_dir=ck, progress=False)
-    res = evaluate(model, make_built(tmp_path / "b2", SEQS + [[7, 1]], n_items=8), cfg, "test", checkpoint_dir=ck,
-                   progress=False)
+    res = evaluate(
+        model, make_built(tmp_path / "b2", SEQS + [[7, 1]], n_items=8), cfg, "test", checkpoint_dir=ck, progress=False
+    )
     assert model.item_calls == 6 + 7
     assert res.n_items == 8
     (only,) = _cache_files(cfg)  # item_cache_keep=1
@@ -105,8 +106,13 @@ def _worker(rank, world, init_file, built_dir, out_dir, table):
         model = TableModel(table, normalize=True, mode="mean")
         cfg = small_cfg(ks=(1, 5, 20), user_chunk=4, item_chunk=16)
         res = evaluate(model, built, cfg, "test", progress=False)
-        np.savez(f"{out_dir}/rank{rank}.npz", users=res.users, rank=res.per_user["rank"], calls=model.item_calls,
-                 ndcg=res.metrics["ndcg@20"])
+        np.savez(
+            f"{out_dir}/rank{rank}.npz",
+            users=res.users,
+            rank=res.per_user["rank"],
+            calls=model.item_calls,
+            ndcg=res.metrics["ndcg@20"],
+        )
     finally:
         dist.destroy_process_group()
 
@@ -118,8 +124,9 @@ def test_sharded_evaluation_equals_single_process(tmp_path):
 
     built = random_dataset(tmp_path / "b", n_users=37, n_items=41, seed=3)
     table = np.random.default_rng(0).normal(size=(41, 8)).astype(np.float32)
-    single = evaluate(TableModel(table, normalize=True, mode="mean"), built,
-                      small_cfg(ks=(1, 5, 20)), "test", progress=False)
+    single = evaluate(
+        TableModel(table, normalize=True, mode="mean"), built, small_cfg(ks=(1, 5, 20)), "test", progress=False
+    )
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(built.dir), str(tmp_path), table), nprocs=2, join=True)
     for r in range(2):
         z = np.load(tmp_path / f"rank{r}.npz")

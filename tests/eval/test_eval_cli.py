@@ -30,9 +30,19 @@ def trained(tmp_path_factory):
     bert = tiny_bert(tmp / "bert")
     runs = {}
     for kind in ("hllm", "sasrec", "pop"):
-        cfg = tiny_config(tmp, bert, built, **{"model.kind": kind, "train.max_steps": 4, "train.run_name": kind,
-                                                "model.sasrec_dim": 16, "paths.reports_dir": str(tmp / "reports"),
-                                                "paths.export_dir": str(tmp / "exports")})
+        cfg = tiny_config(
+            tmp,
+            bert,
+            built,
+            **{
+                "model.kind": kind,
+                "train.max_steps": 4,
+                "train.run_name": kind,
+                "model.sasrec_dim": 16,
+                "paths.reports_dir": str(tmp / "reports"),
+                "paths.export_dir": str(tmp / "exports"),
+            },
+        )
         runs[kind] = (cfg, train(cfg, progress=False))
     return tmp, runs
 
@@ -78,8 +88,10 @@ def test_evaluate_cli_writes_the_evaluators_numbers(trained, kind):
 
         assert len(list(item_cache_dir(cfg).glob("*.npy"))) == 1  # cached once, outside the checkpoint
         # the training loop's last validation used the same evaluator on the same weights
-        assert result.best_value == pytest.approx(json.loads(
-            (tmp / "reports" / "eval" / kind / "valid" / "metrics.json").read_text())["metrics"]["ndcg@10"], abs=1e-6)
+        assert result.best_value == pytest.approx(
+            json.loads((tmp / "reports" / "eval" / kind / "valid" / "metrics.json").read_text())["metrics"]["ndcg@10"],
+            abs=1e-6,
+        )
 
 
 @pytest.mark.parametrize("kind", ["hllm", "sasrec"])
@@ -112,11 +124,25 @@ def test_recommend_reproduces_test_metrics(trained, kind):
 
     # the command line returns the same list as the library for a user and for a history
     r = 3
-    out = json.loads(_cli("recommend", "--export", str(exp), "--history", ",".join(histories[r]), "-k", str(kmax),
-                          "--json", "--params", str(params)))
+    out = json.loads(
+        _cli(
+            "recommend",
+            "--export",
+            str(exp),
+            "--history",
+            ",".join(histories[r]),
+            "-k",
+            str(kmax),
+            "--json",
+            "--params",
+            str(params),
+        )
+    )
     assert [x["item_id"] for x in out] == [rec.item_ids[i] for i in rows[r] if i >= 0]
     uid = str(built.user_ids[0])
-    out = json.loads(_cli("recommend", "--export", str(exp), "--user", uid, "-k", "5", "--json", "--params", str(params)))
+    out = json.loads(
+        _cli("recommend", "--export", str(exp), "--user", uid, "-k", "5", "--json", "--params", str(params))
+    )
     assert [x["item_id"] for x in out] == [x.item_id for x in rec.for_user(uid, 5)]
     assert not {x["item_id"] for x in out} & set(rec.seen(uid))
     table = _cli("recommend", "--export", str(exp), "--user", uid, "-k", "3", "--params", str(params))
@@ -158,13 +184,17 @@ def grow_catalogue(old_dir, out_dir, n_new: int = 3):
     body.loc[5, "title"] = body.loc[5, "title"] + " (remastered)"
     fresh = [f"new{j:03d}" for j in range(n_new)]
     rows = [{k: str(v) for k, v in r.items() if k != "idx"} for r in body.to_dict("records")]
-    rows += [{"item_id": x, "title": f"classic hiking {x}", "tag": "hiking", "description": "a map for hiking"}
-             for x in fresh]
+    rows += [
+        {"item_id": x, "title": f"classic hiking {x}", "tag": "hiking", "description": "a map for hiking"}
+        for x in fresh
+    ]
     items = [{"idx": i + 1, **r} for i, r in enumerate(rows)]
     new_idx = {r["item_id"]: r["idx"] for r in items}
     seqs = [[new_idx[str(old.item_ids[i])] for i in old.sequences.of(u)] for u in range(old.sequences.n_users)]
-    seqs += [[new_idx[fresh[j % n_new]] for j in range(u, u + 4)] + [new_idx[changed], new_idx[fresh[u % n_new]]]
-             for u in range(4)]
+    seqs += [
+        [new_idx[fresh[j % n_new]] for j in range(u, u + 4)] + [new_idx[changed], new_idx[fresh[u % n_new]]]
+        for u in range(4)
+    ]
     new = write_built(out_dir, items, seqs)
     users = [f"u{u:05d}" for u in range(len(seqs) - 4, len(seqs))]
     return new, changed, fresh, users
@@ -245,8 +275,17 @@ def test_hllm_checkpoint_scores_and_exports_a_changed_catalogue(trained, tmp_pat
 
     # evaluating on the new data reads the table the export left in the cache
     with ItemForwards() as f:
-        _cli("evaluate", "--checkpoint", str(ckpt), "--built", str(new), "--out", str(tmp_path / "ev_new"),
-             "--params", str(params))
+        _cli(
+            "evaluate",
+            "--checkpoint",
+            str(ckpt),
+            "--built",
+            str(new),
+            "--out",
+            str(tmp_path / "ev_new"),
+            "--params",
+            str(params),
+        )
     assert f.items == 0
     saved = json.loads((tmp_path / "ev_new" / "test" / "metrics.json").read_text())
     direct = evaluate(model_new, built_new, cfg, "test", progress=False)
@@ -257,22 +296,52 @@ def test_hllm_checkpoint_scores_and_exports_a_changed_catalogue(trained, tmp_pat
     from hllm.serving.recommend import Recommender
 
     rec = Recommender.from_export(exp, checkpoint=ckpt)
-    got = json.loads(_cli("recommend", "--export", str(exp), "--user", new_users[0], "-k", "5", "--json",
-                          "--params", str(params)))
+    got = json.loads(
+        _cli("recommend", "--export", str(exp), "--user", new_users[0], "-k", "5", "--json", "--params", str(params))
+    )
     assert [g["item_id"] for g in got] == [r.item_id for r in rec.for_user(new_users[0], 5)]
-    assert not {g["item_id"] for g in got} & set(rec.seen(new_users[0])) and set(rec.seen(new_users[0])) & set(fresh_ids)
+    assert not {g["item_id"] for g in got} & set(rec.seen(new_users[0])) and set(rec.seen(new_users[0])) & set(
+        fresh_ids
+    )
     hist = [fresh_ids[0], changed, fresh_ids[1]]
-    got = json.loads(_cli("recommend", "--export", str(exp), "--history", ",".join(hist), "-k", "5", "--json",
-                          "--checkpoint", str(ckpt), "--params", str(params)))
+    got = json.loads(
+        _cli(
+            "recommend",
+            "--export",
+            str(exp),
+            "--history",
+            ",".join(hist),
+            "-k",
+            "5",
+            "--json",
+            "--checkpoint",
+            str(ckpt),
+            "--params",
+            str(params),
+        )
+    )
     want = rec.for_history(hist, 5)
-    assert [g["item_id"] for g in got] == [r.item_id for r in want] and len(want) == 5 and not set(hist) & {
-        r.item_id for r in want}
+    assert (
+        [g["item_id"] for g in got] == [r.item_id for r in want]
+        and len(want) == 5
+        and not set(hist) & {r.item_id for r in want}
+    )
 
     # ID models are sized and indexed by their training catalogue: a clear refusal, not garbage
     for kind in ("sasrec", "pop"):
         kcfg, kres = runs[kind]
-        r = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(kres.best_checkpoint or kres.last_checkpoint),
-                                "--built", str(new), "--params", str(_params(tmp_path, kcfg))])
+        r = CliRunner().invoke(
+            app,
+            [
+                "evaluate",
+                "--checkpoint",
+                str(kres.best_checkpoint or kres.last_checkpoint),
+                "--built",
+                str(new),
+                "--params",
+                str(_params(tmp_path, kcfg)),
+            ],
+        )
         assert r.exit_code == 1 and "cannot score this catalogue" in r.output and "retrain" in r.output, r.output
 
 
@@ -288,7 +357,9 @@ def test_id_model_refuses_a_renumbered_catalogue_of_the_same_size(trained, tmp_p
     old = load_built(cfg.paths.built_dir)
     tbl = pd.read_parquet(old.dir / "items.parquet").sort_values("idx")
     body = tbl[tbl["idx"] != 0].iloc[::-1]
-    items = [{"idx": i + 1, **{k: str(v) for k, v in r.items() if k != "idx"}} for i, r in enumerate(body.to_dict("records"))]
+    items = [
+        {"idx": i + 1, **{k: str(v) for k, v in r.items() if k != "idx"}} for i, r in enumerate(body.to_dict("records"))
+    ]
     new_idx = {r["item_id"]: r["idx"] for r in items}
     seqs = [[new_idx[str(old.item_ids[i])] for i in old.sequences.of(u)] for u in range(old.sequences.n_users)]
     same_size = write_built(tmp_path / "renumbered", items, seqs)
@@ -309,7 +380,17 @@ def test_retrained_user_tower_does_not_re_encode_items(trained, tmp_path):
     ckpt = result.best_checkpoint
     params = _params(tmp_path, cfg)
     exp = tmp_path / "exp"
-    _cli("export", "--checkpoint", str(ckpt), "--out", str(exp), "--params", str(params), "--set", "eval.item_cache=false")
+    _cli(
+        "export",
+        "--checkpoint",
+        str(ckpt),
+        "--out",
+        str(exp),
+        "--params",
+        str(params),
+        "--set",
+        "eval.item_cache=false",
+    )
     users_before = np.load(exp / "user_embeddings.npy")
     n = json.loads((exp / "manifest.json").read_text())["counts"]["items"]
 
@@ -324,12 +405,30 @@ def test_retrained_user_tower_does_not_re_encode_items(trained, tmp_path):
         return d
 
     with ItemForwards() as f:
-        out = _cli("export", "--checkpoint", str(variant("user_only", "user.")), "--out", str(exp),
-                   "--params", str(params), "--set", "eval.item_cache=false")
+        out = _cli(
+            "export",
+            "--checkpoint",
+            str(variant("user_only", "user.")),
+            "--out",
+            str(exp),
+            "--params",
+            str(params),
+            "--set",
+            "eval.item_cache=false",
+        )
     assert f.items == 0 and f"(0 encoded, {n} reused)" in out
     assert not np.allclose(np.load(exp / "user_embeddings.npy"), users_before)  # the new user tower was used
 
     with ItemForwards() as f:
-        out = _cli("export", "--checkpoint", str(variant("item_changed", "item.")), "--out", str(exp),
-                   "--params", str(params), "--set", "eval.item_cache=false")
+        out = _cli(
+            "export",
+            "--checkpoint",
+            str(variant("item_changed", "item.")),
+            "--out",
+            str(exp),
+            "--params",
+            str(params),
+            "--set",
+            "eval.item_cache=false",
+        )
     assert f.items == n and f"({n} encoded, 0 reused)" in out

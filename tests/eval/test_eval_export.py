@@ -30,8 +30,15 @@ def test_export_contents(tmp_path):
     built, cfg, model = _setup(tmp_path)
     res = E.export_model(model, built, cfg, tmp_path / "exp", model_info={"fingerprint": "abc"}, progress=False)
     d = res.out_dir
-    for f in ("manifest.json", "items.parquet", "item_embeddings.npy", "items.faiss", "users.parquet",
-              "user_embeddings.npy", "seen.npz"):
+    for f in (
+        "manifest.json",
+        "items.parquet",
+        "item_embeddings.npy",
+        "items.faiss",
+        "users.parquet",
+        "user_embeddings.npy",
+        "seen.npz",
+    ):
         assert (d / f).exists(), f
     man = json.loads((d / "manifest.json").read_text())
     assert man["counts"] == {"items": 39, "users": 25, "interactions": int(len(built.sequences.items))}
@@ -39,8 +46,11 @@ def test_export_contents(tmp_path):
     assert man["protocol_hash"] == protocol_hash(cfg.eval.protocol)
     assert man["config_hash"] == cfg.hash()
     assert man["model"] == {"kind": "hllm", "fingerprint": "abc"}
-    assert man["refresh"] == {"items_encoded": 39, "items_reused": 0,
-                              "reused_from": {"previous_export": 0, "evaluation_cache": 0}}
+    assert man["refresh"] == {
+        "items_encoded": 39,
+        "items_reused": 0,
+        "reused_from": {"previous_export": 0, "evaluation_cache": 0},
+    }
 
     rec = Recommender.from_export(d)
     assert rec.item_ids.tolist() == built.item_ids[1:].tolist()  # rows by original id
@@ -142,8 +152,11 @@ def test_incremental_refresh_encodes_only_new_or_changed_items(tmp_path):
     second = E.export_model(m2, b2, cfg, out, progress=False)
     assert (second.items_encoded, second.items_reused) == (3, 5)
     assert m2.item_calls == 3  # only items 4, 7, 8 went through the item tower
-    assert second.manifest["refresh"] == {"items_encoded": 3, "items_reused": 5,
-                                          "reused_from": {"previous_export": 5, "evaluation_cache": 0}}
+    assert second.manifest["refresh"] == {
+        "items_encoded": 3,
+        "items_reused": 5,
+        "reused_from": {"previous_export": 5, "evaluation_cache": 0},
+    }
     with torch.no_grad():
         full = m2.item_embeddings(torch.arange(1, 9)).numpy()
     np.testing.assert_allclose(np.load(out / "item_embeddings.npy"), full, rtol=1e-6)

@@ -11,21 +11,25 @@ from hllm.evaluation import metrics as M
 
 
 def test_ranks_hand_computed():
-    scores = np.array([
-        [0.0, 0.9, 0.1, 0.5, 0.3],  # target 3 (0.5): only item 1 is higher -> rank 1
-        [0.0, 0.2, 0.2, 0.2, 0.1],  # target 2 tied with items 1 and 3 -> pessimistic rank 2
-        [0.0, 0.1, 0.2, 0.3, 0.4],  # target 4 is the best -> rank 0
-    ])
+    scores = np.array(
+        [
+            [0.0, 0.9, 0.1, 0.5, 0.3],  # target 3 (0.5): only item 1 is higher -> rank 1
+            [0.0, 0.2, 0.2, 0.2, 0.1],  # target 2 tied with items 1 and 3 -> pessimistic rank 2
+            [0.0, 0.1, 0.2, 0.3, 0.4],  # target 4 is the best -> rank 0
+        ]
+    )
     ranks = M.target_ranks(scores, np.array([3, 2, 4]))
     # column 0 (score 0.0) is below every target, so it never counts
     assert ranks.tolist() == [1, 2, 0]
 
 
 def test_ranks_with_exclusion_and_masked_target():
-    scores = np.array([
-        [0.0, 0.9, 0.1, 0.5, 0.3],
-        [0.0, 0.9, 0.1, 0.5, 0.3],
-    ])
+    scores = np.array(
+        [
+            [0.0, 0.9, 0.1, 0.5, 0.3],
+            [0.0, 0.9, 0.1, 0.5, 0.3],
+        ]
+    )
     exclude = np.zeros_like(scores, dtype=bool)
     exclude[0, 1] = True  # the only better item is masked -> target 3 becomes rank 0
     exclude[1, 3] = True  # the target itself is masked -> miss

@@ -112,9 +112,14 @@ def s3_server():
 def s3(s3_server, monkeypatch):
     """boto3 pointed at the moto server, with botocore's own retries off so that every injected
     error reaches the flow's task retries."""
-    for k, v in {"AWS_ENDPOINT_URL_S3": s3_server.endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "legacy"}.items():
+    for k, v in {
+        "AWS_ENDPOINT_URL_S3": s3_server.endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "1",
+        "AWS_RETRY_MODE": "legacy",
+    }.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     s3_server.fail, s3_server.failed = 0, 0
@@ -122,4 +127,3 @@ def s3(s3_server, monkeypatch):
     yield s3_server
     s3_server.fail = 0
     s3_server.gate.set()
-

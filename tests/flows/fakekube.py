@@ -36,8 +36,10 @@ import yaml
 
 _ROUTES = [
     ("configmaps", re.compile(r"^/api/v1/namespaces/(?P<ns>[a-z0-9-]+)/configmaps(?:/(?P<name>[a-z0-9.-]+))?$")),
-    ("pytorchjobs", re.compile(
-        r"^/apis/kubeflow\.org/v1/namespaces/(?P<ns>[a-z0-9-]+)/pytorchjobs(?:/(?P<name>[a-z0-9.-]+))?$")),
+    (
+        "pytorchjobs",
+        re.compile(r"^/apis/kubeflow\.org/v1/namespaces/(?P<ns>[a-z0-9-]+)/pytorchjobs(?:/(?P<name>[a-z0-9.-]+))?$"),
+    ),
 ]
 
 
@@ -96,11 +98,18 @@ class FakeKube:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def kubeconfig(self, path: Path) -> Path:
-        path.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-            "users": [{"name": "flow", "user": {"token": self.token}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "flow", "namespace": "hllm"}}]}))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "fake",
+                    "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+                    "users": [{"name": "flow", "user": {"token": self.token}}],
+                    "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "flow", "namespace": "hllm"}}],
+                }
+            )
+        )
         return path
 
     def get(self, plural: str, ns: str, name: str) -> dict[str, Any] | None:
@@ -133,8 +142,15 @@ class FakeKube:
 
     @staticmethod
     def _status(code: int, reason: str, message: str) -> dict[str, Any]:
-        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure" if code >= 400 else "Success",
-                "message": message, "reason": reason, "code": code}
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure" if code >= 400 else "Success",
+            "message": message,
+            "reason": reason,
+            "code": code,
+        }
 
     @staticmethod
     def _reply(h: BaseHTTPRequestHandler, code: int, obj: dict[str, Any]) -> None:
@@ -151,11 +167,13 @@ class FakeKube:
                 name = body["metadata"]["name"]
                 if (plural, ns, name) in self.objects:
                     return 409, self._status(409, "AlreadyExists", f'{plural} "{name}" already exists')
-                body["metadata"].update(namespace=ns, uid=str(uuid.uuid4()), resourceVersion="1",
-                                        creationTimestamp=_now())
+                body["metadata"].update(
+                    namespace=ns, uid=str(uuid.uuid4()), resourceVersion="1", creationTimestamp=_now()
+                )
                 if plural == "pytorchjobs":
-                    body["status"] = {"conditions": [self._cond("Created", "PyTorchJobCreated",
-                                                                f"PyTorchJob {name} is created.")]}
+                    body["status"] = {
+                        "conditions": [self._cond("Created", "PyTorchJobCreated", f"PyTorchJob {name} is created.")]
+                    }
                 self.objects[(plural, ns, name)] = body
                 if plural == "pytorchjobs" and self.mode == "run":
                     threading.Thread(target=self._run_job, args=(ns, name), daemon=True).start()
@@ -168,9 +186,12 @@ class FakeKube:
             if method == "GET":
                 return 200, obj
             if method == "PUT":
-                body["metadata"].update(namespace=ns, uid=obj["metadata"]["uid"],
-                                        resourceVersion=str(int(obj["metadata"]["resourceVersion"]) + 1),
-                                        creationTimestamp=obj["metadata"]["creationTimestamp"])
+                body["metadata"].update(
+                    namespace=ns,
+                    uid=obj["metadata"]["uid"],
+                    resourceVersion=str(int(obj["metadata"]["resourceVersion"]) + 1),
+                    creationTimestamp=obj["metadata"]["creationTimestamp"],
+                )
                 self.objects[(plural, ns, name)] = body
                 return 200, body
             if method == "DELETE":
@@ -185,11 +206,24 @@ class FakeKube:
 
     @staticmethod
     def _cond(type_: str, reason: str, message: str, status: str = "True") -> dict[str, str]:
-        return {"type": type_, "status": status, "reason": reason, "message": message,
-                "lastUpdateTime": _now(), "lastTransitionTime": _now()}
+        return {
+            "type": type_,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastUpdateTime": _now(),
+            "lastTransitionTime": _now(),
+        }
 
-    def _set_status(self, ns: str, name: str, type_: str, reason: str, message: str,
-                    replicas: dict[str, dict[str, int]] | None = None) -> None:
+    def _set_status(
+        self,
+        ns: str,
+        name: str,
+        type_: str,
+        reason: str,
+        message: str,
+        replicas: dict[str, dict[str, int]] | None = None,
+    ) -> None:
         with self._lock:
             job = self.objects.get(("pytorchjobs", ns, name))
             if job is None:  # deleted meanwhile
@@ -216,9 +250,14 @@ class FakeKube:
             except ValueError as e:  # a pod that cannot start (missing ConfigMap, claim)
                 problem = str(e)
                 break
-            env.update(PET_NNODES=str(len(roles)), PET_NODE_RANK=str(node_rank),
-                       PET_NPROC_PER_NODE=str(job["spec"]["nprocPerNode"]), PET_MASTER_ADDR="127.0.0.1",
-                       PET_MASTER_PORT=str(port), OMP_NUM_THREADS="1")  # 1 thread: the test machine has 2 cores
+            env.update(
+                PET_NNODES=str(len(roles)),
+                PET_NODE_RANK=str(node_rank),
+                PET_NPROC_PER_NODE=str(job["spec"]["nprocPerNode"]),
+                PET_MASTER_ADDR="127.0.0.1",
+                PET_MASTER_PORT=str(port),
+                OMP_NUM_THREADS="1",
+            )  # 1 thread: the test machine has 2 cores
             with open(logs / f"{role.lower()}-{i}.log", "w") as out:  # the child keeps its own descriptor
                 procs.append((role, subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)))
         with self._lock:
@@ -228,8 +267,14 @@ class FakeKube:
                 p.kill()
             self._set_status(ns, name, "Failed", "PodStartFailed", problem)
             return
-        self._set_status(ns, name, "Running", "PyTorchJobRunning", f"PyTorchJob {name} is running.",
-                         {r: {"active": sum(1 for x, _ in procs if x == r)} for r in specs})
+        self._set_status(
+            ns,
+            name,
+            "Running",
+            "PyTorchJobRunning",
+            f"PyTorchJob {name} is running.",
+            {r: {"active": sum(1 for x, _ in procs if x == r)} for r in specs},
+        )
         failed: dict[str, int] = {}
         while any(p.poll() is None for _, p in procs):
             if any(p.poll() not in (None, 0) for _, p in procs):  # one replica failed: the others would hang
@@ -242,15 +287,24 @@ class FakeKube:
         for role, p in procs:
             if p.wait() != 0:
                 failed[role] = failed.get(role, 0) + 1
-        counts = {r: {"succeeded": sum(1 for x, p in procs if x == r and p.returncode == 0),
-                      "failed": failed.get(r, 0)} for r in specs}
+        counts = {
+            r: {"succeeded": sum(1 for x, p in procs if x == r and p.returncode == 0), "failed": failed.get(r, 0)}
+            for r in specs
+        }
         if failed:
             role, n = next(iter(failed.items()))
-            self._set_status(ns, name, "Failed", "PyTorchJobFailed",
-                             f"PyTorchJob {name} is failed because {n} {role} replica(s) failed.", counts)
+            self._set_status(
+                ns,
+                name,
+                "Failed",
+                "PyTorchJobFailed",
+                f"PyTorchJob {name} is failed because {n} {role} replica(s) failed.",
+                counts,
+            )
         else:
-            self._set_status(ns, name, "Succeeded", "PyTorchJobSucceeded",
-                             f"PyTorchJob {name} is successfully completed.", counts)
+            self._set_status(
+                ns, name, "Succeeded", "PyTorchJobSucceeded", f"PyTorchJob {name} is successfully completed.", counts
+            )
 
     def _container(self, ns: str, job: str, pod: dict[str, Any], vol_dir: Path):
         """(argv, env, cwd) of the pod's first container, its volumes set up as described above."""
@@ -275,13 +329,14 @@ class FakeKube:
                 if host is None:
                     raise ValueError(f'persistentvolumeclaim "{claim}" not found')
                 if Path(mounts[vol["name"]]) != host:
-                    raise ValueError(f"the fake serves claim {claim} only at its host path {host}, "
-                                     f"not at {mounts[vol['name']]}")
+                    raise ValueError(
+                        f"the fake serves claim {claim} only at its host path {host}, not at {mounts[vol['name']]}"
+                    )
         argv = list(c.get("command", [])) + list(c.get("args", []))
         if argv and argv[0] == "torchrun":
             argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
         for mount, host in remap.items():
-            argv = [host + a[len(mount):] if a.startswith(mount + "/") else a for a in argv]
+            argv = [host + a[len(mount) :] if a.startswith(mount + "/") else a for a in argv]
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
         for ref in c.get("envFrom", []):
             secret = ref["secretRef"]["name"]

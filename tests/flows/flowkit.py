@@ -20,8 +20,13 @@ from hllm.testing import TINY_USER
 
 
 def sh(*args: str, cwd: Path) -> str:
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "DVC_NO_ANALYTICS": "1", "ITERATIVE_DO_NOT_TRACK": "1"})
+    proc = subprocess.run(
+        args,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DVC_NO_ANALYTICS": "1", "ITERATIVE_DO_NOT_TRACK": "1"},
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed in {cwd}:\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout
@@ -29,15 +34,34 @@ def sh(*args: str, cwd: Path) -> str:
 
 def tiny_params(root: Path, item_model: Path, **overrides: Any) -> dict[str, Any]:
     p: dict[str, Any] = {
-        "paths": {"raw_dir": "data/raw", "built_dir": "data/built", "reports_dir": "reports", "runs_dir": "runs",
-                  "export_dir": "exports"},
+        "paths": {
+            "raw_dir": "data/raw",
+            "built_dir": "data/built",
+            "reports_dir": "reports",
+            "runs_dir": "runs",
+            "export_dir": "exports",
+        },
         "synth": {"seed": 15, "n_items": 200, "n_users": 70, "min_seq_len": 6, "max_seq_len": 12},
         "validate": {"data_docs": False},
         "build": {"k_core_user": 5, "k_core_item": 2, "max_seq_len": 6},
-        "model": {"item": {"path": str(item_model), "max_text_len": 24}, "user": {"config": dict(TINY_USER)},
-                  "sasrec_dim": 16, "sasrec_heads": 2, "sasrec_layers": 1},
-        "train": {"max_steps": 3, "batch_size": 4, "num_negatives": 8, "lr": 1e-3, "warmup_ratio": 0.0,
-                  "log_every": 1, "device": "cpu", "checkpoint_every": 0, "eval_every_epoch": False},
+        "model": {
+            "item": {"path": str(item_model), "max_text_len": 24},
+            "user": {"config": dict(TINY_USER)},
+            "sasrec_dim": 16,
+            "sasrec_heads": 2,
+            "sasrec_layers": 1,
+        },
+        "train": {
+            "max_steps": 3,
+            "batch_size": 4,
+            "num_negatives": 8,
+            "lr": 1e-3,
+            "warmup_ratio": 0.0,
+            "log_every": 1,
+            "device": "cpu",
+            "checkpoint_every": 0,
+            "eval_every_epoch": False,
+        },
         "eval": {"protocol": {"max_history": 6, "ks": [5, 10], "select_metric": "ndcg@10"}, "item_batch": 64},
         "tracking": {"tracking_uri": f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"},
         "registry": {"bootstrap_samples": 200},

@@ -22,8 +22,17 @@ def _commands():
 
 def test_every_command_has_a_one_line_description_and_every_option_a_help():
     found = _commands()
-    assert {" ".join(p) for p, _ in found} >= {"train", "evaluate", "export", "recommend", "data import", "data build",
-                                               "registry promote", "flows serve", "flows run nightly"}
+    assert {" ".join(p) for p, _ in found} >= {
+        "train",
+        "evaluate",
+        "export",
+        "recommend",
+        "data import",
+        "data build",
+        "registry promote",
+        "flows serve",
+        "flows run nightly",
+    }
     for path, cmd in found:
         summary = (cmd.help or "").strip().split("\n\n")[0]
         assert summary and len(summary.splitlines()) == 1, f"hllm {' '.join(path)}: first paragraph {summary!r}"

@@ -13,10 +13,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
 
 def test_hllm_flows_run_nightly_prints_the_summary_and_the_hllm_run_holds_its_evidence(
-        tmp_path, bert, monkeypatch, keep_root_logging):
+    tmp_path, bert, monkeypatch, keep_root_logging
+):
+    import mlflow
     from typer.testing import CliRunner
 
-    import mlflow
     from hllm.cli import app
 
     # validation every epoch (the curve under test) and one baseline (the comparison bars need two models)
@@ -33,22 +34,26 @@ def test_hllm_flows_run_nightly_prints_the_summary_and_the_hllm_run_holds_its_ev
 
     # ---- the printed summary, line by line
     lines = res.output.splitlines()
-    start = lines.index(f"nightly-retrain {rep['run_name']}: COMPLETED: registered hllm-recommender v1 "
-                        "-> alias 'champion'")
+    start = lines.index(
+        f"nightly-retrain {rep['run_name']}: COMPLETED: registered hllm-recommender v1 -> alias 'champion'"
+    )
     out = lines[start:]
     md5 = dvc_md5(root)
-    assert out[1] == (f"  data version {parent.data.tags['hllm.data_version']} (data.dvc md5 {md5}, "
-                      "pushed to local)")
+    assert out[1] == (f"  data version {parent.data.tags['hllm.data_version']} (data.dvc md5 {md5}, pushed to local)")
     assert out[3] == f"test metrics (%, full ranking, protocol {rep['protocol_hash']}):"
     assert out[4].split() == ["model", "recall@5", "recall@10", "ndcg@5", "ndcg@10"]
     for line, (label, run_id) in zip(out[5:7], (("HLLM (this run)", hllm_id), ("popularity", pop_id))):
         assert line.strip().startswith(label)
         m = client.get_run(run_id).data.metrics
-        assert line.split()[-4:] == [f"{100 * m[f'test/{n}']:.2f}" for n in
-                                     ("recall_at_5", "recall_at_10", "ndcg_at_5", "ndcg_at_10")]
+        assert line.split()[-4:] == [
+            f"{100 * m[f'test/{n}']:.2f}" for n in ("recall_at_5", "recall_at_10", "ndcg_at_5", "ndcg_at_10")
+        ]
     assert out[7].startswith("promotion: ") and "champion" in out[7]
     assert out[8] == f"MLflow store: {uri}"
-    assert out[9] == f"MLflow run:   http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+    assert (
+        out[9]
+        == f"MLflow run:   http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+    )
     assert out[10].startswith(f"MLflow UI:    mlflow ui --backend-store-uri {uri} ")
     assert re.fullmatch(r"elapsed: \d+ min \d+ s", out[11]), out[11:]
     assert str(client.get_model_version("hllm-recommender", "1").run_id) == hllm_id

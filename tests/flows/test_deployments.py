@@ -51,8 +51,9 @@ def _stop(proc: subprocess.Popen, sig=signal.SIGINT, timeout: float = 30) -> Non
 
 def _start(args: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen:
     # own session: _stop signals the process group (the server's uvicorn, the runner's flow runs)
-    return subprocess.Popen(args, cwd=cwd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        args, cwd=cwd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +62,24 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prefect-server")
     port = _free_port()
     base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    base.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
-                 "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
-    senv = {**base, "PREFECT_HOME": str(tmp / "server-home"),
-            "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp / 'server.db'}"}
-    proc = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-                  senv, tmp, tmp / "server.log")
+    base.update(
+        {
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "true",
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+    )
+    senv = {
+        **base,
+        "PREFECT_HOME": str(tmp / "server-home"),
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp / 'server.db'}",
+    }
+    proc = _start(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+        senv,
+        tmp,
+        tmp / "server.log",
+    )
     api = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + 120
     while True:
@@ -78,8 +91,13 @@ def server(tmp_path_factory):
         assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "prefect server not healthy after 120 s"
         time.sleep(0.5)
-    env = {**base, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp / "client-home"),
-           "PREFECT_RUNNER_POLL_FREQUENCY": "2", "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    env = {
+        **base,
+        "PREFECT_API_URL": api,
+        "PREFECT_HOME": str(tmp / "client-home"),
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+    }
     yield env
     _stop(proc, signal.SIGTERM)
 
@@ -95,8 +113,17 @@ def _deployment(api: str, name: str, timeout: float = 90) -> dict:
 
 
 def _run_deployment(env: dict, cwd: Path, name: str, *params: str) -> str:
-    args = [str(BIN / "prefect"), "deployment", "run", name, "--watch", "--watch-interval", "2",
-            "--watch-timeout", "300"]
+    args = [
+        str(BIN / "prefect"),
+        "deployment",
+        "run",
+        name,
+        "--watch",
+        "--watch-interval",
+        "2",
+        "--watch-timeout",
+        "300",
+    ]
     for p in params:
         args += ["-p", p]
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=360)
@@ -113,8 +140,9 @@ def test_serve_and_prefect_yaml_deployments_run_on_trigger(server, tmp_path, ber
     worker executes a triggered run in the checkout (the `promote` flow on v1, which is cheap: the
     nightly flow's execution under a deployment was just shown by 1.)."""
     api = server["PREFECT_API_URL"]
-    root = make_project(tmp_path / "proj", bert, **{"flow.snapshot": str(raw_snapshot), "flow.cron": "0 3 * * *",
-                                                    "train.max_steps": 2})
+    root = make_project(
+        tmp_path / "proj", bert, **{"flow.snapshot": str(raw_snapshot), "flow.cron": "0 3 * * *", "train.max_steps": 2}
+    )
     serve = _start([str(BIN / "hllm"), "flows", "serve"], server, root, tmp_path / "serve.log")
     try:
         dep = _deployment(api, "nightly-retrain/nightly")
@@ -126,8 +154,13 @@ def test_serve_and_prefect_yaml_deployments_run_on_trigger(server, tmp_path, ber
         assert dep["parameters"] == {"params": "params.yaml"}
         for other in ("promote/manual", "rollback/manual"):
             assert _deployment(api, other)["schedules"] == []
-        inspect = subprocess.run([str(BIN / "prefect"), "deployment", "inspect", "nightly-retrain/nightly"], env=server,
-                                 capture_output=True, text=True, timeout=60)
+        inspect = subprocess.run(
+            [str(BIN / "prefect"), "deployment", "inspect", "nightly-retrain/nightly"],
+            env=server,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert "0 3 * * *" in inspect.stdout  # the schedule as a user sees it
 
         out = _run_deployment(server, root, "nightly-retrain/nightly", "baselines=false")
@@ -144,10 +177,17 @@ def test_serve_and_prefect_yaml_deployments_run_on_trigger(server, tmp_path, ber
     pool = spec["definitions"]["work_pool"]["name"]
     env = {**server, "PWD": str(root)}  # what the shell sets in the checkout
     prefect = str(BIN / "prefect")
-    subprocess.run([prefect, "--no-prompt", "work-pool", "create", pool, "--type", "process", "--overwrite"],
-                   cwd=root, env=env, check=True, capture_output=True, timeout=120)
-    dep = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=180)
+    subprocess.run(
+        [prefect, "--no-prompt", "work-pool", "create", pool, "--type", "process", "--overwrite"],
+        cwd=root,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    dep = subprocess.run(
+        [prefect, "--no-prompt", "deploy", "--all"], cwd=root, env=env, capture_output=True, text=True, timeout=180
+    )
     assert dep.returncode == 0, dep.stdout + dep.stderr
     d = _deployment(api, "nightly-retrain/nightly")
     assert d["work_pool_name"] == pool
@@ -155,8 +195,9 @@ def test_serve_and_prefect_yaml_deployments_run_on_trigger(server, tmp_path, ber
     assert d["global_concurrency_limit"]["limit"] == 1
     assert d["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(root)
     assert _deployment(api, "promote/manual")["work_pool_name"] == pool
-    worker = _start([prefect, "worker", "start", "--pool", pool, "--type", "process"], env, root,
-                    tmp_path / "worker.log")
+    worker = _start(
+        [prefect, "worker", "start", "--pool", pool, "--type", "process"], env, root, tmp_path / "worker.log"
+    )
     try:
         out = _run_deployment(env, root, "promote/manual", 'version="1"', 'reason="from the worker"')
         assert "Completed" in out

@@ -61,11 +61,17 @@ def test_stage_lists_every_module_it_runs(stage):
 
 def test_dvc_parses_the_pipeline():
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "ITERATIVE_DO_NOT_TRACK": "1"}
-    proc = subprocess.run([sys.executable, "-m", "dvc", "dag", "--md"], cwd=REPO, capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "dag", "--md"], cwd=REPO, capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     names = dict(re.findall(r'(node\d+)\["([^"]+)"\]', proc.stdout))
     edges = {(names[a], names[b]) for a, b in re.findall(r"(node\d+)-->(node\d+)", proc.stdout)}
-    assert edges >= {("data.dvc", "validate"), ("validate", "build"), ("build", "train"), ("train", "evaluate"),
-                     ("train", "export"), ("build", "export")}, proc.stdout
-
+    assert edges >= {
+        ("data.dvc", "validate"),
+        ("validate", "build"),
+        ("build", "train"),
+        ("train", "evaluate"),
+        ("train", "export"),
+        ("build", "export"),
+    }, proc.stdout

@@ -119,9 +119,11 @@ def test_io_tasks_retry_io_errors_but_not_bad_input(tmp_path):
         calls.append(type(exc).__name__)
         raise exc
 
-    for exc, attempts in ((DataError("s3://b/p: no objects under this prefix"), 1),
-                          (ConfigError("flow.snapshot_format: unknown"), 1),
-                          (ConnectionError("endpoint unreachable"), 3)):
+    for exc, attempts in (
+        (DataError("s3://b/p: no objects under this prefix"), 1),
+        (ConfigError("flow.snapshot_format: unknown"), 1),
+        (ConnectionError("endpoint unreachable"), 3),
+    ):
         calls.clear()
         with pytest.raises(type(exc)):
             fails_with.with_options(**io_retry(cfg))(exc)

@@ -16,8 +16,17 @@ BAD = Path(__file__).resolve().parents[1] / "fixtures" / "bad"
 
 
 def _cfg(tmp: Path, *sets: str):
-    return load_config(None, [f"paths.raw_dir={tmp / 'data' / 'raw'}", "synth.n_items=60", "synth.n_users=30",
-                              "synth.min_seq_len=6", "synth.max_seq_len=8", *sets])
+    return load_config(
+        None,
+        [
+            f"paths.raw_dir={tmp / 'data' / 'raw'}",
+            "synth.n_items=60",
+            "synth.n_users=30",
+            "synth.min_seq_len=6",
+            "synth.max_seq_len=8",
+            *sets,
+        ],
+    )
 
 
 def test_default_snapshot_is_exactly_what_hllm_data_synth_writes(tmp_path):
@@ -67,12 +76,24 @@ def test_snapshot_errors_name_the_source(tmp_path):
 
 
 def test_report_renders_success_and_failure():
-    ok = RunReport(run_name="nightly-x", status="COMPLETED", model_name="hllm-recommender", registered_version="3",
-                   alias="challenger", promotion="version 3 is the challenger", protocol_hash="abc", ks=[5, 10],
-                   tracking_uri="http://mlflow:5000", experiment_id="1", parent_run_id="p1",
-                   data={"data_version": "dv1", "dvc_md5": "m.dir", "stats": {"users": 9, "items": 8}},
-                   models=[ModelRow("HLLM (this run)", "hllm", {"recall@5": 0.5, "ndcg@10": 0.25}, "r1"),
-                           ModelRow("champion v2", "hllm", {"recall@5": 0.4}, "r0", note="not comparable")])
+    ok = RunReport(
+        run_name="nightly-x",
+        status="COMPLETED",
+        model_name="hllm-recommender",
+        registered_version="3",
+        alias="challenger",
+        promotion="version 3 is the challenger",
+        protocol_hash="abc",
+        ks=[5, 10],
+        tracking_uri="http://mlflow:5000",
+        experiment_id="1",
+        parent_run_id="p1",
+        data={"data_version": "dv1", "dvc_md5": "m.dir", "stats": {"users": 9, "items": 8}},
+        models=[
+            ModelRow("HLLM (this run)", "hllm", {"recall@5": 0.5, "ndcg@10": 0.25}, "r1"),
+            ModelRow("champion v2", "hllm", {"recall@5": 0.4}, "r0", note="not comparable"),
+        ],
+    )
     md = ok.markdown()
     assert "**COMPLETED: registered hllm-recommender v3 -> alias 'challenger'**" in md
     assert "| HLLM (this run) | 50.00 | - | - | 25.00 |  |" in md
@@ -82,13 +103,21 @@ def test_report_renders_success_and_failure():
     assert "open http://mlflow:5000" in text and "data version dv1" in text
     assert RunReport.from_dict(ok.to_dict()).markdown() == md
 
-    bad = RunReport(run_name="nightly-y", status="FAILED", failed_stage="validate", error="ValidationFailed: boom",
-                    validation="validation FAILED: items 3/4", tracking_uri="sqlite:////tmp/m/mlflow.db")
+    bad = RunReport(
+        run_name="nightly-y",
+        status="FAILED",
+        failed_stage="validate",
+        error="ValidationFailed: boom",
+        validation="validation FAILED: items 3/4",
+        tracking_uri="sqlite:////tmp/m/mlflow.db",
+    )
     md = bad.markdown()
     assert "FAILED at stage 'validate': ValidationFailed: boom" in md and "validation FAILED: items 3/4" in md
     assert "_no model was evaluated_" in md
-    assert "mlflow ui --backend-store-uri sqlite:////tmp/m/mlflow.db --default-artifact-root /tmp/m/artifacts" \
+    assert (
+        "mlflow ui --backend-store-uri sqlite:////tmp/m/mlflow.db --default-artifact-root /tmp/m/artifacts"
         in bad.console()
+    )
 
 
 def test_cli_rejects_a_bad_config_before_starting_prefect(tmp_path, monkeypatch, keep_root_logging):
@@ -115,5 +144,6 @@ def test_old_nightly_run_folders_are_pruned_others_kept(tmp_path):
     removed = prune_nightly_runs([runs, exports, tmp_path / "missing"], keep=2)
     assert sorted(p.name for p in removed) == [f"nightly-{stamps[0]}-{k}" for k in ("hllm", "hllm", "sasrec")]
     assert sorted(p.name for p in runs.iterdir()) == sorted(
-        ["default", "nightly-notes"] + [f"nightly-{st}-{k}" for st in stamps[1:] for k in ("hllm", "sasrec")])
+        ["default", "nightly-notes"] + [f"nightly-{st}-{k}" for st in stamps[1:] for k in ("hllm", "sasrec")]
+    )
     assert prune_nightly_runs([runs], keep=0) == []

@@ -20,7 +20,7 @@ URL = "https://git.example.com/team/hllm.git"
 
 def step5() -> str:
     text = README.read_text()
-    section = text[text.index("## From nothing to a nightly run (Docker)"):text.index("## Without Docker")]
+    section = text[text.index("## From nothing to a nightly run (Docker)") : text.index("## Without Docker")]
     return re.search(r"python - <<'EOF'[^\n]*\n(.*?)\nEOF\n", section, re.S).group(1)
 
 

@@ -26,10 +26,19 @@ ARGS = ["-m", "hllm.cli.worker", "--params", "/etc/hllm/params.yaml", "--resume"
 
 def k8s_config(root: Path, kubeconfig: Path | None = None, *overrides: str):
     shared = root / "shared"
-    return load_config(None, [
-        f"flow.k8s.image={IMAGE}", f"flow.k8s.shared_mount={shared}", f"paths.built_dir={shared}/data/built",
-        f"paths.runs_dir={shared}/runs", f"flow.k8s.kubeconfig={kubeconfig or ''}", "flow.k8s.poll_s=0.2",
-        "train.run_name=nightly-20260101-020000-abcdef12-hllm", *overrides])
+    return load_config(
+        None,
+        [
+            f"flow.k8s.image={IMAGE}",
+            f"flow.k8s.shared_mount={shared}",
+            f"paths.built_dir={shared}/data/built",
+            f"paths.runs_dir={shared}/runs",
+            f"flow.k8s.kubeconfig={kubeconfig or ''}",
+            "flow.k8s.poll_s=0.2",
+            "train.run_name=nightly-20260101-020000-abcdef12-hllm",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture
@@ -49,22 +58,27 @@ def kube(tmp_path, monkeypatch):
 def test_job_names_are_short_valid_kubernetes_names():
     from hllm.training.k8s import MAX_JOB_NAME, job_name
 
-    assert job_name("hllm-train", "nightly-20260101-020000-abcdef12-hllm") == \
-        "hllm-train-nightly-20260101-020000-abcdef12-hllm"
+    assert (
+        job_name("hllm-train", "nightly-20260101-020000-abcdef12-hllm")
+        == "hllm-train-nightly-20260101-020000-abcdef12-hllm"
+    )
     long_a, long_b = (job_name("hllm-train", "Nightly_Run." + "x" * 60 + tail) for tail in ("a", "b"))
     for name in (long_a, long_b, job_name("7", "x")):
         assert len(name) <= MAX_JOB_NAME and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), name
     assert long_a != long_b  # the hash of the full run name keeps truncated names apart
 
 
-@pytest.mark.parametrize("override, message", [
-    ("flow.k8s.image=", "flow.k8s.image is empty"),
-    ("flow.k8s.gpus_per_node=0", "flow.k8s.gpus_per_node must be >= 1"),
-    ("flow.k8s.shared_mount=/nonexistent/shared", "flow.k8s.shared_mount=/nonexistent/shared is not a folder here"),
-    ("paths.built_dir=data/built", "paths.built_dir=data/built is not on the shared volume"),
-    ("flow.k8s.template=missing.yaml", "flow.k8s.template: missing.yaml not found"),
-    ("flow.k8s.namespace=Team_A", "NAMESPACE='Team_A' is not a valid Kubernetes name"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("flow.k8s.image=", "flow.k8s.image is empty"),
+        ("flow.k8s.gpus_per_node=0", "flow.k8s.gpus_per_node must be >= 1"),
+        ("flow.k8s.shared_mount=/nonexistent/shared", "flow.k8s.shared_mount=/nonexistent/shared is not a folder here"),
+        ("paths.built_dir=data/built", "paths.built_dir=data/built is not on the shared volume"),
+        ("flow.k8s.template=missing.yaml", "flow.k8s.template: missing.yaml not found"),
+        ("flow.k8s.namespace=Team_A", "NAMESPACE='Team_A' is not a valid Kubernetes name"),
+    ],
+)
 def test_check_names_the_bad_setting(tmp_path, override, message):
     from hllm.training import k8s
 
@@ -76,8 +90,14 @@ def test_check_names_the_bad_setting(tmp_path, override, message):
 def test_unfinished_job_is_deleted_at_the_timeout_and_api_hiccups_are_retried(kube, tmp_path):
     from hllm.training import k8s
 
-    cfg = k8s_config(tmp_path, kube.kubeconfig_path, "flow.k8s.timeout_s=1", "flow.k8s.workers=2",
-                     "flow.k8s.gpus_per_node=4", "flow.k8s.namespace=ml-team")
+    cfg = k8s_config(
+        tmp_path,
+        kube.kubeconfig_path,
+        "flow.k8s.timeout_s=1",
+        "flow.k8s.workers=2",
+        "flow.k8s.gpus_per_node=4",
+        "flow.k8s.namespace=ml-team",
+    )
     kube.unavailable = 2  # the first two requests get 503: retried, not fatal
     with pytest.raises(k8s.K8sError) as err:
         k8s.train(cfg, "run-1")
@@ -139,11 +159,21 @@ def k8s_project(tmp_path, bert, monkeypatch, **k8s) -> Iterator[tuple[Path, Fake
     with FakeKube(tmp_path / "kube", root, mode="run") as fk:
         fk.claims["hllm-shared"] = shared
         fk.secrets["hllm-stack"] = {"HLLM_LOG_LEVEL": "INFO"}
-        make_project(root, bert, **{
-            "paths.built_dir": str(shared / "data" / "built"), "paths.runs_dir": str(shared / "runs"),
-            "flow.train_backend": "k8s", "flow.k8s.image": IMAGE, "flow.k8s.shared_mount": str(shared),
-            "flow.k8s.kubeconfig": str(fk.kubeconfig(tmp_path / "kubeconfig")), "flow.k8s.poll_s": 0.3,
-            "flow.k8s.timeout_s": 300.0, **{f"flow.k8s.{k}": v for k, v in k8s.items()}})
+        make_project(
+            root,
+            bert,
+            **{
+                "paths.built_dir": str(shared / "data" / "built"),
+                "paths.runs_dir": str(shared / "runs"),
+                "flow.train_backend": "k8s",
+                "flow.k8s.image": IMAGE,
+                "flow.k8s.shared_mount": str(shared),
+                "flow.k8s.kubeconfig": str(fk.kubeconfig(tmp_path / "kubeconfig")),
+                "flow.k8s.poll_s": 0.3,
+                "flow.k8s.timeout_s": 300.0,
+                **{f"flow.k8s.{k}": v for k, v in k8s.items()},
+            },
+        )
         monkeypatch.chdir(root)
         yield root, fk
 
@@ -165,7 +195,8 @@ def test_nightly_trains_on_kubernetes_and_registers(tmp_path, bert, monkeypatch)
     with k8s_project(tmp_path, bert, monkeypatch, workers=1, gpus_per_node=1) as (root, fk):
         state = nightly_retrain(baselines=False, return_state=True)  # train_backend from params.yaml
     assert state.is_completed(), state.message + "".join(
-        f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((tmp_path / "kube").rglob("*.log")))
+        f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((tmp_path / "kube").rglob("*.log"))
+    )
     res = state.result()
     client, runs = _runs(root)
     train_run = runs["train"]
@@ -228,8 +259,9 @@ def test_a_failed_kubernetes_job_fails_the_flow_and_registers_nothing(tmp_path, 
     assert "train.batch_size must be >= 1" in (tmp_path / "kube" / job["metadata"]["name"] / "master-0.log").read_text()
 
     with get_client(sync_client=True) as c:
-        trs = c.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        trs = c.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     tasks = {t.name.rsplit("-", 1)[0]: t for t in trs}
     assert tasks["train"].state.is_failed() and tasks["train"].run_count == 1  # never retried
     assert not {"evaluate", "export", "register", "promotion-gate"} & set(tasks)

@@ -38,8 +38,11 @@ def summary_artifact(flow_run_id) -> str:
     from flows.nightly import ARTIFACT_KEY
 
     with _client() as c:
-        arts = c.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[ARTIFACT_KEY])))
+        arts = c.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[ARTIFACT_KEY])
+            )
+        )
     assert len(arts) == 1, arts
     assert arts[0].type == "markdown"
     return arts[0].data
@@ -86,8 +89,11 @@ def test_nightly_registers_a_champion_then_gates_a_challenger(project):
     assert parent.data.tags["prefect.flow_run_id"] == fr_id
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["hllm.data.dvc_md5"] == md5
-    children = {r.data.tags["hllm.model_kind"]: r for r in runs.values()
-                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {
+        r.data.tags["hllm.model_kind"]: r
+        for r in runs.values()
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
     assert set(children) == {"hllm", "sasrec", "pop"}
     assert versions[0].run_id == children["hllm"].info.run_id
     assert all(c.info.status == "FINISHED" and "test/ndcg_at_10" in c.data.metrics for c in children.values())
@@ -131,8 +137,9 @@ def test_nightly_registers_a_champion_then_gates_a_challenger(project):
     i = tables.interactions.column_names.index("timestamp")
     tables.interactions = tables.interactions.set_column(i, "timestamp", pc.add(ts, 86_400))
     later = write_raw(tables, project.parent / "snapshot-later")
-    state3 = nightly_retrain(snapshot=str(later), baselines=False, overrides=["registry.min_rel_gain=-1.0"],
-                             return_state=True)
+    state3 = nightly_retrain(
+        snapshot=str(later), baselines=False, overrides=["registry.min_rel_gain=-1.0"], return_state=True
+    )
     assert state3.is_completed(), state3.message
     res3 = state3.result()
     assert dvc_md5(project) != md5 and res3["data"]["data_version"] != res["data"]["data_version"]
@@ -143,7 +150,8 @@ def test_nightly_registers_a_champion_then_gates_a_challenger(project):
     import mlflow
 
     arts = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}").list_artifacts(
-        v1_run, f"eval/test/{res3['protocol_hash']}")
+        v1_run, f"eval/test/{res3['protocol_hash']}"
+    )
     assert {Path(a.path).name for a in arts} == {res["data"]["data_version"], res3["data"]["data_version"]}
 
     # the registry flows, as a user of the Prefect UI runs them
@@ -215,9 +223,18 @@ def test_a_second_run_does_not_start_while_one_runs(project, s3, raw_snapshot):
     limit = "test-nightly-slot"
     states: dict = {}
     s3.gate.clear()  # A's first S3 request hangs until the gate opens
-    a = threading.Thread(target=lambda: states.setdefault("a", nightly_retrain(
-        snapshot=uri, baselines=False, promote=False, overrides=[f"flow.concurrency_limit={limit}"],
-        return_state=True)))
+    a = threading.Thread(
+        target=lambda: states.setdefault(
+            "a",
+            nightly_retrain(
+                snapshot=uri,
+                baselines=False,
+                promote=False,
+                overrides=[f"flow.concurrency_limit={limit}"],
+                return_state=True,
+            ),
+        )
+    )
     a.start()
     try:
         deadline = time.monotonic() + 60
@@ -230,8 +247,7 @@ def test_a_second_run_does_not_start_while_one_runs(project, s3, raw_snapshot):
                     pass
             assert time.monotonic() < deadline, "run A never took the slot"
             time.sleep(0.2)
-        b = nightly_retrain(overrides=[f"flow.concurrency_limit={limit}", "flow.slot_timeout_s=2"],
-                            return_state=True)
+        b = nightly_retrain(overrides=[f"flow.concurrency_limit={limit}", "flow.slot_timeout_s=2"], return_state=True)
         assert b.is_failed() and "holds the 'test-nightly-slot' concurrency slot" in b.message
         assert not (project / "data" / "raw").exists() and not (project / "reports").exists()
         assert summary_artifact(str(b.state_details.flow_run_id)).count("wait-for-slot") >= 1

@@ -42,9 +42,7 @@ class Stack:
 
     def run(self, *args: str, cwd: Path | None = None, timeout: float = 300, **extra: str):
         """Run a command with the stack's environment; fail with its output when it fails."""
-        proc = subprocess.run(
-            args, cwd=cwd, env=self.environ(**extra), capture_output=True, text=True, timeout=timeout
-        )
+        proc = subprocess.run(args, cwd=cwd, env=self.environ(**extra), capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             pytest.fail(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
         return proc
@@ -52,9 +50,7 @@ class Stack:
 
 def _script(cmd: str, state: Path, timeout: float) -> subprocess.CompletedProcess:
     env = {**os.environ, "HLLM_STACK_DIR": str(state), "HLLM_VENV": str(Path(sys.executable).parent.parent)}
-    return subprocess.run(
-        ["bash", str(SCRIPT), cmd], env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run(["bash", str(SCRIPT), cmd], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -73,8 +73,11 @@ def test_compose_has_the_stack_services_from_the_project_image(compose):
     assert set(services) == {"postgres", "minio", "minio-init", "mlflow", "prefect-server", "prefect-worker"}
     for name in ("mlflow", "prefect-server", "prefect-worker"):
         assert services[name]["image"] == "hllm:cpu"
-        assert services[name]["build"] == {"context": "..", "dockerfile": "infra/Dockerfile",
-                                           "args": {"TORCH_VARIANT": "cpu"}}
+        assert services[name]["build"] == {
+            "context": "..",
+            "dockerfile": "infra/Dockerfile",
+            "args": {"TORCH_VARIANT": "cpu"},
+        }
     assert (REPO / services["mlflow"]["build"]["dockerfile"]).is_file()
     assert services["mlflow"]["command"] == ["bash", "infra/mlflow-server.sh"]
     assert services["prefect-server"]["command"][:3] == ["prefect", "server", "start"]
@@ -98,7 +101,7 @@ def test_compose_ports_match_readme(compose):
     published = {int(p.split(":")[0]) for s in compose["services"].values() for p in s.get("ports", [])}
     assert published == {5000, 4200, 9000, 9001}
     readme = (INFRA / "README.md").read_text()
-    table = readme[readme.index("## Services, ports, secrets"):readme.index("### The client variables")]
+    table = readme[readme.index("## Services, ports, secrets") : readme.index("### The client variables")]
     for port in published | {5432}:
         assert re.search(rf"\|\s*{port}\b", table), f"port {port} missing from infra/README.md's service table"
 
@@ -106,8 +109,13 @@ def test_compose_ports_match_readme(compose):
 def test_compose_mlflow_gets_every_variable_its_entry_script_requires(compose):
     script = (INFRA / "mlflow-server.sh").read_text()
     required = set(re.findall(r'^: "\$\{([A-Z_][A-Z0-9_]*):\?', script, re.M))
-    assert required == {"MLFLOW_BACKEND_STORE_URI", "MLFLOW_AUTH_DATABASE_URI", "MLFLOW_ARTIFACTS_DESTINATION",
-                        "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"}
+    assert required == {
+        "MLFLOW_BACKEND_STORE_URI",
+        "MLFLOW_AUTH_DATABASE_URI",
+        "MLFLOW_ARTIFACTS_DESTINATION",
+        "MLFLOW_AUTH_ADMIN_PASSWORD",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    }
     assert required <= set(compose["services"]["mlflow"]["environment"])
     k8s_secret = k8s_objects()[("Secret", "hllm-mlflow-server")]["stringData"]
     assert required <= set(k8s_secret)
@@ -116,8 +124,13 @@ def test_compose_mlflow_gets_every_variable_its_entry_script_requires(compose):
 def test_databases_and_buckets_agree(compose):
     created = set(re.findall(r"CREATE DATABASE (\w+);", (INFRA / "postgres-init.sql").read_text()))
     env = compose["services"]["mlflow"]["environment"]
-    used = {env["MLFLOW_BACKEND_STORE_URI"].rsplit("/", 1)[1], env["MLFLOW_AUTH_DATABASE_URI"].rsplit("/", 1)[1],
-            compose["services"]["prefect-server"]["environment"]["PREFECT_SERVER_DATABASE_CONNECTION_URL"].rsplit("/", 1)[1]}
+    used = {
+        env["MLFLOW_BACKEND_STORE_URI"].rsplit("/", 1)[1],
+        env["MLFLOW_AUTH_DATABASE_URI"].rsplit("/", 1)[1],
+        compose["services"]["prefect-server"]["environment"]["PREFECT_SERVER_DATABASE_CONNECTION_URL"].rsplit("/", 1)[
+            1
+        ],
+    }
     assert used == created == {"mlflow", "mlflow_auth", "prefect"}
     stack = (INFRA / "local-stack.sh").read_text()
     assert "for db in mlflow mlflow_auth prefect" in stack
@@ -126,13 +139,15 @@ def test_databases_and_buckets_agree(compose):
     buckets = set(re.findall(r"s3/([a-z0-9-]+)", init))
     assert buckets == {"hllm-mlflow", "hllm-dvc"}
     assert env["MLFLOW_ARTIFACTS_DESTINATION"] == "s3://hllm-mlflow/artifacts"
-    assert k8s_objects()[("Secret", "hllm-mlflow-server")]["stringData"]["MLFLOW_ARTIFACTS_DESTINATION"] == \
-        env["MLFLOW_ARTIFACTS_DESTINATION"]
+    assert (
+        k8s_objects()[("Secret", "hllm-mlflow-server")]["stringData"]["MLFLOW_ARTIFACTS_DESTINATION"]
+        == env["MLFLOW_ARTIFACTS_DESTINATION"]
+    )
     assert "MLFLOW_BUCKET=hllm-mlflow" in stack and "DVC_BUCKET=hllm-dvc" in stack
     # The project's committed DVC remote `s3` is the bucket the stacks create.
     dvc = configparser.ConfigParser()
     dvc.read(REPO / ".dvc" / "config")
-    assert dvc['\'remote "s3"\'']["url"] == CLIENT["HLLM_DVC_REMOTE_URL"] == "s3://hllm-dvc/store"
+    assert dvc["'remote \"s3\"'"]["url"] == CLIENT["HLLM_DVC_REMOTE_URL"] == "s3://hllm-dvc/store"
 
 
 # ------------------------------------------------------------------------ client variables
@@ -140,8 +155,16 @@ def test_databases_and_buckets_agree(compose):
 
 def test_client_variables_are_the_same_everywhere(compose):
     names = set(CLIENT)
-    assert {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_URL",
-            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"} <= names
+    assert {
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "PREFECT_API_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_ENDPOINT_URL",
+        "MLFLOW_S3_ENDPOINT_URL",
+    } <= names
     assert names <= set(compose["services"]["prefect-worker"]["environment"])
     assert names == set(k8s_objects()[("Secret", "hllm-stack")]["stringData"])
     assert names <= local_stack_env_keys()
@@ -149,7 +172,7 @@ def test_client_variables_are_the_same_everywhere(compose):
 
     assert Config().flow.work_pool == CLIENT["HLLM_WORK_POOL"]  # the pool `prefect deploy` targets
     readme = (INFRA / "README.md").read_text()
-    table = readme[readme.index("### The client variables"):readme.index("## From nothing")]
+    table = readme[readme.index("### The client variables") : readme.index("## From nothing")]
     in_table = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", table))
     assert in_table == names, (sorted(in_table - names), sorted(names - in_table))
 
@@ -165,8 +188,9 @@ def test_code_reads_the_tracking_uri_from_the_environment(monkeypatch):
 
 
 def test_secrets_stay_out_of_git():
-    ignored = subprocess.run(["git", "check-ignore", "infra/.env", "infra/team.env", ".stack/env"],
-                             cwd=REPO, capture_output=True, text=True).stdout.split()
+    ignored = subprocess.run(
+        ["git", "check-ignore", "infra/.env", "infra/team.env", ".stack/env"], cwd=REPO, capture_output=True, text=True
+    ).stdout.split()
     assert ignored == ["infra/.env", "infra/team.env", ".stack/env"]
 
 
@@ -189,8 +213,11 @@ def test_dockerfile_agrees_with_the_project():
             assert tracked.strip() or (REPO / path).is_file(), f"Dockerfile copies {path}, which is not in the repo"
     # The same offline/telemetry switches as the Makefile.
     make_vars = set(re.findall(r"^export (\w+) \?=", (REPO / "Makefile").read_text(), re.M))
-    missing = {v for v in make_vars - {"HF_HUB_OFFLINE", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
-               if f"{v}=" not in text}
+    missing = {
+        v
+        for v in make_vars - {"HF_HUB_OFFLINE", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+        if f"{v}=" not in text
+    }
     assert not missing, missing
 
 
@@ -219,8 +246,10 @@ def test_k8s_manifests_parse_and_reference_existing_objects():
         for vol in pod.get("volumes", []):
             if "configMap" in vol:
                 assert vol["configMap"]["name"] in {g["name"] for g in kust["configMapGenerator"]}
-    assert objs[("Deployment", "mlflow")]["spec"]["template"]["spec"]["containers"][0]["command"] == \
-        ["bash", "infra/mlflow-server.sh"]
+    assert objs[("Deployment", "mlflow")]["spec"]["template"]["spec"]["containers"][0]["command"] == [
+        "bash",
+        "infra/mlflow-server.sh",
+    ]
     assert objs[("Service", "mlflow")]["spec"]["ports"][0]["port"] == 5000
     assert objs[("Service", "prefect-server")]["spec"]["ports"][0]["port"] == 4200
     assert k8s_objects()[("Secret", "hllm-stack")]["stringData"]["MLFLOW_TRACKING_URI"] == "http://mlflow.hllm.svc:5000"
@@ -305,8 +334,13 @@ def test_render_rejects_bad_values_naming_the_variable(render, values, message):
 def test_shell_scripts_parse_and_mlflow_entry_names_a_missing_variable(tmp_path):
     for script in ("local-stack.sh", "mlflow-server.sh"):
         assert subprocess.run(["bash", "-n", str(INFRA / script)]).returncode == 0, script
-    proc = subprocess.run(["bash", str(INFRA / "mlflow-server.sh")], env={"PATH": "/usr/bin:/bin"},
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["bash", str(INFRA / "mlflow-server.sh")],
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode != 0 and "MLFLOW_BACKEND_STORE_URI" in proc.stderr
     usage = subprocess.run(["bash", str(INFRA / "local-stack.sh"), "bogus"], capture_output=True, text=True)
     assert usage.returncode == 2 and "up|down|status" in usage.stderr

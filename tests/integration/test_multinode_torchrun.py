@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 def readme_commands() -> list[list[str]]:
     """The `torchrun ...` commands of infra/README.md's "Training across machines" block."""
     text = (REPO / "infra" / "README.md").read_text()
-    section = text[text.index("## Training across machines"):]
-    block = section[section.index("```bash") + 7:section.index("```", section.index("```bash") + 7)]
+    section = text[text.index("## Training across machines") :]
+    block = section[section.index("```bash") + 7 : section.index("```", section.index("```bash") + 7)]
     joined = re.sub(r"\\\n\s*", " ", block)
     return [shlex.split(line.split("#")[0]) for line in joined.splitlines() if line.startswith("torchrun ")]
 
@@ -39,9 +39,17 @@ def test_two_machine_torchrun_from_the_readme_trains_one_world(tmp_path):
     assert len(commands) == 2
     items, seqs = synthetic_lists(n_users=40, n_items=50, seed=3)
     built = write_built(tmp_path / "built", items, seqs)
-    cfg = tiny_config(tmp_path, tiny_bert(tmp_path / "bert"), built,
-                      **{"train.max_steps": 2, "train.checkpoint_every": 0, "train.eval_every_epoch": False,
-                         "train.run_name": "two-machines"})
+    cfg = tiny_config(
+        tmp_path,
+        tiny_bert(tmp_path / "bert"),
+        built,
+        **{
+            "train.max_steps": 2,
+            "train.checkpoint_every": 0,
+            "train.eval_every_epoch": False,
+            "train.run_name": "two-machines",
+        },
+    )
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     with socket.socket() as s:
@@ -55,8 +63,16 @@ def test_two_machine_torchrun_from_the_readme_trains_one_world(tmp_path):
     procs = []
     for cmd in commands:
         args = [swap.get(a, a) for a in cmd[1:]]
-        procs.append(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], cwd=tmp_path,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", *args],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     try:
         outs = [p.communicate(timeout=300)[0] for p in procs]
     except subprocess.TimeoutExpired:

@@ -27,8 +27,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _tree_md5(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -85,7 +88,6 @@ def test_nightly_retrain_runs_through_the_worker_against_the_stack(stack_env, pr
 
     # ---- MLflow: parent run tagged with the flow run, a registered version, files in the bucket
     import psycopg2
-
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
@@ -104,8 +106,13 @@ def test_nightly_retrain_runs_through_the_worker_against_the_stack(stack_env, pr
 
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
     bucket, _, prefix = env["HLLM_MLFLOW_ARTIFACTS"].removeprefix("s3://").partition("/")
     # The registered model (source runs:/<run>/<path>) went through the server's proxy into the bucket.
     run_id, _, model_path = mv.source.removeprefix("runs:/").partition("/")
@@ -120,8 +127,9 @@ def test_nightly_retrain_runs_through_the_worker_against_the_stack(stack_env, pr
     dvc_bucket, _, dvc_prefix = env["HLLM_DVC_REMOTE_URL"].removeprefix("s3://").partition("/")
     s3.head_object(Bucket=dvc_bucket, Key=f"{dvc_prefix}/files/md5/{md5[:2]}/{md5[2:]}")
     stack.run("git", "add", "-A", cwd=project)
-    stack.run("git", "-c", "user.name=it", "-c", "user.email=it@example.com", "commit", "-q", "-m", "night 1",
-              cwd=project)
+    stack.run(
+        "git", "-c", "user.name=it", "-c", "user.email=it@example.com", "commit", "-q", "-m", "night 1", cwd=project
+    )
     clone = tmp_path / "clone"
     stack.run("git", "clone", "-q", str(project), str(clone))
     assert not (clone / "data" / "raw").exists()

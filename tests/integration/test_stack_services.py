@@ -70,7 +70,6 @@ def test_status_reports_every_service_up(stack):
 
 def test_mlflow_run_and_model_version_land_in_postgres_and_bucket(stack_env):
     import psycopg2
-
     from mlflow import MlflowClient
 
     env = stack_env.env
@@ -114,9 +113,8 @@ def test_mlflow_refuses_requests_without_valid_credentials(stack_env):
 
 
 def test_mlflow_new_users_read_but_cannot_write_others_experiments(stack_env):
-    from mlflow.server import get_app_client
-
     from mlflow import MlflowClient
+    from mlflow.server import get_app_client
 
     env = stack_env.env
     uri = env["MLFLOW_TRACKING_URI"]
@@ -135,8 +133,12 @@ def test_dvc_remote_on_stack_s3_round_trips_in_a_fresh_clone(stack, tmp_path):
     (origin / "data").mkdir()
     payload = f"user_id,item_id\n{uuid.uuid4().hex},42\n"
     (origin / "data" / "raw.csv").write_text(payload)
-    git_id = {"GIT_AUTHOR_NAME": "it", "GIT_AUTHOR_EMAIL": "it@example.com",
-              "GIT_COMMITTER_NAME": "it", "GIT_COMMITTER_EMAIL": "it@example.com"}
+    git_id = {
+        "GIT_AUTHOR_NAME": "it",
+        "GIT_AUTHOR_EMAIL": "it@example.com",
+        "GIT_COMMITTER_NAME": "it",
+        "GIT_COMMITTER_EMAIL": "it@example.com",
+    }
     remote = stack.env["HLLM_DVC_REMOTE_URL"]
     for cmd in (
         ["git", "init", "-q"],
@@ -152,8 +154,11 @@ def test_dvc_remote_on_stack_s3_round_trips_in_a_fresh_clone(stack, tmp_path):
 
     bucket, prefix = _split_s3(remote)
     keys = [o["Key"] for o in _s3(stack.env).list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
-    md5 = next(line.split(":")[1].strip() for line in (origin / "data" / "raw.csv.dvc").read_text().splitlines()
-               if "md5:" in line)
+    md5 = next(
+        line.split(":")[1].strip()
+        for line in (origin / "data" / "raw.csv.dvc").read_text().splitlines()
+        if "md5:" in line
+    )
     assert f"{prefix}/files/md5/{md5[:2]}/{md5[2:]}" in keys
 
     stack.run("git", "clone", "-q", str(origin), str(clone))
@@ -195,8 +200,17 @@ def test_kubernetes_work_pool_template_is_accepted_and_enforced_by_the_server(st
     template = HERE.parents[1] / "infra" / "k8s" / "prefect-base-job-template.json"
     pool = f"hllm-k8s-{uuid.uuid4().hex[:6]}"
     # The CLI the README and the k8s worker use; the server validates the template's placeholders.
-    stack.run("prefect", "--no-prompt", "work-pool", "create", pool, "--type", "kubernetes",
-              "--base-job-template", str(template))
+    stack.run(
+        "prefect",
+        "--no-prompt",
+        "work-pool",
+        "create",
+        pool,
+        "--type",
+        "kubernetes",
+        "--base-job-template",
+        str(template),
+    )
     script = textwrap.dedent(
         f"""
         import asyncio, json

@@ -28,8 +28,9 @@ NEGATIVES = torch.tensor([9, 14, 15, 3, 14, 20, 21, 22])
 
 
 @pytest.mark.parametrize("item", ["bert", "llama"])
-def test_dedup_gives_the_same_loss_and_gradients_as_encoding_every_slot(tmp_path, tiny_bert_dir, tiny_llama_dir,
-                                                                         built_dir, item):
+def test_dedup_gives_the_same_loss_and_gradients_as_encoding_every_slot(
+    tmp_path, tiny_bert_dir, tiny_llama_dir, built_dir, item
+):
     item_dir = {"bert": tiny_bert_dir, "llama": tiny_llama_dir}[item]
     model, _, _ = make(tmp_path, item_dir, built_dir)
     results = {}

@@ -23,7 +23,9 @@ def ragged_tokens(vocab: int, lengths: list[int], seed: int = 0) -> TokenCache:
 
 
 def item_llm(path, tokens, **kw) -> ItemLLM:
-    bb = load_backbone(str(path), None, from_scratch=False, attn_implementation=kw.pop("attn", "sdpa"), what="model.item")
+    bb = load_backbone(
+        str(path), None, from_scratch=False, attn_implementation=kw.pop("attn", "sdpa"), what="model.item"
+    )
     torch.manual_seed(0)
     return ItemLLM(bb, tokens, **kw).eval()
 
@@ -112,7 +114,9 @@ def test_packed_layout_equals_padded(model_dir, pooling, device):
 @CUDA
 def test_packed_flash_attention_equals_padded_on_gpu(tiny_llama_dir):
     # flash-attn is an optional CUDA build, not a dependency (README: "GPU training")
-    pytest.importorskip("flash_attn", reason="flash-attn is not installed (pip install flash-attn --no-build-isolation)")
+    pytest.importorskip(
+        "flash_attn", reason="flash-attn is not installed (pip install flash-attn --no-build-isolation)"
+    )
     tokens = ragged_tokens(40, LENGTHS)
     padded = item_llm(tiny_llama_dir, tokens).cuda().to(torch.bfloat16)
     packed = item_llm(tiny_llama_dir, tokens, layout="packed", attn="flash_attention_2").cuda().to(torch.bfloat16)

@@ -43,9 +43,13 @@ def test_false_negative_filter_drops_exact_duplicates_of_the_positive():
     # each row keeps the other rows' positives as negatives, but never its own copies
     pool = torch.cat([neg, pos, 3 * pos[:1]])
     owner = [None] * len(neg) + [0, 1, 2, 3, 0]  # whose positive each pool entry copies
-    _rows = [infonce(pred[i : i + 1], pos[i : i + 1], pool[[j for j, o in enumerate(owner) if o != i]], scale)[0]
-            for i in range(4)]
-    assert stats["negatives"] == pytest.approx(base_stats["negatives"] + 5 - (2 + 1 + 1 + 1) / 4)  # 5 added; row 0 loses 2, others 1
+    _rows = [
+        infonce(pred[i : i + 1], pos[i : i + 1], pool[[j for j, o in enumerate(owner) if o != i]], scale)[0]
+        for i in range(4)
+    ]
+    assert stats["negatives"] == pytest.approx(
+        base_stats["negatives"] + 5 - (2 + 1 + 1 + 1) / 4
+    )  # 5 added; row 0 loses 2, others 1
     # without the filter the duplicates would count as (hard) negatives
     unfiltered, _ = infonce(pred, pos, torch.cat([neg, pos, 3 * pos[:1]]), scale, threshold=1.01)
     assert float(unfiltered) > float(with_dups)

@@ -17,8 +17,16 @@ def tiny_gpt2_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny_gpt2")
     torch.manual_seed(0)
-    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=8, bos_token_id=0,
-                     eos_token_id=0, initializer_range=0.2)
+    cfg = GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        vocab_size=8,
+        bos_token_id=0,
+        eos_token_id=0,
+        initializer_range=0.2,
+    )
     GPT2Model(cfg).save_pretrained(out)
     return out
 
@@ -28,8 +36,13 @@ def _user(kind: str, gpt2_dir) -> UserLLM:
         bb = load_backbone(str(gpt2_dir), None, from_scratch=False, attn_implementation="sdpa", what="model.user")
     else:
         torch.manual_seed(0)
-        bb = load_backbone(None, {**T.TINY_USER, "initializer_range": 0.2}, from_scratch=True,
-                           attn_implementation="sdpa", what="model.user")
+        bb = load_backbone(
+            None,
+            {**T.TINY_USER, "initializer_range": 0.2},
+            from_scratch=True,
+            attn_implementation="sdpa",
+            what="model.user",
+        )
     return UserLLM(bb).eval()
 
 

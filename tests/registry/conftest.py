@@ -39,8 +39,6 @@ def cfg(store: Path, monkeypatch) -> Config:
     return c
 
 
-
-
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict:
     from reghelpers import train_tiny

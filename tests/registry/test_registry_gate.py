@@ -24,11 +24,14 @@ def _aliases(cfg):
 
 
 def _cli(cfg, *args):
-    sets = [f"tracking.tracking_uri={cfg.tracking.tracking_uri}", f"tracking.experiment={cfg.tracking.experiment}",
-            f"registry.model_name={cfg.registry.model_name}",
-            f"registry.audit_experiment={cfg.registry.audit_experiment}",
-            f"registry.bootstrap_samples={cfg.registry.bootstrap_samples}",
-            f"registry.min_rel_gain={cfg.registry.min_rel_gain}"]
+    sets = [
+        f"tracking.tracking_uri={cfg.tracking.tracking_uri}",
+        f"tracking.experiment={cfg.tracking.experiment}",
+        f"registry.model_name={cfg.registry.model_name}",
+        f"registry.audit_experiment={cfg.registry.audit_experiment}",
+        f"registry.bootstrap_samples={cfg.registry.bootstrap_samples}",
+        f"registry.min_rel_gain={cfg.registry.min_rel_gain}",
+    ]
     argv = ["registry", *args]
     for s in sets:
         argv += ["--set", s]
@@ -82,7 +85,9 @@ def test_first_version_becomes_champion_then_better_is_challenger(cfg):
     assert len(registry.audit_log(cfg)) == n_events
     ev = registry.audit_log(cfg)
     assert [(e["action"], e["alias"], str(e["version"])) for e in ev] == [
-        ("promote", "champion", v1), ("promote", "challenger", v2)]
+        ("promote", "champion", v1),
+        ("promote", "challenger", v2),
+    ]
     assert ev[1]["actor"] == "tester" and ev[1]["gate"]["n_users"] == 200 and ev[1]["share"] == 0.2
 
 
@@ -145,12 +150,28 @@ def test_different_protocol_or_data_is_refused_until_champion_is_reevaluated(cfg
     c = tracking.client(cfg)
     champ = c.get_model_version(cfg.registry.model_name, v1)
     cand = c.get_model_version(cfg.registry.model_name, v3)
-    (tmp_path / "metrics.json").write_text(json.dumps({
-        "split": "test", "protocol_hash": cand.tags["hllm.protocol_hash"],
-        "metrics": {"ndcg@10": float(BASE.mean() * 0.9)}}))
+    (tmp_path / "metrics.json").write_text(
+        json.dumps(
+            {
+                "split": "test",
+                "protocol_hash": cand.tags["hllm.protocol_hash"],
+                "metrics": {"ndcg@10": float(BASE.mean() * 0.9)},
+            }
+        )
+    )
     np.savez(tmp_path / "per_user.npz", users=np.arange(len(BASE), dtype=np.int32), **{"ndcg@10": BASE * 0.9})
-    r = _cli(cfg, "attach-eval", "--run-id", champ.run_id, "--metrics", str(tmp_path / "metrics.json"),
-             "--per-user", str(tmp_path / "per_user.npz"), "--data-version", cand.tags["hllm.data_version"])
+    r = _cli(
+        cfg,
+        "attach-eval",
+        "--run-id",
+        champ.run_id,
+        "--metrics",
+        str(tmp_path / "metrics.json"),
+        "--per-user",
+        str(tmp_path / "per_user.npz"),
+        "--data-version",
+        cand.tags["hllm.data_version"],
+    )
     assert r.exit_code == 0, r.output
     # the champion run's own test metrics are untouched
     assert c.get_run(champ.run_id).data.metrics["test/ndcg_at_10"] == pytest.approx(BASE.mean())
@@ -203,11 +224,19 @@ def test_end_ab_to_champion_and_rollback(cfg):
     assert _aliases(cfg) == {"champion": v1}
     assert c.get_model_version(cfg.registry.model_name, v3).tags["ab.status"] == "lost"
 
-    actions = [(e["action"], e["alias"], e["version"] and str(e["version"]), e["previous"] and str(e["previous"]))
-               for e in registry.audit_log(cfg) if e["action"] != "refused"]
-    assert actions == [("promote", "champion", v1, None), ("promote", "challenger", v2, None),
-                       ("promote", "champion", v2, v1), ("rollback", "champion", v1, v2),
-                       ("promote", "challenger", v3, None), ("end_ab", "challenger", None, v3)]
+    actions = [
+        (e["action"], e["alias"], e["version"] and str(e["version"]), e["previous"] and str(e["previous"]))
+        for e in registry.audit_log(cfg)
+        if e["action"] != "refused"
+    ]
+    assert actions == [
+        ("promote", "champion", v1, None),
+        ("promote", "challenger", v2, None),
+        ("promote", "champion", v2, v1),
+        ("rollback", "champion", v1, v2),
+        ("promote", "challenger", v3, None),
+        ("end_ab", "challenger", None, v3),
+    ]
     r = _cli(cfg, "audit")
     assert r.exit_code == 0 and r.output.count("\n") == len(registry.audit_log(cfg))
 

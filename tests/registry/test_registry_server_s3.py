@@ -63,25 +63,54 @@ def server(tmp_path):
     try:
         s3_port, ml_port = _free_port(), _free_port()
         s3_log = tmp_path / "moto.log"
-        moto = subprocess.Popen([str(BIN / "python"), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
-                                stdout=s3_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        moto = subprocess.Popen(
+            [str(BIN / "python"), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+            stdout=s3_log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         procs.append(moto)
         endpoint = f"http://127.0.0.1:{s3_port}"
         _wait(f"{endpoint}/moto-api/", moto, s3_log, 60)
         import boto3
 
-        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
         s3.create_bucket(Bucket="mlflow-art")
 
         ml_log = tmp_path / "mlflow.log"
         # no job runner: it forks ~5 huey consumers (GenAI features) that only cost CPU and memory here
-        env = {**os.environ, **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": endpoint, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = {
+            **os.environ,
+            **S3_ENV,
+            "MLFLOW_S3_ENDPOINT_URL": endpoint,
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        }
         ml = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-             "--artifacts-destination", "s3://mlflow-art/mlruns", "--host", "127.0.0.1", "--port", str(ml_port),
-             "--workers", "1"],
-            stdout=ml_log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{tmp_path / 'server.db'}",
+                "--artifacts-destination",
+                "s3://mlflow-art/mlruns",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(ml_port),
+                "--workers",
+                "1",
+            ],
+            stdout=ml_log.open("w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         procs.append(ml)
         uri = f"http://127.0.0.1:{ml_port}"
         _wait(f"{uri}/health", ml, ml_log, 120)
@@ -105,9 +134,12 @@ def test_registry_on_mlflow_server_with_s3_artifacts(cfg, tiny, server, monkeypa
     _, v2 = log_trained(cfg, tiny, worse)
 
     sets = []
-    for s in (f"tracking.tracking_uri={server['uri']}", f"tracking.experiment={cfg.tracking.experiment}",
-              f"registry.model_name={cfg.registry.model_name}",
-              f"registry.audit_experiment={cfg.registry.audit_experiment}"):
+    for s in (
+        f"tracking.tracking_uri={server['uri']}",
+        f"tracking.experiment={cfg.tracking.experiment}",
+        f"registry.model_name={cfg.registry.model_name}",
+        f"registry.audit_experiment={cfg.registry.audit_experiment}",
+    ):
         sets += ["--set", s]
     r = CliRunner().invoke(app, ["registry", "promote", v2, *sets])
     assert r.exit_code == 1 and "refused" in r.output and "worse" in r.output, r.output
@@ -138,8 +170,9 @@ def test_registry_on_mlflow_server_with_s3_artifacts(cfg, tiny, server, monkeypa
     exp = tiny[better]["export"]
     rec = Recommender.from_export(exp)
     user = str(rec.user_ids[3])
-    got = predict_in_fresh_process(f"models:/{name}@champion", 5, [{"user_id": user, "history": None}],
-                                   env={"MLFLOW_TRACKING_URI": server["uri"]})
+    got = predict_in_fresh_process(
+        f"models:/{name}@champion", 5, [{"user_id": user, "history": None}], env={"MLFLOW_TRACKING_URI": server["uri"]}
+    )
     want = rec.for_user(user, 5)
     assert got[0]["item_ids"] == [x.item_id for x in want] and len(want) == 5
     assert got[0]["scores"] == pytest.approx([x.score for x in want], abs=1e-6)

@@ -26,11 +26,16 @@ print("RESULT" + json.dumps(out.to_dict("records")))
 
 
 def predict_in_fresh_process(uri: str, k: int, requests: list[dict], env: dict | None = None) -> list[dict]:
-    r = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT, uri, str(k), json.dumps(requests)],
-                       capture_output=True, text=True, timeout=240, env={**os.environ, **(env or {})})
+    r = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_PREDICT, uri, str(k), json.dumps(requests)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, **(env or {})},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT"))
-    return json.loads(line[len("RESULT"):])
+    return json.loads(line[len("RESULT") :])
 
 
 def hllm_recommend(*args: str) -> list[dict]:
@@ -73,10 +78,14 @@ def test_champion_pyfunc_matches_hllm_recommend(cfg, tiny, tmp_path):
     users = pd.read_parquet(exp / "users.parquet")["user_id"].tolist()
     items = pd.read_parquet(exp / "items.parquet")["item_id"].tolist()
     history = items[3:7]
-    requests = [{"user_id": users[0], "history": None}, {"user_id": None, "history": history},
-                {"user_id": users[5], "history": None}]
-    got = predict_in_fresh_process(f"models:/{name}@champion", 5, requests,
-                                   env={"MLFLOW_TRACKING_URI": cfg.tracking.tracking_uri})
+    requests = [
+        {"user_id": users[0], "history": None},
+        {"user_id": None, "history": history},
+        {"user_id": users[5], "history": None},
+    ]
+    got = predict_in_fresh_process(
+        f"models:/{name}@champion", 5, requests, env={"MLFLOW_TRACKING_URI": cfg.tracking.tracking_uri}
+    )
 
     # `hllm recommend` for the history request, which needs the User LLM
     want = hllm_recommend("--history", ",".join(history), "--export", str(exp), "--checkpoint", str(ckpt), "-k", "5")
@@ -125,13 +134,17 @@ def test_reevaluate_champion_on_new_data_unblocks_the_gate(cfg, tiny, tmp_path):
     registry.promote(cfg, v1)
     # new snapshot: same catalogue, every user has one more interaction
     rng = np.random.default_rng(1)
-    new_built = testing.write_built(tmp_path / "built_new", tiny["items"],
-                                    [s + [int(rng.integers(1, len(tiny["items"]) + 1))] for s in tiny["seqs"]])
+    new_built = testing.write_built(
+        tmp_path / "built_new",
+        tiny["items"],
+        [s + [int(rng.integers(1, len(tiny["items"]) + 1))] for s in tiny["seqs"]],
+    )
     new = copy.deepcopy(tiny)
     for kind in ("hllm", "pop"):
         new[kind]["cfg"].paths.built_dir = str(new_built)
-    new["pop"]["eval"] = evaluate_checkpoint(tiny["pop"]["checkpoint"], new["pop"]["cfg"], ("test",),
-                                             built_dir=new_built, progress=False)["test"]
+    new["pop"]["eval"] = evaluate_checkpoint(
+        tiny["pop"]["checkpoint"], new["pop"]["cfg"], ("test",), built_dir=new_built, progress=False
+    )["test"]
     _, v2 = log_trained(cfg, new, "pop")
     with pytest.raises(registry.PromotionRefused, match="dataset version differs.*hllm registry reevaluate"):
         registry.promote(cfg, v2)
@@ -142,8 +155,9 @@ def test_reevaluate_champion_on_new_data_unblocks_the_gate(cfg, tiny, tmp_path):
     art = registry.reevaluate(on_new)
     dv = versioning.data_version(on_new).version
     assert art.endswith(dv)
-    want = evaluate_checkpoint(tiny["hllm"]["checkpoint"], on_new, ("test",), built_dir=new_built,
-                               progress=False)["test"]
+    want = evaluate_checkpoint(tiny["hllm"]["checkpoint"], on_new, ("test",), built_dir=new_built, progress=False)[
+        "test"
+    ]
     c = tracking.client(cfg)
     champ = c.get_model_version(cfg.registry.model_name, v1)
     local = Path(tracking_download(champ.run_id, art, tmp_path / "dl"))
@@ -151,7 +165,8 @@ def test_reevaluate_champion_on_new_data_unblocks_the_gate(cfg, tiny, tmp_path):
     assert got == pytest.approx(want.metrics, abs=1e-6)
     # the champion run's own metrics stay those of its training data
     assert c.get_run(champ.run_id).data.metrics["test/ndcg_at_10"] == pytest.approx(
-        tiny["hllm"]["eval"].metrics["ndcg@10"])
+        tiny["hllm"]["eval"].metrics["ndcg@10"]
+    )
 
     # now the gate compares the two on the new data (whatever it decides, it is not a data refusal)
     try:
@@ -177,13 +192,17 @@ def test_reevaluate_hllm_champion_on_a_changed_catalogue(cfg, tiny, tmp_path):
     _, v_pop = log_trained(cfg, tiny, "pop")
     retired = tiny["items"][-1]["item_id"]
     rows = [it for it in tiny["items"] if it["item_id"] != retired][::-1]  # renumbered
-    rows += [{"item_id": f"new{j}", "title": f"classic coffee mug {j}", "tag": "coffee",
-              "description": "a mug for coffee"} for j in range(3)]
+    rows += [
+        {"item_id": f"new{j}", "title": f"classic coffee mug {j}", "tag": "coffee", "description": "a mug for coffee"}
+        for j in range(3)
+    ]
     items = [{**{k: v for k, v in it.items() if k != "idx"}, "idx": i + 1} for i, it in enumerate(rows)]
     new_idx = {it["item_id"]: it["idx"] for it in items}
     old_ids = {it["idx"]: it["item_id"] for it in tiny["items"]}
-    seqs = [[new_idx[old_ids[i]] for i in s if old_ids[i] != retired] + [new_idx[f"new{u % 3}"]]
-            for u, s in enumerate(tiny["seqs"])]
+    seqs = [
+        [new_idx[old_ids[i]] for i in s if old_ids[i] != retired] + [new_idx[f"new{u % 3}"]]
+        for u, s in enumerate(tiny["seqs"])
+    ]
     new_built = testing.write_built(tmp_path / "built_new", items, seqs)
     on_new = copy.deepcopy(cfg)
     on_new.paths.built_dir = str(new_built)
@@ -191,17 +210,18 @@ def test_reevaluate_hllm_champion_on_a_changed_catalogue(cfg, tiny, tmp_path):
 
     art = registry.reevaluate(on_new)
     assert art.endswith(versioning.data_version(on_new).version)
-    want = evaluate_checkpoint(tiny["hllm"]["checkpoint"], on_new, ("test",), built_dir=new_built,
-                               progress=False)["test"]
+    want = evaluate_checkpoint(tiny["hllm"]["checkpoint"], on_new, ("test",), built_dir=new_built, progress=False)[
+        "test"
+    ]
     assert want.n_items == len(items) + 1 != len(tiny["items"]) + 1
     c = tracking.client(cfg)
-    local = Path(tracking_download(c.get_model_version(cfg.registry.model_name, v_hllm).run_id, art,
-                                   tmp_path / "dl"))
+    local = Path(tracking_download(c.get_model_version(cfg.registry.model_name, v_hllm).run_id, art, tmp_path / "dl"))
     saved = json.loads((local / "metrics.json").read_text())
     assert saved["metrics"] == pytest.approx(want.metrics, abs=1e-6)
 
-    with pytest.raises(registry.RegistryError, match=f"version {v_pop} cannot be evaluated.*cannot score this "
-                                                     "catalogue.*retrain"):
+    with pytest.raises(
+        registry.RegistryError, match=f"version {v_pop} cannot be evaluated.*cannot score this catalogue.*retrain"
+    ):
         registry.reevaluate(on_new, v_pop)
 
 

@@ -12,6 +12,7 @@ from reghelpers import SEQS, write_built
 from hllm import lineage
 from hllm.config import load_config, protocol_hash
 from hllm.data import versioning
+from hllm.evaluation.results import EvalResult
 from hllm.ops import tracking
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -69,18 +70,25 @@ def test_git_commit_is_tagged(cfg, tmp_path, monkeypatch):
     for cmd in (["git", "init", "-q"], ["git", "commit", "-q", "--allow-empty", "-m", "x"]):
         subprocess.run(cmd, cwd=repo, check=True)
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
-    assert lineage.git_commit(repo) == (sha, False)
+    assert lineage.code_version(repo) == lineage.CodeVersion(sha, False)
     with tracking.start_run(cfg, "hllm", root=repo, log_data=False) as tr:
         pass
     assert tracking.client(cfg).get_run(tr.run_id).data.tags[tracking.TAG_GIT_COMMIT] == sha
-    assert lineage.git_commit(tmp_path / "nowhere") == (None, False)
+    assert lineage.code_version(tmp_path / "nowhere") == lineage.CodeVersion(None)
+    # one definition of "dirty": a changed tracked file (staged or not) counts, an untracked one does not
+    (repo / "untracked.txt").write_text("x")
+    assert not lineage.code_version(repo).dirty
+    subprocess.run(["git", "add", "untracked.txt"], cwd=repo, check=True)
+    assert lineage.code_version(repo) == lineage.CodeVersion(sha, True)
+    assert lineage.code_version(repo).label == sha + "-dirty"
 
 
 def test_log_metrics_per_step_and_names(cfg):
     with tracking.start_run(cfg, "hllm", log_data=False) as tr:
         for step in range(3):
-            tr.log_metrics({"loss": 3.0 - step, "scale": 14.3, "lr": 1e-4 * step, "throughput": 100.0}, step,
-                           prefix="train/")
+            tr.log_metrics(
+                {"loss": 3.0 - step, "scale": 14.3, "lr": 1e-4 * step, "throughput": 100.0}, step, prefix="train/"
+            )
         tr.log_metrics({"ndcg@10": 0.25, "bad": float("nan"), "text": "x"}, step=1, prefix="valid/")
     c = tracking.client(cfg)
     hist = c.get_metric_history(tr.run_id, "train/loss")
@@ -119,8 +127,15 @@ def test_evaluation_plots_and_validation_report(cfg, tmp_path):
     runs = {}
     for name, ndcg in (("hllm", 0.3), ("sasrec", 0.2), ("pop", 0.05)):
         with tracking.start_run(cfg, name, log_data=False) as tr:
-            tr.log_evaluation({"recall@10": ndcg * 2, "ndcg@10": ndcg, "recall@50": ndcg * 3, "ndcg@50": ndcg * 1.2},
-                              {"ndcg@10": np.full(5, ndcg)}, users, "p123", "dA-sB")
+            res = EvalResult(
+                split="test",
+                metrics={"recall@10": ndcg * 2, "ndcg@10": ndcg, "recall@50": ndcg * 3, "ndcg@50": ndcg * 1.2},
+                per_user={"ndcg@10": np.full(5, ndcg)},
+                users=users,
+                protocol_hash="p123",
+                n_users=5,
+            )
+            assert tr.log_eval_result(res, "dA-sB") == "eval/test/p123/dA-sB"
             runs[name] = tr
     tr = runs["hllm"]
     for step in range(4):
@@ -142,8 +157,18 @@ def test_evaluation_plots_and_validation_report(cfg, tmp_path):
         assert z["users"].tolist() == users.tolist() and z["ndcg@10"].tolist() == [0.3] * 5
     m = c.get_run(tr.run_id).data
     assert m.metrics["test/ndcg_at_10"] == 0.3 and m.tags[tracking.TAG_PROTOCOL] == "p123"
+    # one schema: what was logged reads back as the same result, with its data version
+    back = EvalResult.load(d)
+    assert back.metrics["ndcg@10"] == 0.3 and back.protocol_hash == "p123" and back.data_version == "dA-sB"
     with pytest.raises(ValueError, match="one value per user"):
-        tr.log_evaluation({"ndcg@10": 0.1}, {"ndcg@10": np.zeros(3)}, users, "p123", "dA-sB")
+        EvalResult(
+            split="test",
+            metrics={"ndcg@10": 0.1},
+            per_user={"ndcg@10": np.zeros(3)},
+            users=users,
+            protocol_hash="p123",
+            n_users=5,
+        )
 
 
 def test_data_version_is_content_based_and_bad_dvc_file_is_named(cfg, store, tmp_path):

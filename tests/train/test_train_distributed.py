@@ -65,10 +65,19 @@ def _assert_same_weights(a_dir: Path, b_dir: Path) -> None:
 
 
 def _base_cfg(tmp_path, item_dir, built_dir, batch: int):
-    return T.tiny_config(tmp_path, item_dir, built_dir, **{
-        "model.item.prompt": "", "train.max_steps": STEPS, "train.batch_size": batch, "train.num_negatives": 16,
-        "train.log_every": 1, "train.checkpoint_every": 0,
-    })
+    return T.tiny_config(
+        tmp_path,
+        item_dir,
+        built_dir,
+        **{
+            "model.item.prompt": "",
+            "train.max_steps": STEPS,
+            "train.batch_size": batch,
+            "train.num_negatives": 16,
+            "train.log_every": 1,
+            "train.checkpoint_every": 0,
+        },
+    )
 
 
 @pytest.mark.slow
@@ -103,9 +112,13 @@ def test_cli_launches_torchrun_with_two_processes(tmp_path, tiny_bert_dir, built
     save_config(cfg, params)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     hllm = str(Path(sys.executable).parent / "hllm")
-    proc = subprocess.run([hllm, "train", "--params", str(params), "--nproc", "2",
-                           "--set", "train.run_name=cli2"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [hllm, "train", "--params", str(params), "--nproc", "2", "--set", "train.run_name=cli2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "torch.distributed.run" in proc.stderr and "steps: 2" in proc.stdout
     meta = json.loads((tmp_path / "runs" / "cli2" / "checkpoints" / "step-000002" / "meta.json").read_text())

@@ -31,12 +31,21 @@ class ScriptedValidation:
 
 def _cfg(tmp_path, built_dir, **kw):
     sets = {
-        "model.kind": "sasrec", "model.sasrec_dim": 8, "model.sasrec_layers": 1, "model.sasrec_heads": 1,
+        "model.kind": "sasrec",
+        "model.sasrec_dim": 8,
+        "model.sasrec_layers": 1,
+        "model.sasrec_heads": 1,
         "model.sasrec_dropout": 0.0,
         # one step per epoch (40 users -> 40 windows), so epoch k ends at step k
-        "train.batch_size": 64, "train.max_steps": 0, "train.epochs": len(SCRIPT), "train.patience": 2,
-        "train.checkpoint_every": 0, "train.keep_checkpoints": 2, "train.log_every": 100,
-        "train.eval_every_epoch": True, "train.lr": 1e-2,
+        "train.batch_size": 64,
+        "train.max_steps": 0,
+        "train.epochs": len(SCRIPT),
+        "train.patience": 2,
+        "train.checkpoint_every": 0,
+        "train.keep_checkpoints": 2,
+        "train.log_every": 100,
+        "train.eval_every_epoch": True,
+        "train.lr": 1e-2,
     }
     sets.update(kw)
     return T.tiny_config(tmp_path, tmp_path / "unused-item-model", built_dir, **sets)

@@ -42,12 +42,25 @@ def test_training_loss_falls_on_the_embedded_synthetic_shop(tmp_path, tiny_bert_
     from hllm.data.synth import synthesize
 
     rec = Recorder()
-    cfg = cfg_for(tmp_path, tiny_bert_dir, tmp_path / "built", **{
-        "paths.raw_dir": str(tmp_path / "raw"), "synth.n_users": 150, "synth.n_items": 200,
-        "model.item.max_text_len": 16, "train.max_steps": 40, "train.epochs": 10, "train.lr": 3e-3,
-        "train.batch_size": 8, "train.num_negatives": 16, "train.log_every": 10, "train.checkpoint_every": 0,
-        "train.eval_every_epoch": False,
-    })
+    cfg = cfg_for(
+        tmp_path,
+        tiny_bert_dir,
+        tmp_path / "built",
+        **{
+            "paths.raw_dir": str(tmp_path / "raw"),
+            "synth.n_users": 150,
+            "synth.n_items": 200,
+            "model.item.max_text_len": 16,
+            "train.max_steps": 40,
+            "train.epochs": 10,
+            "train.lr": 3e-3,
+            "train.batch_size": 8,
+            "train.num_negatives": 16,
+            "train.log_every": 10,
+            "train.checkpoint_every": 0,
+            "train.eval_every_epoch": False,
+        },
+    )
     synthesize(cfg, cfg.paths.raw_dir)
     build_dataset(cfg, tokenize=False, require_validation=False)
     res = train(cfg, logger=rec, progress=False)
@@ -57,8 +70,17 @@ def test_training_loss_falls_on_the_embedded_synthetic_shop(tmp_path, tiny_bert_
     assert rec.series("train/top5_acc")[-1] > rec.series("train/top5_acc")[0]
     # per-step logs carry the objective's statistics and throughput
     keys = set(rec.rows[-1][1])
-    assert {"train/loss", "train/scale", "train/negatives", "train/top1_acc", "train/top10_acc", "train/lr",
-            "train/items_per_s", "train/item_tokens_per_s", "train/distinct_ratio"} <= keys
+    assert {
+        "train/loss",
+        "train/scale",
+        "train/negatives",
+        "train/top1_acc",
+        "train/top10_acc",
+        "train/lr",
+        "train/items_per_s",
+        "train/item_tokens_per_s",
+        "train/distinct_ratio",
+    } <= keys
     assert res.steps == 40 and res.best_checkpoint == res.run_dir / "best"
 
 
@@ -88,8 +110,12 @@ def test_killed_then_resumed_run_ends_with_the_same_weights(tmp_path, tmp_path_f
 
 
 def test_run_folder_is_never_overwritten_without_resume(tmp_path, tiny_bert_dir, built_dir):
-    cfg = cfg_for(tmp_path, tiny_bert_dir, built_dir, **{"train.max_steps": 2, "train.checkpoint_every": 1,
-                                                          "train.keep_checkpoints": 1})
+    cfg = cfg_for(
+        tmp_path,
+        tiny_bert_dir,
+        built_dir,
+        **{"train.max_steps": 2, "train.checkpoint_every": 1, "train.keep_checkpoints": 1},
+    )
     res = train(cfg, progress=False)
     ckpts = sorted(p.name for p in (res.run_dir / "checkpoints").iterdir())
     assert ckpts == ["latest", "step-000002"]  # older step checkpoints pruned
@@ -97,7 +123,9 @@ def test_run_folder_is_never_overwritten_without_resume(tmp_path, tiny_bert_dir,
     with pytest.raises(FileExistsError, match="--resume"):
         train(cfg, progress=False)
     # a bad selection metric fails before any training step
-    bad = cfg_for(tmp_path, tiny_bert_dir, built_dir, **{"train.run_name": "bad", "eval.protocol.select_metric": "ndcg@7"})
+    bad = cfg_for(
+        tmp_path, tiny_bert_dir, built_dir, **{"train.run_name": "bad", "eval.protocol.select_metric": "ndcg@7"}
+    )
     with pytest.raises(ValueError, match="select_metric"):
         train(bad, progress=False)
     assert not (tmp_path / "runs" / "bad" / "checkpoints").exists()
@@ -107,7 +135,14 @@ def test_run_folder_is_never_overwritten_without_resume(tmp_path, tiny_bert_dir,
     assert {"model.safetensors", "meta.json", "optimizer.pt", "scheduler.pt", "trainer_state.json", "rng"} <= names
     meta = read_meta(res.last_checkpoint)
     assert meta["step"] == 2 and meta["kind"] == "hllm" and meta["config"]["train"]["max_steps"] == 2
-    assert meta["data_version"] and meta["world_size"] == 1
+    assert meta["content_hash"] and meta["world_size"] == 1
+    # a checkpoint written before the vocabulary was unified (key "data_version") still loads
+    old = tmp_path / "old-ckpt"
+    old.mkdir()
+    raw = json.loads((res.last_checkpoint / "meta.json").read_text())
+    raw["data_version"] = raw.pop("content_hash")
+    (old / "meta.json").write_text(json.dumps(raw))
+    assert read_meta(old)["content_hash"] == meta["content_hash"] and "data_version" not in read_meta(old)
     loaded = TrainResult.load(res.run_dir)
     assert loaded.last_checkpoint == res.last_checkpoint and loaded.best_checkpoint == res.run_dir / "best"
     hist = json.loads((res.run_dir / "history.json").read_text())
@@ -162,10 +197,20 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tiny_llama_dir,
     """batch 4 x 2 micro-steps == batch 8: the same windows and the same negative pool per step
     (every micro-step re-encodes the step's pool), and the loss is normalised over the whole step."""
     common = {"train.max_steps": 3, "train.checkpoint_every": 0, "train.num_negatives": 16}
-    big = train(cfg_for(tmp_path, tiny_llama_dir, built_dir, **common, **{"train.batch_size": 8,
-                                                                          "train.run_name": "big"}), progress=False)
-    acc = train(cfg_for(tmp_path, tiny_llama_dir, built_dir, **common, **{"train.batch_size": 4, "train.grad_accum": 2,
-                                                                          "train.run_name": "acc"}), progress=False)
+    big = train(
+        cfg_for(tmp_path, tiny_llama_dir, built_dir, **common, **{"train.batch_size": 8, "train.run_name": "big"}),
+        progress=False,
+    )
+    acc = train(
+        cfg_for(
+            tmp_path,
+            tiny_llama_dir,
+            built_dir,
+            **common,
+            **{"train.batch_size": 4, "train.grad_accum": 2, "train.run_name": "acc"},
+        ),
+        progress=False,
+    )
     a = load_file(str(big.last_checkpoint / "model.safetensors"))
     b = load_file(str(acc.last_checkpoint / "model.safetensors"))
     for k in a:
@@ -185,7 +230,8 @@ def test_final_validation_leaves_the_item_table_for_evaluate_and_export(tmp_path
     assert len(list(item_cache_dir(cfg).glob("*.npy"))) == 1
     encoded = []
     handle = torch.nn.modules.module.register_module_forward_hook(
-        lambda mod, args, out: encoded.append(len(args[0])) if isinstance(mod, ItemLLM) else None)
+        lambda mod, args, out: encoded.append(len(args[0])) if isinstance(mod, ItemLLM) else None
+    )
     try:
         valid = evaluate_checkpoint(res.best_checkpoint, cfg, ("valid",), progress=False)["valid"]
         exp = export(res.best_checkpoint, tmp_path / "exp", cfg, progress=False)

@@ -32,9 +32,18 @@ def project(tmp_path, monkeypatch, tiny_bert_dir, built_dir):
     monkeypatch.setenv("HLLM_ACTOR", "tester")
     (tmp_path / "data.dvc").write_text(DVC)
     uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
-    cfg = testing.tiny_config(tmp_path, tiny_bert_dir, built_dir, **{
-        "train.max_steps": 2, "train.checkpoint_every": 0, "train.new_params_lr": 1e-2,
-        "tracking.tracking_uri": uri, "tracking.experiment": "t"})
+    cfg = testing.tiny_config(
+        tmp_path,
+        tiny_bert_dir,
+        built_dir,
+        **{
+            "train.max_steps": 2,
+            "train.checkpoint_every": 0,
+            "train.new_params_lr": 1e-2,
+            "tracking.tracking_uri": uri,
+            "tracking.experiment": "t",
+        },
+    )
     save_config(cfg, tmp_path / "params.yaml")
     return cfg
 
@@ -71,7 +80,9 @@ def test_cli_train_is_an_mlflow_run_that_registry_register_accepts(project, buil
     assert t[tracking.TAG_PROTOCOL] and t["sys.device"] == "cpu" and t["sys.world_size"] == "1"
     assert p["train.max_steps"] == "2" and p["model.kind"] == "hllm"
     assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [dv.sequences_md5[:20]]
-    arts = {a.path for a in client.list_artifacts(rid, "config")} | {a.path for a in client.list_artifacts(rid, "plots")}
+    arts = {a.path for a in client.list_artifacts(rid, "config")} | {
+        a.path for a in client.list_artifacts(rid, "plots")
+    }
     assert {"config/params.yaml", "plots/loss_curve.png"} <= arts
     assert [x.step for x in client.get_metric_history(rid, "train/loss")] == [1, 2]
     assert {"train/lr", "train/lr_new", "valid/ndcg_at_10", "test/ndcg_at_10", "test/recall_at_5"} <= set(m)
@@ -100,9 +111,21 @@ def test_cli_train_is_an_mlflow_run_that_registry_register_accepts(project, buil
     man = json.loads((out / "manifest.json").read_text())
     assert man["data"]["data_version"] == dv.version and man["data"]["dvc_md5"] == dv.dvc_md5
     assert man["data"]["sequences_md5"] == dv.sequences_md5
-    assert man["data"]["version"] == json.loads((ckpt / "meta.json").read_text())["data_version"]  # checkpoint's hash
-    r = _hllm("registry", "register", "--run-id", rid, "--export", str(out), "--checkpoint", str(ckpt),
-              "--params", "params.yaml")
+    assert (
+        man["data"]["content_hash"] == json.loads((ckpt / "meta.json").read_text())["content_hash"]
+    )  # checkpoint's hash
+    r = _hllm(
+        "registry",
+        "register",
+        "--run-id",
+        rid,
+        "--export",
+        str(out),
+        "--checkpoint",
+        str(ckpt),
+        "--params",
+        "params.yaml",
+    )
     assert r.exit_code == 0 and f"version 1 from run {rid}" in r.output, r.output
     mv = client.get_model_version(cfg.registry.model_name, "1")
     assert mv.tags[tracking.TAG_DATA_VERSION] == dv.version == man["data"]["data_version"]
@@ -110,7 +133,8 @@ def test_cli_train_is_an_mlflow_run_that_registry_register_accepts(project, buil
     assert r.exit_code == 0 and "first champion" in r.output, r.output
     rows = registry.list_versions(cfg)
     assert rows[0]["aliases"] == ["champion"] and rows[0]["metrics"]["ndcg@10"] == pytest.approx(
-        run.data.metrics["test/ndcg_at_10"])
+        run.data.metrics["test/ndcg_at_10"]
+    )
 
 
 @pytest.mark.slow
@@ -118,8 +142,17 @@ def test_no_mlflow_flag_and_config_and_baselines(project):
     cfg = project
     r = _hllm("train", "--params", "params.yaml", "--model", "pop", "--no-mlflow", "--set", "train.run_name=p1")
     assert r.exit_code == 0 and "mlflow run" not in r.output, r.output
-    r = _hllm("train", "--params", "params.yaml", "--model", "pop", "--set", "train.run_name=p2",
-              "--set", "tracking.enabled=false")
+    r = _hllm(
+        "train",
+        "--params",
+        "params.yaml",
+        "--model",
+        "pop",
+        "--set",
+        "train.run_name=p2",
+        "--set",
+        "tracking.enabled=false",
+    )
     assert r.exit_code == 0 and "mlflow run" not in r.output, r.output
     assert _runs(cfg) == [] and not (Path(cfg.paths.runs_dir) / "p1" / "mlflow_run.json").exists()
     # a baseline is a run of kind baseline; --no-test leaves out the test evaluation
@@ -151,7 +184,9 @@ def test_torchrun_entry_tags_the_run_with_its_own_system_info(project, monkeypat
     monkeypatch.setenv("MLFLOW_RUN_ID", launcher.run_id)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
-    assert main(["--params", "params.yaml", "--set", "model.kind=pop", "--set", "train.run_name=k", "--no-progress"]) == 0
+    assert (
+        main(["--params", "params.yaml", "--set", "model.kind=pop", "--set", "train.run_name=k", "--no-progress"]) == 0
+    )
     t = launcher.client.get_run(launcher.run_id).data.tags
     assert t["sys.device"] == "cpu" and t["sys.world_size"] == "1" and t["sys.nodes"] == "1"
     import torch
@@ -163,9 +198,20 @@ def test_torchrun_entry_tags_the_run_with_its_own_system_info(project, monkeypat
 def test_lr_of_each_parameter_group_is_logged(tmp_path, tiny_bert_dir, built_dir):
     """train/lr is what the pretrained groups' optimizer applies, train/lr_new the from-scratch ones'
     (train.new_params_lr), both following warmup + cosine."""
-    cfg = testing.tiny_config(tmp_path, tiny_bert_dir, built_dir, **{
-        "train.max_steps": 5, "train.warmup_ratio": 0.4, "train.lr": 1e-3, "train.new_params_lr": 1e-2,
-        "train.log_every": 1, "train.eval_every_epoch": False, "train.checkpoint_every": 0})
+    cfg = testing.tiny_config(
+        tmp_path,
+        tiny_bert_dir,
+        built_dir,
+        **{
+            "train.max_steps": 5,
+            "train.warmup_ratio": 0.4,
+            "train.lr": 1e-3,
+            "train.new_params_lr": 1e-2,
+            "train.log_every": 1,
+            "train.eval_every_epoch": False,
+            "train.checkpoint_every": 0,
+        },
+    )
 
     class Rows:
         def __init__(self):
@@ -190,9 +236,25 @@ def test_cli_torchrun_workers_log_into_the_cli_run(project):
     cfg = project
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_RUN_ID": "0" * 32}  # a stale id must be ignored
     hllm = str(Path(sys.executable).parent / "hllm")
-    proc = subprocess.run([hllm, "train", "--params", "params.yaml", "--nproc", "2", "--no-test",
-                           "--set", "train.run_name=ddp", "--set", "train.eval_every_epoch=false"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            hllm,
+            "train",
+            "--params",
+            "params.yaml",
+            "--nproc",
+            "2",
+            "--no-test",
+            "--set",
+            "train.run_name=ddp",
+            "--set",
+            "train.eval_every_epoch=false",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rid = _run_id(proc.stdout)
     client = tracking.client(cfg)

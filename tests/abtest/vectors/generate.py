@@ -53,14 +53,16 @@ def hash_vectors() -> list[dict[str, object]]:
     for salt in SALTS:
         for unit_id in SPECIAL_IDS + [f"user-{i}" for i in range(5)]:
             raw = digest(salt, unit_id)
-            out.append({
-                "salt": salt,
-                "unit_id": unit_id,
-                "unit_id_utf8_hex": unit_id.encode("utf-8").hex(),
-                "input_hex": (salt + SEPARATOR + unit_id).encode("utf-8").hex(),
-                "sha256": raw.hex(),
-                "bucket": bucket_of(raw),
-            })
+            out.append(
+                {
+                    "salt": salt,
+                    "unit_id": unit_id,
+                    "unit_id_utf8_hex": unit_id.encode("utf-8").hex(),
+                    "input_hex": (salt + SEPARATOR + unit_id).encode("utf-8").hex(),
+                    "sha256": raw.hex(),
+                    "bucket": bucket_of(raw),
+                }
+            )
     return out
 
 
@@ -69,8 +71,15 @@ def experiments() -> list[Experiment]:
     return [
         Experiment("hllm-ab-0007", "home-ranking", "12", "14", exposure=0.5, created_at="2026-11-23T11:17:35+00:00"),
         Experiment("hllm-ab-0008", "home-ranking", "12", "15", exposure=1.0, split=0.2, layer_range=(2500, 7500)),
-        Experiment("hllm-ab-0009", "search", "3", "4", exposure=0.1, exposure_salt="custom-exposure-salt",
-                   arm_salt="custom-arm-salt"),
+        Experiment(
+            "hllm-ab-0009",
+            "search",
+            "3",
+            "4",
+            exposure=0.1,
+            exposure_salt="custom-exposure-salt",
+            arm_salt="custom-arm-salt",
+        ),
         Experiment("ab-中文-é", "layer-é", "1", "2", exposure=0.3333, split=0.5, layer_range=(0, 5000)),
         Experiment("hllm-ab-0010", "similar-items", "7", "8", exposure=0.0),
     ]
@@ -82,18 +91,20 @@ def assignment_vectors() -> list[dict[str, object]]:
     for exp in experiments():
         for unit_id in SPECIAL_IDS + [f"user-{i}" for i in range(40)]:
             a = assign(exp, unit_id)
-            out.append({
-                "experiment_id": exp.experiment_id,
-                "unit_id": unit_id,
-                "unit_id_utf8_hex": unit_id.encode("utf-8").hex(),
-                "unit_hash": a.unit_hash,
-                "layer_bucket": a.layer_bucket,
-                "exposure_bucket": a.exposure_bucket,
-                "arm_bucket": a.arm_bucket,
-                "in_experiment": a.in_experiment,
-                "arm": a.arm,
-                "model_version": a.model_version,
-            })
+            out.append(
+                {
+                    "experiment_id": exp.experiment_id,
+                    "unit_id": unit_id,
+                    "unit_id_utf8_hex": unit_id.encode("utf-8").hex(),
+                    "unit_hash": a.unit_hash,
+                    "layer_bucket": a.layer_bucket,
+                    "exposure_bucket": a.exposure_bucket,
+                    "arm_bucket": a.arm_bucket,
+                    "in_experiment": a.in_experiment,
+                    "arm": a.arm,
+                    "model_version": a.model_version,
+                }
+            )
     return out
 
 
@@ -104,7 +115,8 @@ def build() -> dict[str, object]:
         "separator_hex": SEPARATOR.encode("utf-8").hex(),
         "default_salts": [
             {"experiment_id": eid, "exposure_salt": s[0], "arm_salt": s[1]}
-            for eid in ("hllm-ab-0007", "ab-中文-é") for s in [default_salts(eid)]
+            for eid in ("hllm-ab-0007", "ab-中文-é")
+            for s in [default_salts(eid)]
         ],
         "hashes": hash_vectors(),
         "experiments": [exp.to_dict() for exp in experiments()],
