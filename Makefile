@@ -17,7 +17,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export GX_ANALYTICS_ENABLED ?= false
 
-.PHONY: install run test test-integration test-all mlflow-ui bench clean
+.PHONY: install run lint test test-integration test-all mlflow-ui bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,7 +31,12 @@ install: $(STAMP)
 run: install  ## the nightly retraining flow on the embedded default data
 	$(BIN)/hllm flows run nightly
 
-test: install  ## unit + slow tests (no external services needed)
+lint: install  ## ruff (lint + format) and mypy on the library and the flows
+	$(BIN)/ruff check hllm flows
+	$(BIN)/ruff format --check hllm flows
+	$(BIN)/mypy
+
+test: install lint  ## lint, then unit + slow tests (no external services needed)
 	$(BIN)/python -m pytest -m "not integration" -q
 
 test-integration: install  ## local production stack (PostgreSQL, moto S3, mlflow/prefect servers)

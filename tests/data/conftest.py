@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from datakit import make_cfg
 
 from hllm.config import Config
+from tests.helpers.datakit import make_cfg
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ import json
 import re
 
 import pytest
-from flowkit import dvc_md5, make_project
+
+from tests.helpers.flowkit import dvc_md5, make_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 

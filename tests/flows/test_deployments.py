@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from flowkit import make_project, registered_versions
+
+from tests.helpers.flowkit import make_project, registered_versions
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

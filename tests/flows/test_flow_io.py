@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from flowkit import sh
 
 from hllm.config import ConfigError, load_config
 from hllm.data.errors import DataError
+from tests.helpers.flowkit import sh
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -147,10 +147,9 @@ def test_a_folder_ending_in_slash_means_its_newest_dated_child(tmp_path):
 
 
 def test_the_flow_takes_the_newest_snapshot_under_a_prefix(tmp_path, s3, raw_snapshot):
-    from flowkit import upload
-
     from flows import tasks as T
     from hllm.data.snapshot import resolve
+    from tests.helpers.flowkit import upload
 
     # S3: dated "folders" under the prefix; the newest is taken, undated ones and loose objects are not
     for day in ("2026-11-21", "2026-11-23"):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from flowkit import sh
+
+from tests.helpers.flowkit import sh
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "infra" / "README.md"

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from flowkit import dvc_md5, make_project, registered_versions, upload
+
+from tests.helpers.flowkit import dvc_md5, make_project, registered_versions, upload
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 

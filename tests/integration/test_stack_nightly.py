@@ -38,12 +38,8 @@ def _tree_md5(root: Path) -> dict[str, str]:
 def project(stack, tmp_path) -> Path:
     """A clone-like project: git + DVC with the repo's committed .dvc/config (default remote `local`,
     remote `s3`); nothing in params.yaml or the DVC config points at the stack."""
-    sys.path.insert(0, str(REPO / "tests" / "flows"))
-    try:
-        from flowkit import tiny_params  # the flow tests' tiny run (tiny BERT/Llama, 3 steps)
-    finally:
-        sys.path.remove(str(REPO / "tests" / "flows"))
     from hllm.testing import tiny_bert
+    from tests.helpers.flowkit import tiny_params  # the flow tests' tiny run (tiny BERT/Llama, 3 steps)
 
     root = tmp_path / "project"
     root.mkdir()

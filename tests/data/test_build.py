@@ -10,13 +10,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-from datakit import FORMATS, make_cfg
 
 from hllm.data.build import build_dataset, first_appearance_ids, k_core
 from hllm.data.dataset import eval_split, load_built, load_tokens, train_sequences, training_windows
 from hllm.data.errors import DataError
 from hllm.data.ingest import import_dataset
 from hllm.data.raw import INTERACTIONS
+from tests.helpers.datakit import FORMATS, make_cfg
 
 # The fixture (tests/fixtures/formats/hllm/interactions.csv), per user in FILE order:
 #   u1: i1@100 i2@100 i3@120 i4@90    u2: i3@105 i1@110 i2@110 i5@115    u3: i5@130 i1@131 i2@132

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from evalkit import TableModel, make_built, random_dataset, small_cfg
 
 from hllm.config import protocol_hash
 from hllm.data.dataset import Sequences
@@ -16,6 +15,7 @@ from hllm.evaluation.evaluate import evaluate
 from hllm.evaluation.item_cache import item_embedding_table
 from hllm.evaluation.ranking import rank_items
 from hllm.evaluation.results import EvalResult
+from tests.helpers.evalkit import TableModel, make_built, random_dataset, small_cfg
 
 # item idx:        0 pad   1       2       3       4       5       6 (= item 1)
 TABLE = np.array([[0, 0], [1, 0], [0, 1], [1, 1], [2, 0], [0, 2], [1, 0]], dtype=np.float32)

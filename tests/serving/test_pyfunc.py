@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from reghelpers import log_trained
 
 from hllm.data import versioning
 from hllm.ops import registry, tracking
+from tests.helpers.reghelpers import log_trained
 
 LOAD_AND_PREDICT = """
 import json, sys

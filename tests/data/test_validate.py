@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from datakit import FORMATS, make_cfg
 from typer.testing import CliRunner
 
 from hllm.cli import app
@@ -17,6 +16,7 @@ from hllm.data.errors import DataError
 from hllm.data.ingest import read_source
 from hllm.data.raw import INTERACTIONS, fingerprint, read_raw, write_raw
 from hllm.data.validate import SUITES, ValidationFailed, load_suite, validate_raw
+from tests.helpers.datakit import FORMATS, make_cfg
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from evalkit import TableModel, make_built, random_dataset, small_cfg, text_model_for
 
 from hllm.config import protocol_hash
 from hllm.data.dataset import eval_split, left_pad_windows
@@ -16,6 +15,7 @@ from hllm.evaluation.evaluate import evaluate
 from hllm.models import pop
 from hllm.serving import export as E
 from hllm.serving.recommend import Recommender
+from tests.helpers.evalkit import TableModel, make_built, random_dataset, small_cfg, text_model_for
 
 
 def _setup(tmp_path, n_users=25, n_items=40, seed=0):

@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
-from datakit import BAD, FORMATS
 from typer.testing import CliRunner
 
 from hllm.cli import app
 from hllm.data.ingest import read_source
 from hllm.data.raw import fingerprint, write_raw
+from tests.helpers.datakit import BAD, FORMATS
 
 # case -> (stage that rejects it, substrings the message must contain)
 CASES: dict[str, tuple[str, list[str]]] = {

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from evalkit import make_built, small_cfg
 
 from hllm.evaluation import metrics as M
 from hllm.evaluation.evaluate import evaluate
 from hllm.models import pop, sasrec
+from tests.helpers.evalkit import make_built, small_cfg
 
 
 def test_popularity_counts_training_part_only(tmp_path):

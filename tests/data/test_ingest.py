@@ -7,11 +7,11 @@ import json
 
 import pandas as pd
 import pytest
-from datakit import FORMATS
 
 from hllm.data.errors import DataError
 from hllm.data.ingest import import_dataset, read_source
 from hllm.data.raw import read_raw
+from tests.helpers.datakit import FORMATS
 
 
 def frames(tables):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from datakit import make_cfg
 
 from hllm.config import SynthConfig
 from hllm.data.raw import fingerprint, read_raw
 from hllm.data.synth import CATALOGUE, generate, synthesize
+from tests.helpers.datakit import make_cfg
 
 
 def test_same_seed_gives_byte_identical_files_and_another_seed_does_not(tmp_path, tiny_synth):

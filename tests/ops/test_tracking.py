@@ -7,13 +7,13 @@ import subprocess
 
 import numpy as np
 import pytest
-from reghelpers import SEQS, write_built
 
 from hllm import lineage
 from hllm.config import load_config, protocol_hash
 from hllm.data import versioning
 from hllm.evaluation.results import EvalResult
 from hllm.ops import tracking
+from tests.helpers.reghelpers import SEQS, write_built
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

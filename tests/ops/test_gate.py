@@ -6,13 +6,13 @@ import json
 
 import numpy as np
 import pytest
-from reghelpers import make_version
 from typer.testing import CliRunner
 
 from hllm.cli import app
 from hllm.data import versioning
 from hllm.ops import gate as gate_mod
 from hllm.ops import registry, tracking
+from tests.helpers.reghelpers import make_version
 
 RNG = np.random.default_rng(7)
 BASE = RNG.uniform(0.0, 1.0, 200)  # per-user ndcg@10 of the first model

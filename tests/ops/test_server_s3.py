@@ -15,11 +15,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from reghelpers import log_trained
 from typer.testing import CliRunner
 
 from hllm.cli import app
 from hllm.ops import registry, tracking
+from tests.helpers.reghelpers import log_trained
 
 BIN = Path(sys.executable).parent
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

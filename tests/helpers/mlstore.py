@@ -7,9 +7,9 @@ import itertools
 from pathlib import Path
 
 import pytest
-from reghelpers import SEQS, write_built
 
 from hllm.config import Config
+from tests.helpers.reghelpers import SEQS, write_built
 
 _counter = itertools.count()
 
@@ -41,6 +41,6 @@ def cfg(store: Path, monkeypatch) -> Config:
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict:
-    from reghelpers import train_tiny
+    from tests.helpers.reghelpers import train_tiny
 
     return train_tiny(tmp_path_factory.mktemp("tiny"))

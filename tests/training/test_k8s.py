@@ -15,10 +15,10 @@ from typing import Iterator
 
 import pytest
 import yaml
-from fakekube import FakeKube
-from flowkit import evaluate_stage_files, make_project, registered_versions
 
 from hllm.config import ConfigError, load_config
+from tests.helpers.fakekube import FakeKube
+from tests.helpers.flowkit import evaluate_stage_files, make_project, registered_versions
 
 IMAGE = "registry.example.com/ml/hllm:cuda"
 ARGS = ["-m", "hllm.cli.worker", "--params", "/etc/hllm/params.yaml", "--resume", "--no-progress"]

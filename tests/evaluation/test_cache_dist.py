@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from evalkit import TableModel, make_built, random_dataset, small_cfg
 from safetensors.torch import save_file
 
 from hllm.evaluation.evaluate import evaluate
 from hllm.evaluation.item_cache import item_cache_dir
+from tests.helpers.evalkit import TableModel, make_built, random_dataset, small_cfg
 
 TABLE = np.array([[0, 0], [1, 0], [0, 1], [1, 1], [2, 0], [0, 2], [1, 0]], dtype=np.float32)
 SEQS = [[1, 2, 4, 3], [5, 2, 2], [6, 3]]
