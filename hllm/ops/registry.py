@@ -391,10 +391,8 @@ def promote(
         version = str(challenger.version)
     mv = _get_version(client, name, version)
     v = str(mv.version)
-
     if champion is not None and str(champion.version) == v:
         return MoveResult("noop", v, f"version {v} is already the champion; nothing moved")
-
     if champion is None:
         why = reason or "first champion: there was no champion to compare with"
         ev = _move(cfg, client, CHAMPION, v, actor=actor, reason=why, action="promote", previous=None)
@@ -402,123 +400,114 @@ def promote(
         return MoveResult(
             CHAMPION, v, f"version {v} is the first champion of {name} (no champion to gate against)", events=[ev]
         )
-
     if to == CHALLENGER:
-        if challenger is not None and str(challenger.version) == v:
-            return MoveResult("noop", v, f"version {v} is already the challenger; nothing moved")
-        res = gate(cfg, mv, champion, client)
-        if not res.ok:
-            record(
-                cfg,
-                {
-                    "action": "refused",
-                    "alias": CHALLENGER,
-                    "version": v,
-                    "previous": None,
-                    "actor": actor,
-                    "reason": res.reason,
-                    "champion": str(champion.version),
-                },
-                client,
-            )
-            raise PromotionRefused(f"version {v} not promoted to challenger: {res.reason}", res)
-        events = []
-        if challenger is not None:
-            client.set_model_version_tag(name, str(challenger.version), "ab.status", f"replaced by v{v}")
-            client.set_model_version_tag(name, str(challenger.version), "ab.end", _now())
-        share = cfg.registry.challenger_share if share is None else share
-        if not 0.0 < share < 1.0:
-            raise RegistryError(f"challenger share must be in (0, 1), got {share}")
-        ab = {
-            "ab.status": "running",
-            "ab.share": share,
-            "ab.start": _now(),
-            "ab.champion_version": str(champion.version),
-            "ab.gate_metric": res.metric,
-            "ab.min_rel_gain": cfg.registry.min_rel_gain,
-            "ab.candidate_value": res.candidate,
-            "ab.champion_value": res.champion,
-            "ab.rel_gain": res.rel_gain,
-            "ab.ci_low": res.ci_low,
-            "ab.ci_high": res.ci_high,
-            "ab.confidence": res.confidence,
-            "ab.bootstrap_samples": res.samples,
-            "ab.n_users": res.n_users,
-            "ab.protocol_hash": res.protocol_hash,
-            "ab.data_version": res.data_version,
-        }
-        for k, val in ab.items():
-            client.set_model_version_tag(name, v, k, str(val))
-        why = reason or f"gate passed ({res.metric} {res.candidate:.5f} vs {res.champion:.5f})"
-        events.append(
-            _move(
-                cfg,
-                client,
-                CHALLENGER,
-                v,
-                actor=actor,
-                reason=why,
-                action="promote",
-                previous=str(challenger.version) if challenger else None,
-                extra={"share": share, "gate": _gate_dict(res)},
-            )
-        )
-        return MoveResult(
-            CHALLENGER,
-            v,
-            f"version {v} is the challenger with {share:.0%} of the traffic "
-            f"against champion v{str(champion.version)}; {res.reason}",
-            previous=str(challenger.version) if challenger else None,
-            gate=res,
-            events=events,
-        )
+        return _to_challenger(cfg, client, mv, champion, challenger, reason=reason, actor=actor, share=share)
+    return _to_champion(cfg, client, mv, champion, challenger, reason=reason, actor=actor)
 
-    # to == CHAMPION: end the A/B test in favour of the challenger
+
+def _refuse(cfg: Config, client: MlflowClient, alias: str, v: str, actor: str, res: GateResult, **extra: Any) -> None:
+    """Record a refused move in the audit log (the caller raises :class:`PromotionRefused`)."""
+    event = {"action": "refused", "alias": alias, "version": v, "actor": actor, "reason": res.reason, **extra}
+    record(cfg, event, client)
+
+
+def _ab_tags(cfg: Config, res: GateResult, champion: ModelVersion, share: float) -> dict[str, Any]:
+    """The ``ab.*`` tags a challenger carries: the test's state and the gate's numbers that let it in."""
+    return {
+        "ab.status": "running",
+        "ab.share": share,
+        "ab.start": _now(),
+        "ab.champion_version": str(champion.version),
+        "ab.gate_metric": res.metric,
+        "ab.min_rel_gain": cfg.registry.min_rel_gain,
+        "ab.candidate_value": res.candidate,
+        "ab.champion_value": res.champion,
+        "ab.rel_gain": res.rel_gain,
+        "ab.ci_low": res.ci_low,
+        "ab.ci_high": res.ci_high,
+        "ab.confidence": res.confidence,
+        "ab.bootstrap_samples": res.samples,
+        "ab.n_users": res.n_users,
+        "ab.protocol_hash": res.protocol_hash,
+        "ab.data_version": res.data_version,
+    }
+
+
+def _to_challenger(
+    cfg: Config,
+    client: MlflowClient,
+    mv: ModelVersion,
+    champion: ModelVersion,
+    challenger: ModelVersion | None,
+    *,
+    reason: str,
+    actor: str,
+    share: float | None,
+) -> MoveResult:
+    """Gate ``mv`` against the champion; passed: it becomes the challenger of a new A/B test."""
+    name, v = cfg.registry.model_name, str(mv.version)
+    if challenger is not None and str(challenger.version) == v:
+        return MoveResult("noop", v, f"version {v} is already the challenger; nothing moved")
+    res = gate(cfg, mv, champion, client)
+    if not res.ok:
+        _refuse(cfg, client, CHALLENGER, v, actor, res, previous=None, champion=str(champion.version))
+        raise PromotionRefused(f"version {v} not promoted to challenger: {res.reason}", res)
+    share = cfg.registry.challenger_share if share is None else share
+    if not 0.0 < share < 1.0:
+        raise RegistryError(f"challenger share must be in (0, 1), got {share}")
+    previous = str(challenger.version) if challenger else None
+    if challenger is not None:
+        client.set_model_version_tag(name, str(challenger.version), "ab.status", f"replaced by v{v}")
+        client.set_model_version_tag(name, str(challenger.version), "ab.end", _now())
+    for k, val in _ab_tags(cfg, res, champion, share).items():
+        client.set_model_version_tag(name, v, k, str(val))
+    why = reason or f"gate passed ({res.metric} {res.candidate:.5f} vs {res.champion:.5f})"
+    extra = {"share": share, "gate": _gate_dict(res)}
+    ev = _move(cfg, client, CHALLENGER, v, actor=actor, reason=why, action="promote", previous=previous, extra=extra)
+    message = (
+        f"version {v} is the challenger with {share:.0%} of the traffic against champion "
+        f"v{str(champion.version)}; {res.reason}"
+    )
+    return MoveResult(CHALLENGER, v, message, previous=previous, gate=res, events=[ev])
+
+
+def _to_champion(
+    cfg: Config,
+    client: MlflowClient,
+    mv: ModelVersion,
+    champion: ModelVersion,
+    challenger: ModelVersion | None,
+    *,
+    reason: str,
+    actor: str,
+) -> MoveResult:
+    """End the A/B test in favour of the challenger ``mv`` (re-gated if the champion moved since)."""
+    name, v, champ = cfg.registry.model_name, str(mv.version), str(champion.version)
     if challenger is None or str(challenger.version) != v:
         raise PromotionRefused(
             f"version {v} is not the challenger (challenger: {str(challenger.version) if challenger else 'none'}); "
             f"only the challenger of a running A/B test can become champion: run `hllm registry promote {v}` first"
         )
     res = None
-    gated_against = mv.tags.get("ab.champion_version")
-    if gated_against != str(champion.version):  # champion moved (e.g. rollback) since the challenger was gated
+    if mv.tags.get("ab.champion_version") != champ:  # champion moved (e.g. rollback) since the challenger was gated
         res = gate(cfg, mv, champion, client)
         if not res.ok:
-            record(
-                cfg,
-                {
-                    "action": "refused",
-                    "alias": CHAMPION,
-                    "version": v,
-                    "previous": str(champion.version),
-                    "actor": actor,
-                    "reason": res.reason,
-                },
-                client,
-            )
+            _refuse(cfg, client, CHAMPION, v, actor, res, previous=champ)
             raise PromotionRefused(
-                f"version {v} not promoted to champion: the champion changed to "
-                f"v{str(champion.version)} since the A/B test started and {res.reason}",
+                f"version {v} not promoted to champion: the champion changed to v{champ} since the A/B test "
+                f"started and {res.reason}",
                 res,
             )
     why = reason or "A/B test ended in favour of the challenger"
-    events = [
-        _move(cfg, client, CHAMPION, v, actor=actor, reason=why, action="promote", previous=str(champion.version))
-    ]
+    events = [_move(cfg, client, CHAMPION, v, actor=actor, reason=why, action="promote", previous=champ)]
     client.delete_registered_model_alias(name, CHALLENGER)
     for k, val in {"ab.status": "won", "ab.end": _now()}.items():
         client.set_model_version_tag(name, v, k, val)
     for k, val in {"removed_by": actor, "removed_at": _now(), "removed_reason": "became champion"}.items():
         client.set_model_version_tag(name, v, f"alias.{CHALLENGER}.{k}", val)
     _set_history(client, name, [*_history(client, name), v])
-    return MoveResult(
-        CHAMPION,
-        v,
-        f"version {v} is the champion (was v{str(champion.version)}); A/B test closed",
-        previous=str(champion.version),
-        gate=res,
-        events=events,
-    )
+    message = f"version {v} is the champion (was v{champ}); A/B test closed"
+    return MoveResult(CHAMPION, v, message, previous=champ, gate=res, events=events)
 
 
 def end_ab(cfg: Config, reason: str = "", actor: str | None = None) -> MoveResult:
