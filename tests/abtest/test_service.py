@@ -443,3 +443,52 @@ def test_shadow_mode_serves_the_champion_and_logs_the_challenger(reg, tmp_path):
     assert len(df) == 10 and (df["mode"] == "shadow").all() and (df["shadow_version"] == reg.v2).all()
     assert df["shadow_overlap"].between(0, 1).all() and (df["shadow_latency_ms"] > 0).all()
     assert all(len(x) == 5 for x in df["shadow_items"])
+
+
+@pytest.mark.slow
+def test_hllm_serve_command_serves_and_flushes_on_sigint(reg, tmp_path):
+    """`hllm serve` in its own process: ready, answers, and a Ctrl-C (SIGINT) writes the buffered logs."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [
+        str(Path(sys.executable).with_name("hllm")),
+        "serve",
+        "--port",
+        str(port),
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--poll-s",
+        "0.5",
+        "--flush-s",
+        "3600",
+        "--set",
+        f"tracking.tracking_uri={reg.cfg.tracking.tracking_uri}",
+        "--set",
+        f"registry.model_name={reg.cfg.registry.model_name}",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ)
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = httpx.post(f"{url}/recommend", json={"user_id": reg.users[0], "k": 3}, timeout=10).json()
+        assert len(body["items"]) == 3 and body["model_version"] in (reg.v1, reg.v2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-3000:]
+    assert list(ablogs.read_exposures(tmp_path / "logs")["exposure_id"]) == [body["exposure_id"]]
