@@ -36,6 +36,9 @@ from prefect import flow
 
 from flows import tasks as T
 from flows.report import MODEL_LABELS, ModelRow, RunReport
+from flows.slot import SlotBusy, SlotUnavailable
+
+__all__ = ["FLOW_NAME", "SlotBusy", "SlotUnavailable", "nightly_retrain", "nightly_slot"]
 
 log = logging.getLogger("hllm.flows")
 
@@ -50,47 +53,26 @@ def _code_version() -> str | None:
     return None if sha is None else sha[:12] + ("-dirty" if sha.endswith("-dirty") else "")
 
 
-class SlotBusy(RuntimeError):
-    """Another nightly-retrain run holds the concurrency slot."""
-
-
 @contextlib.contextmanager
-def nightly_slot(name: str, timeout_s: float) -> Iterator[None]:
-    """Hold the one slot of the global concurrency limit ``name`` for the whole run.
+def nightly_slot(
+    name: str, timeout_s: float, flow_run_id: str | None = None, flow_run_name: str = "", cfg: Any = None
+) -> Iterator[None]:
+    """Hold the one slot of the global concurrency limit ``name`` for the whole run (:func:`flows.slot.hold`).
 
-    The limit lives in the Prefect API's database, so it guards runs started any way
-    (deployment, ``hllm flows run``, a second deployment) against each other; a crashed
-    holder's lease expires. A second run waits up to ``timeout_s`` and then fails before
-    it has touched any data. An empty name disables the guard.
+    The limit lives in the Prefect API's database, so it guards runs started any way (deployment,
+    ``hllm flows run``, a second deployment) against each other. A slot whose holder died is taken
+    over within :data:`flows.slot.CHECK_S` (same host) and the dead run's MLflow runs are closed; with
+    a live holder a second run waits up to ``timeout_s`` and then fails (:class:`SlotBusy`) before it
+    has touched any data. An empty name disables the guard.
     """
-    if not name:
-        yield
-        return
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from flows import slot
 
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-            except ObjectAlreadyExists:  # another run created it first
-                pass
-    acquired = False
-    try:
-        with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
-            acquired = True
-            yield
-    except TimeoutError as e:
-        if acquired:
-            raise
-        raise SlotBusy(
-            f"another {FLOW_NAME} run holds the '{name}' concurrency slot (waited {timeout_s:.0f} s; "
-            "see `prefect global-concurrency-limit inspect " + name + "`); this run changed nothing"
-        ) from e
+    def cleanup() -> None:
+        if cfg is not None:
+            slot.fail_orphans(cfg, name, flow_run_id)
+
+    with slot.hold(name, timeout_s, flow_run_id, flow_run_name, FLOW_NAME, on_recovered=cleanup):
+        yield
 
 
 class _Stages:
@@ -189,6 +171,7 @@ def nightly_retrain(
     io = T.io_retry(cfg)
     parent: str | None = None
     open_children: list[str] = []
+    killed = False
 
     try:
         if backend not in T.TRAIN_BACKENDS:
@@ -197,8 +180,13 @@ def nightly_retrain(
             from hllm.training import k8s
 
             k8s.check(_model_cfg(cfg, "hllm", run_name))
+        from flows import slot
+
+        stop = contextlib.ExitStack()
+        stop.enter_context(slot.graceful_stop())  # SIGTERM/SIGINT: unwind (slot released, runs KILLED) in GRACE_S
+        _try(lambda: slot.fail_orphans(cfg, fc.concurrency_limit, run_id))  # zombie runs of dead flow runs
         t_wait = time.perf_counter()
-        with nightly_slot(fc.concurrency_limit, fc.slot_timeout_s):
+        with stop, nightly_slot(fc.concurrency_limit, fc.slot_timeout_s, run_id, report.flow_run_name, cfg):
             report.stage_seconds["wait-for-slot"] = round(time.perf_counter() - t_wait, 1)
             report.experiment_id = tracking.configure(cfg)
             with stage("mlflow"):
@@ -210,6 +198,7 @@ def nightly_retrain(
                         tracking.TAG_FLOW_RUN: run_id,
                         "prefect.flow_run_name": report.flow_run_name,
                         "hllm.snapshot": source or "synth",
+                        **slot.process_tags(),
                     },
                     log_data=False,
                 )
@@ -256,7 +245,7 @@ def nightly_retrain(
                         mcfg.train.run_name,
                         "train" if kind == "hllm" else "baseline",
                         parent_run_id=parent,
-                        tags={tracking.TAG_FLOW_RUN: run_id},
+                        tags={tracking.TAG_FLOW_RUN: run_id, **slot.process_tags()},
                         world_size=world if kind == "hllm" else 1,
                         # the run that gets registered carries its data's GX report (the parent has it too)
                         validation_report=vreport.report_path if kind == "hllm" else None,
@@ -325,6 +314,7 @@ def nightly_retrain(
             report.status = "COMPLETED"
     except BaseException as e:
         report.status = "FAILED"
+        killed = _is_stop(e)
         report.error = "".join(traceback.format_exception_only(type(e), e)).strip()
         if isinstance(e, SlotBusy):
             report.failed_stage = "wait-for-slot"
@@ -334,8 +324,15 @@ def nightly_retrain(
         raise
     finally:
         report.seconds = round(time.perf_counter() - t_start, 1)
-        _finish(cfg, report, parent, open_children)
+        _finish(cfg, report, parent, open_children, killed=killed)
     return report.to_dict()
+
+
+def _is_stop(e: BaseException) -> bool:
+    """SIGTERM (Prefect's TerminationSignal) or Ctrl-C: the run was stopped, its MLflow runs end KILLED."""
+    from prefect.exceptions import ExternalSignal
+
+    return isinstance(e, (KeyboardInterrupt, ExternalSignal, SystemExit))
 
 
 def _try(fn) -> Any:
@@ -347,15 +344,16 @@ def _try(fn) -> Any:
         return None
 
 
-def _finish(cfg, report: RunReport, parent: str | None, open_children: list[str]) -> None:
-    """Close the MLflow runs, publish the summary (Prefect artifact, MLflow, reports/nightly/)."""
+def _finish(cfg, report: RunReport, parent: str | None, open_children: list[str], killed: bool = False) -> None:
+    """Close the MLflow runs (KILLED when the run was stopped), publish the summary (Prefect artifact,
+    MLflow, reports/nightly/)."""
     from prefect.artifacts import create_markdown_artifact
 
     from hllm.ops import tracking
 
-    status = "FINISHED" if report.status == "COMPLETED" else "FAILED"
+    status = "FINISHED" if report.status == "COMPLETED" else "KILLED" if killed else "FAILED"
     for child in open_children:
-        _try(lambda c=child: tracking.attach(c, cfg).finish("FAILED"))
+        _try(lambda c=child: tracking.attach(c, cfg).finish("KILLED" if killed else "FAILED"))
     md = report.markdown()
     out = Path(cfg.paths.reports_dir) / "nightly"
     if report.failed_stage != "wait-for-slot":  # a run that never got the slot writes no files

@@ -182,8 +182,11 @@ def open_run(
             tr.log_dataset(cfg)
         if validation_report and Path(validation_report).exists():
             tr.log_validation_report(validation_report)
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
+    except BaseException as e:
+        from prefect.exceptions import ExternalSignal
+
+        stopped = isinstance(e, (KeyboardInterrupt, ExternalSignal))  # SIGTERM / Ctrl-C, not a failure
+        client.set_terminated(run_id, "KILLED" if stopped else "FAILED")
         raise
     return run_id
 

@@ -33,7 +33,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -628,3 +628,45 @@ def find_runs(cfg: Config, filter_string: str = "", max_results: int = 100) -> l
     return mlflow.MlflowClient().search_runs(
         [exp_id], filter_string=filter_string, max_results=max_results, order_by=["attributes.start_time DESC"]
     )
+
+
+TAG_FAILURE_REASON = "hllm.failure_reason"
+
+
+def fail_orphaned_runs(
+    cfg: Config, dead_reason: Callable[[str, Mapping[str, str]], str | None], status: str = "FAILED"
+) -> list[str]:
+    """End the runs of this experiment that a dead flow run left RUNNING.
+
+    Runs are grouped by their ``prefect.flow_run_id`` tag; ``dead_reason(flow_run_id, tags)`` (the tags
+    of all of that flow run's RUNNING runs, merged) says why the flow run is dead, or None while it may
+    be alive. The runs of a dead one end ``status`` with the reason in ``hllm.failure_reason`` and the
+    run's note. Returns the run ids ended."""
+    runs = find_runs(cfg, "attributes.status = 'RUNNING'", max_results=1000)
+    by_flow_run: dict[str, list[Any]] = {}
+    for r in runs:
+        fr = r.data.tags.get(TAG_FLOW_RUN)
+        if fr:
+            by_flow_run.setdefault(fr, []).append(r)
+    ended: list[str] = []
+    for fr, group in by_flow_run.items():
+        tags: dict[str, str] = {}
+        for r in group:
+            tags.update(r.data.tags)
+        why = dead_reason(fr, tags)
+        if not why:
+            continue
+        note = f"flow run {fr} died: {why}; run ended {status} by a later flow run"
+        for r in group:
+            tracker = Tracker(r.info.run_id, cfg)
+            tracker.set_tags(
+                {
+                    TAG_FAILURE_REASON: note,
+                    **({"hllm.flow_status": "CRASHED"} if r.data.tags.get(TAG_KIND) == "flow" else {}),
+                    **({} if r.data.tags.get("mlflow.note.content") else {"mlflow.note.content": note}),
+                }
+            )
+            tracker.finish(status)
+            ended.append(r.info.run_id)
+        log.warning("MLflow runs %s ended %s: %s", [r.info.run_id for r in group], status, note)
+    return ended
