@@ -52,11 +52,13 @@ def deployments(
         tags=TAGS + ["nightly"],
         description=f"Nightly retraining at '{cron or cfg.flow.cron}' ({cfg.flow.timezone}); one run at a time.",
     )
-    common = {
-        "parameters": {"params": params, **({"overrides": list(overrides)} if overrides else {})},
-        "tags": TAGS + ["registry"],
-    }
-    return [nightly, promote.to_deployment(name="manual", **common), rollback.to_deployment(name="manual", **common)]
+    registry_params = {"params": params, **({"overrides": list(overrides)} if overrides else {})}
+    registry_tags = TAGS + ["registry"]
+    return [
+        nightly,
+        promote.to_deployment(name="manual", parameters=registry_params, tags=registry_tags),
+        rollback.to_deployment(name="manual", parameters=registry_params, tags=registry_tags),
+    ]
 
 
 def serve(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -25,6 +25,9 @@ from prefect.tasks import exponential_backoff
 
 from hllm.config import Config, TrainBackend
 from hllm.data import versioning
+
+if TYPE_CHECKING:
+    from hllm.data.validate import ValidationReport
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,7 @@ def stage_snapshot(cfg: Config, source: str, fmt: str) -> dict[str, str]:
 
 
 @task(name="validate", cache_policy=NO_CACHE)
-def validate_snapshot(cfg: Config, staged: str, source: str):
+def validate_snapshot(cfg: Config, staged: str, source: str) -> ValidationReport:
     """Great Expectations over the staged tables; raises ``ValidationFailed`` (with the summary) and
     deletes the staged copy when they fail, so nothing downstream runs and ``raw_dir`` is untouched."""
     from hllm.data import snapshot

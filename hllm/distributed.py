@@ -70,6 +70,7 @@ def setup(device: str = "auto") -> DistInfo:
     if want_cuda and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is visible")
     owns = False
+    backend: str | None
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = "nccl" if want_cuda else "gloo"
         if want_cuda:

@@ -27,7 +27,7 @@ class _StderrHandler(logging.StreamHandler):
     of the moment breaks once that stream closes (a test runner's capture, a
     CLI invoked in-process), and every later record then fails."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self):
         return sys.stderr
 

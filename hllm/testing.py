@@ -143,7 +143,7 @@ def synthetic_lists(
     from it. ``duplicate_text`` gives the last item the same text as the first.
     """
     rng = np.random.default_rng(seed)
-    items = []
+    items: list[dict[str, Any]] = []
     for i in range(1, n_items + 1):
         topic = TOPICS[i % len(TOPICS)]
         items.append(

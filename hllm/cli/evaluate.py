@@ -143,6 +143,7 @@ def recommend_cmd(
             items = [x.strip() for x in history.split(",") if x.strip()]
             recs = rec.for_history(items, k, exclude_seen=not include_seen)
         else:
+            assert user is not None  # exactly one of --user / --history was given
             rec = Recommender.from_export(d)
             recs = rec.for_user(user, k, exclude_seen=not include_seen)
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:

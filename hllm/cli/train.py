@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from hllm.cli.common import ParamsOpt, SetOpt, fail, load
 from hllm.data import versioning
+
+if TYPE_CHECKING:
+    from hllm.ops.tracking import Tracker
 
 
 def _taken(cfg) -> bool:
@@ -75,7 +79,7 @@ def register(app: typer.Typer) -> None:
             )
         n = nproc or cfg.train.nproc
         track = mlflow and cfg.tracking.enabled
-        scope = contextlib.nullcontext(None)
+        scope: contextlib.AbstractContextManager[Tracker | None] = contextlib.nullcontext(None)
         if track:
             from hllm.ops import tracking
 

@@ -147,7 +147,8 @@ def _strings(arr: Any) -> pa.Array:
 
 
 def read_hllm(files: list[Path]) -> RawTables:
-    inter, items = [], []
+    inter: list[tuple[Path, list[str]]] = []
+    items: list[tuple[Path, list[str]]] = []
     for f in files:
         if f.suffix.lower() not in (".csv", ".gz"):
             raise DataError(f"{f}: hllm format expects CSV files (interactions + item information)")
@@ -271,6 +272,7 @@ def read_movielens(files: list[Path]) -> RawTables:
     enc = "latin-1"
     if _pick(files, "u.data"):
         fi, fitems = _pick(files, "u.data"), _pick(files, "u.item")
+        assert fi is not None  # just picked above
         if fitems is None:
             raise DataError("movielens: u.data needs u.item (movie titles and genres) among the sources")
         _, (u, i, _r, ts) = read_delimited(fi, "\t", n_fields=4, encoding=enc)
@@ -291,6 +293,7 @@ def read_movielens(files: list[Path]) -> RawTables:
         version = "ml-100k"
     elif _pick(files, "ratings.dat"):
         fi, fitems = _pick(files, "ratings.dat"), _pick(files, "movies.dat")
+        assert fi is not None  # just picked above
         if fitems is None:
             raise DataError("movielens: ratings.dat needs movies.dat (titles and genres) among the sources")
         _, (u, i, _r, ts) = read_delimited(fi, "::", n_fields=4, encoding=enc)

@@ -26,7 +26,7 @@ _CHUNK = 1 << 24
 
 
 def open_bytes(path: Path) -> io.BufferedIOBase:
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # type: ignore[return-value]
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
 def check_file(path: str | Path) -> Path:

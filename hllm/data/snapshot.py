@@ -105,6 +105,12 @@ def dated_children_s3(uri: str) -> list[str]:
     return names
 
 
+def _date_key(name: str) -> tuple[str, str]:
+    m = DATED.match(name)
+    assert m is not None  # only dated names are listed
+    return m.group(0).replace("-", ""), name
+
+
 def resolve(source: str | None) -> str | None:
     """The snapshot a source names: a location ending in ``/`` with dated child folders
     resolves to the newest of them; anything else is returned unchanged."""
@@ -119,7 +125,7 @@ def resolve(source: str | None) -> str | None:
         names = [p.name for p in folder.iterdir() if p.is_dir() and DATED.match(p.name)]
     if not names:
         return source
-    name = max(names, key=lambda n: (DATED.match(n).group(0).replace("-", ""), n))
+    name = max(names, key=_date_key)
     newest = source + name + ("/" if is_s3(source) else "")
     log.info("snapshot %s: newest dated child %s (of %d)", source, newest, len(names))
     return newest

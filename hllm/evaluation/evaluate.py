@@ -183,6 +183,7 @@ def _rank_split(
         progress=progress and rank == 0,
         desc="rank users",
     )
+    assert r.ranks is not None  # targets were given
     mine = r.ranks[: len(sel)]
     if world == 1:
         return es.users.astype(np.int32), mine

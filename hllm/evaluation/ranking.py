@@ -135,10 +135,12 @@ def rank_items(
                 run_s, pos = torch.topk(torch.cat([run_s, cs], 1), min(k, run_s.shape[1] + cs.shape[1]), dim=1)
                 run_i = torch.gather(torch.cat([run_i, ci + a], 1), 1, pos)
         if targets is not None:
+            assert ranks is not None
             r = higher.cpu().numpy()
             r[masked_t] = M.MASKED
             ranks[lo:hi] = r
         if k:
+            assert top_i is not None and top_s is not None
             sc = run_s.cpu().numpy()
             ix = run_i.cpu().numpy()
             ix[~np.isfinite(sc)] = -1

@@ -84,7 +84,7 @@ class EvalResult:
         out.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(out / "metrics.json", json.dumps(self.summary(), indent=2) + "\n")
         tmp = out / "per_user.tmp.npz"
-        np.savez(tmp, users=self.users, **self.per_user)
+        np.savez(tmp, users=self.users, **self.per_user)  # type: ignore[arg-type]  # mypy: **dict may hit allow_pickle
         tmp.replace(out / "per_user.npz")
         return out
 

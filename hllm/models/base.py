@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -57,9 +58,10 @@ class SeqRecModel(nn.Module):
         raise NotImplementedError
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap(model: torch.nn.Module) -> SeqRecModel:
     """The bare model under a DDP wrapper (DDP keeps the SeqRecModel methods on ``.module``)."""
-    return getattr(model, "module", model)
+    # torch types a wrapper's ``.module`` as a plain nn.Module; what is wrapped here is always a SeqRecModel
+    return cast(SeqRecModel, getattr(model, "module", model))
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -19,6 +19,8 @@ Two input layouts give the same embeddings (tested):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import nn
@@ -27,6 +29,9 @@ from hllm.data.dataset import TokenCache
 from hllm.models.hf import hidden_size, is_encoder
 from hllm.models.item_batch import ItemBatch, length_buckets, packed_batch, padded_batch
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 POOLINGS = ("item_token", "mean")
 LAYOUTS = ("padded", "packed")
 
@@ -34,7 +39,7 @@ LAYOUTS = ("padded", "packed")
 class ItemLLM(nn.Module):
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: PreTrainedModel,
         tokens: TokenCache,
         *,
         pooling: str = "item_token",
@@ -112,6 +117,7 @@ class ItemLLM(nn.Module):
         if b.position_ids is not None:
             kwargs["position_ids"] = b.position_ids.to(dev)
             if self.encoder:
+                assert b.seq_id is not None  # a packed batch carries both position_ids and seq_id
                 kwargs["attention_mask"] = self._block_mask(b.seq_id.to(dev), embeds.dtype)
         hidden = self.backbone(inputs_embeds=embeds, use_cache=False, **kwargs).last_hidden_state
         if self.item_token is not None:

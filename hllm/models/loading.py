@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -68,7 +68,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def load_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     """Load ``model.safetensors`` into ``model`` (bare or FSDP-sharded); every key must match."""
     from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import ValueType, set_model_state_dict
 
     path = Path(ckpt_dir) / "model.safetensors"
     if not path.exists():
@@ -81,7 +81,8 @@ def load_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
             f"{path}: weights do not match the model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
-    set_model_state_dict(model, sd, options=_options())
+    # torch wants an (invariant) dict[str, ValueType], where a Mapping of tensors is what it reads
+    set_model_state_dict(model, cast("dict[str, ValueType]", sd), options=_options())
 
 
 def _param_names(model: torch.nn.Module) -> list[str]:

@@ -22,6 +22,7 @@ from hllm.models.base import LossOutput, SeqRecModel
 class Popularity(SeqRecModel):
     normalize = False
     cache_item_embeddings = False  # a table lookup: recomputing is cheaper than a disk cache
+    counts: torch.Tensor  # registered buffer
 
     def __init__(self, counts: np.ndarray | torch.Tensor):
         super().__init__()

@@ -16,15 +16,19 @@ Training, evaluation, user-embedding export and serving all come through
 from __future__ import annotations
 
 import inspect
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from hllm.models.hf import drop_input_embeddings, hidden_size, is_encoder
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 class UserLLM(nn.Module):
-    def __init__(self, backbone: nn.Module, what: str = "model.user"):
+    def __init__(self, backbone: PreTrainedModel, what: str = "model.user"):
         super().__init__()
         if is_encoder(backbone.config):
             raise ValueError(

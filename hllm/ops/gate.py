@@ -78,6 +78,8 @@ def _load_eval(
     import mlflow
 
     art = artifact_dir(split, protocol, data_ver)
+    if mv.run_id is None:  # a version registered without a source run has no evaluations
+        return None
     names = {Path(a.path).name for a in client.list_artifacts(mv.run_id, art)}
     if "metrics.json" not in names:
         return None
@@ -87,6 +89,8 @@ def _load_eval(
 
 
 def _available_evals(client: "MlflowClient", mv: "ModelVersion", split: str = "test") -> list[str]:
+    if mv.run_id is None:
+        return []
     out = []
     for p in client.list_artifacts(mv.run_id, f"eval/{split}"):
         if p.is_dir:

@@ -162,6 +162,7 @@ def record(cfg: Config, event: dict[str, Any], client: "MlflowClient | None" = N
     client = client or _client(cfg)
     event = {"ts": _now(), "model": cfg.registry.model_name, **event}
     run_id = _audit_run_id(cfg, client, create=True)
+    assert run_id is not None  # create=True finds or creates the audit run
     stamp = event["ts"].replace(":", "").replace("+0000", "Z")
     client.log_text(run_id, json.dumps(event, sort_keys=True) + "\n", f"audit/{stamp}-{uuid.uuid4().hex[:8]}.json")
     return event

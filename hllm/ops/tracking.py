@@ -149,6 +149,12 @@ class Tracker:
         return self.run_id is not None
 
     @property
+    def _active_run_id(self) -> str:
+        """``run_id`` where the caller has checked :attr:`active`."""
+        assert self.run_id is not None
+        return self.run_id
+
+    @property
     def client(self) -> "MlflowClient":
         if self._client is None:
             import mlflow
@@ -179,7 +185,7 @@ class Tracker:
                 continue
             batch.append(Metric(metric_key(f"{prefix}{k}"), v, ts, int(step or 0)))
         for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+            self.client.log_batch(self._active_run_id, metrics=batch[i : i + 1000])
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if not self.active:
@@ -188,7 +194,7 @@ class Tracker:
 
         items = [Param(k, _param_value(v)) for k, v in params.items()]
         for i in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, params=items[i : i + _BATCH])
+            self.client.log_batch(self._active_run_id, params=items[i : i + _BATCH])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self.active:
@@ -197,7 +203,7 @@ class Tracker:
 
         items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
         for i in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, tags=items[i : i + _BATCH])
+            self.client.log_batch(self._active_run_id, tags=items[i : i + _BATCH])
 
     # -- artifacts
 
@@ -208,17 +214,17 @@ class Tracker:
         if not p.exists():
             raise FileNotFoundError(f"artifact {p} does not exist")
         if p.is_dir():
-            self.client.log_artifacts(self.run_id, str(p), artifact_path)
+            self.client.log_artifacts(self._active_run_id, str(p), artifact_path)
         else:
-            self.client.log_artifact(self.run_id, str(p), artifact_path)
+            self.client.log_artifact(self._active_run_id, str(p), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.active:
-            self.client.log_text(self.run_id, text, artifact_file)
+            self.client.log_text(self._active_run_id, text, artifact_file)
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         if self.active:
-            self.client.log_dict(self.run_id, obj, artifact_file)
+            self.client.log_dict(self._active_run_id, obj, artifact_file)
 
     # -- what every training run logs
 
@@ -266,7 +272,7 @@ class Tracker:
                 InputTag("data_version", dv.version),
             ],
         )
-        self.client.log_inputs(self.run_id, datasets=[inp])
+        self.client.log_inputs(self._active_run_id, datasets=[inp])
         return dv
 
     def log_validation_report(self, path: str | Path) -> None:
@@ -286,7 +292,7 @@ class Tracker:
             self.set_tags({TAG_PROTOCOL: result.protocol_hash})
         with tempfile.TemporaryDirectory() as tmp:
             dataclasses.replace(result, data_version=data_ver).save(tmp)
-            self.client.log_artifacts(self.run_id, tmp, art_dir)
+            self.client.log_artifacts(self._active_run_id, tmp, art_dir)
         return art_dir
 
     def log_figure_file(self, path: str | Path) -> None:
@@ -298,7 +304,7 @@ class Tracker:
 
         if not self.active:
             return None
-        series = {k: [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, k)] for k in keys}
+        series = {k: [(m.step, m.value) for m in self.client.get_metric_history(self._active_run_id, k)] for k in keys}
         series = {k: v for k, v in series.items() if v}
         if not series:
             log.warning("run %s has no %s history; no loss curve", self.run_id, keys)
@@ -358,7 +364,7 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.active:
-            self.client.set_terminated(self.run_id, status)
+            self.client.set_terminated(self._active_run_id, status)
 
 
 def _sequences_dataset(built: Path, dv: DataVersion):
@@ -585,7 +591,7 @@ def training_run(
                 {
                     "run_id": tracker.run_id,
                     "tracking_uri": resolve_tracking_uri(cfg),
-                    "experiment_id": tracker.client.get_run(tracker.run_id).info.experiment_id,
+                    "experiment_id": tracker.client.get_run(tracker._active_run_id).info.experiment_id,
                 },
                 indent=2,
             )

@@ -143,7 +143,7 @@ def export(
 
     model, cfg, built = load_for_eval(ckpt_dir, cfg, built_dir)
     meta = read_meta(ckpt_dir)
-    info = {
+    info: dict[str, Any] = {
         "checkpoint": str(Path(ckpt_dir).resolve()),
         "fingerprint": checkpoint_fingerprint(ckpt_dir),
         **{k: meta[k] for k in ("step", "epoch", "code_sha", "content_hash") if k in meta},

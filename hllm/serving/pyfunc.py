@@ -34,8 +34,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
 import pandas as pd
+from mlflow.pyfunc import PythonModel
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def signature():
 # --------------------------------------------------------------------------- the model
 
 
-class HLLMRecommenderModel(mlflow.pyfunc.PythonModel):
+class HLLMRecommenderModel(PythonModel):
     def load_context(self, context) -> None:
         from hllm.serving.recommend import Recommender
 
@@ -128,8 +128,8 @@ def _has_history(h: Any) -> bool:
 def recommend_rows(rec, df, k: int, exclude_seen: bool = True) -> dict[str, list]:
     """Top-``k`` per request row; ``history`` rows are scored in batches through the User LLM."""
     n = len(df)
-    histories = df["history"].tolist() if "history" in df.columns else [None] * n
-    users = df["user_id"].tolist() if "user_id" in df.columns else [None] * n
+    histories: list[Any] = df["history"].tolist() if "history" in df.columns else [None] * n
+    users: list[Any] = df["user_id"].tolist() if "user_id" in df.columns else [None] * n
     item_ids: list[list[str]] = [[] for _ in range(n)]
     scores: list[list[float]] = [[] for _ in range(n)]
     hist_rows = [i for i in range(n) if _has_history(histories[i])]
@@ -257,7 +257,7 @@ def input_example(export_dir: str | Path, with_history: bool) -> pd.DataFrame:
     """A real request from the export: one known user, and (with a checkpoint) one item history."""
     users = pd.read_parquet(Path(export_dir) / "users.parquet", columns=["user_id"])["user_id"]
     items = pd.read_parquet(Path(export_dir) / "items.parquet", columns=["item_id"])["item_id"]
-    rows = [{"user_id": str(users.iloc[0]), "history": None}]
+    rows: list[dict[str, Any]] = [{"user_id": str(users.iloc[0]), "history": None}]
     if with_history:
         rows.append({"user_id": None, "history": [str(x) for x in items.iloc[:3]]})
     return pd.DataFrame(rows)

@@ -29,7 +29,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -61,7 +61,8 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded CPU weights (collective under FSDP: every rank must call)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    sd = get_model_state_dict(model, options=_options(cpu_offload=True))
+    # torch's return type covers optimizer state too; a full model state dict holds tensors only
+    sd = cast("dict[str, torch.Tensor]", get_model_state_dict(model, options=_options(cpu_offload=True)))
     return {k: v.detach().contiguous() for k, v in sd.items()}
 
 

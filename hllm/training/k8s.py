@@ -34,11 +34,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import yaml
 
 from hllm.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from kubernetes.client import V1ConfigMap
 
 log = logging.getLogger(__name__)
 
@@ -307,17 +310,21 @@ def submit(cfg: Config, mlflow_run_id: str, api) -> Submission:
     sub = Submission(ns, job, f"{job}-params", manifest=manifest(cfg, job, f"{job}-params", mlflow_run_id))
     core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
     body = _configmap(cfg, sub.configmap, job)
+    # the client's pydantic validate_call builds the V1ConfigMap from this dict; its signature admits only the model
+    cm_body = cast("V1ConfigMap", body)
     try:
         try:
             _call(
-                lambda: core.create_namespaced_config_map(ns, body, _request_timeout=_REQUEST_TIMEOUT),
+                lambda: core.create_namespaced_config_map(ns, cm_body, _request_timeout=_REQUEST_TIMEOUT),
                 f"creating ConfigMap {ns}/{sub.configmap}",
             )
         except ApiException as e:
             if e.status != 409:
                 raise
             _call(
-                lambda: core.replace_namespaced_config_map(sub.configmap, ns, body, _request_timeout=_REQUEST_TIMEOUT),
+                lambda: core.replace_namespaced_config_map(
+                    sub.configmap, ns, cm_body, _request_timeout=_REQUEST_TIMEOUT
+                ),
                 f"replacing ConfigMap {ns}/{sub.configmap}",
             )
     except ApiException as e:
@@ -349,7 +356,7 @@ def submit(cfg: Config, mlflow_run_id: str, api) -> Submission:
     ]
     try:
         _call(
-            lambda: core.replace_namespaced_config_map(sub.configmap, ns, body, _request_timeout=_REQUEST_TIMEOUT),
+            lambda: core.replace_namespaced_config_map(sub.configmap, ns, cm_body, _request_timeout=_REQUEST_TIMEOUT),
             f"setting the owner of ConfigMap {ns}/{sub.configmap}",
         )
     except (ApiException, K8sError) as e:

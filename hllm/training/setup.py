@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hllm.models.base import SeqRecModel
 from hllm.models.losses import LogitScale
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,10 @@ def param_groups(
     (created from scratch rather than loaded pretrained: a User LLM built from
     config, the [ITEM] vector, the projection, the scale) get that learning rate
     (the reference code had one rate for everything). Empty groups are dropped."""
-    explicit = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    prefixes = tuple(model.new_parameter_prefixes()) if new_lr and hasattr(model, "new_parameter_prefixes") else ()
+    no_weight_decay = getattr(model, "no_weight_decay", None)
+    new_prefixes = getattr(model, "new_parameter_prefixes", None) if new_lr else None
+    explicit = set(no_weight_decay()) if no_weight_decay is not None else set()
+    prefixes = tuple(new_prefixes()) if new_prefixes is not None else ()
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -69,10 +72,10 @@ def _enable_gradient_checkpointing(model: nn.Module) -> int:
     for m in model.modules():
         if not getattr(m, "supports_gradient_checkpointing", False):
             continue
-        if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        elif hasattr(m, "gradient_checkpointing_enable"):
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if (enable := getattr(m, "activation_checkpointing_enable", None)) is not None:  # transformers >= 5.2x name
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif (enable := getattr(m, "gradient_checkpointing_enable", None)) is not None:
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             continue
         n += 1
@@ -92,9 +95,10 @@ def _fsdp_shard(step_module: _Step) -> None:
     embeddings = []
     for m in step_module.modules():
         names.update(getattr(m, "_no_split_modules", None) or [])
-        if hasattr(m, "get_input_embeddings") and hasattr(m, "config"):
+        get_input_embeddings = getattr(m, "get_input_embeddings", None)
+        if get_input_embeddings is not None and hasattr(m, "config"):
             try:
-                emb = m.get_input_embeddings()
+                emb = get_input_embeddings()
             except (NotImplementedError, AttributeError):  # the User LLM's table was dropped
                 emb = None
             if emb is not None:
@@ -117,7 +121,7 @@ def _scale_modules(model: nn.Module) -> list[LogitScale]:
 class _Step(nn.Module):
     """Routes ``train_loss`` through ``forward`` so DDP/FSDP hooks see the step."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: SeqRecModel):
         super().__init__()
         self.model = model
 

@@ -34,12 +34,14 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from hllm import distributed as D
 from hllm import lineage
 from hllm.config import Config
 from hllm.data import versioning
 from hllm.models import loading
+from hllm.models.base import SeqRecModel
 from hllm.training import checkpoint as ckpt
 from hllm.training.batching import GlobalBatches, negatives_per_rank, sample_negatives
 from hllm.training.setup import (
@@ -103,7 +105,7 @@ def _n_targets(windows: np.ndarray) -> int:
 
 
 def validate(
-    model: nn.Module, built, cfg: Config, info: D.DistInfo
+    model: SeqRecModel, built, cfg: Config, info: D.DistInfo
 ) -> tuple[dict[str, float], str, bool, torch.Tensor | None]:
     """Validation metrics, the selection key, whether higher is better, and the item table the
     metrics were computed with (None for the loss fallback).
@@ -115,8 +117,8 @@ def validate(
         from hllm.evaluation.evaluate import evaluate
         from hllm.evaluation.item_cache import item_embedding_table
     except ImportError:
-        evaluate = None
-    if evaluate is not None:
+        pass
+    else:
         m = getattr(model, "module", model)
         was = m.training
         m.eval()
@@ -134,7 +136,7 @@ def validate(
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, built, cfg: Config, info: D.DistInfo) -> float:
+def validation_loss(model: SeqRecModel, built, cfg: Config, info: D.DistInfo) -> float:
     from hllm.data.dataset import eval_split
 
     es = eval_split(built.sequences, "valid", cfg.build.max_seq_len)
@@ -201,8 +203,8 @@ class _Trainer:
             try:
                 from hllm.evaluation.evaluate import check_protocol
             except ImportError:
-                check_protocol = None
-            if check_protocol is not None:
+                pass
+            else:
                 check_protocol(cfg.eval.protocol)
         seed_everything(t.seed)
         self.built = load_built(cfg.paths.built_dir)
@@ -361,6 +363,9 @@ class _Trainer:
     def _validate(self, step: int) -> dict[str, float]:
         root = self.step_module if self.fsdp else None
         if root is not None:
+            from torch.distributed.fsdp import FSDPModule
+
+            assert isinstance(root, FSDPModule)  # fully_shard swapped in an FSDPModule subclass
             root.unshard()  # root-level params (embeddings, [ITEM], projection) for direct method calls
         try:
             metrics, key, higher, self._val_table = validate(self.model, self.built, self.cfg, self.info)
@@ -520,11 +525,11 @@ class _Trainer:
             validated = False
             if epoch_end and t.eval_every_epoch:
                 metrics = self._validate(step)
-                self._save(step, metrics)
-                self._cache_items(self.last_saved)
+                saved = self._save(step, metrics)
+                self._cache_items(saved)
                 validated = True
                 if info.is_main and self.best_step == step:
-                    ckpt.publish_copy(self.last_saved, self.run_dir / "best")
+                    ckpt.publish_copy(saved, self.run_dir / "best")
                 D.barrier()
                 if self.bad_epochs >= t.patience and step < self.total_steps:
                     log.info("early stopping: %d epochs without improvement of %s", self.bad_epochs, self.select_key)
@@ -544,10 +549,13 @@ class _Trainer:
             idx = self.batches.micro_indices(step, micro, info.rank)
             w = self.windows[idx]
             last = micro == t.grad_accum - 1
-            sync = contextlib.nullcontext()
-            if not last and hasattr(self.wrapped, "no_sync"):
+            sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+            if not last and isinstance(self.wrapped, DistributedDataParallel):
                 sync = self.wrapped.no_sync()
             elif self.fsdp:
+                from torch.distributed.fsdp import FSDPModule
+
+                assert isinstance(self.step_module, FSDPModule)  # fully_shard swapped in an FSDPModule subclass
                 self.step_module.set_requires_gradient_sync(last)
             with sync:
                 with autocast:
@@ -567,6 +575,7 @@ class _Trainer:
             acc["grad_norm"] = acc.get("grad_norm", 0.0) + float(
                 norm.full_tensor() if hasattr(norm, "full_tensor") else norm
             )
+        assert self.optimizer is not None and self.scheduler is not None  # only a trainable model takes steps
         # the rates this step applies (the scheduler set them after the previous step), per group kind
         for key, g in zip(self.lr_keys, self.optimizer.param_groups):
             rates.setdefault(key, float(g["lr"]))
