@@ -534,9 +534,9 @@ def graceful_stop(grace_s: float = GRACE_S) -> Iterator[None]:
     try:
         yield
     finally:
-        for sig, prev in previous.items():
+        for signum, prev in previous.items():
             with contextlib.suppress(ValueError, TypeError):
-                signal.signal(sig, prev)
+                signal.signal(signum, prev)
 
 
 def holder_json(limit: str) -> str:
