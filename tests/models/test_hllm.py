@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pytest
 import torch
 
@@ -179,16 +178,6 @@ def test_bf16_autocast_step_is_finite(tmp_path, tiny_bert_dir, built_dir):
         out = model.train_loss(WINDOWS, NEGATIVES)
     out.loss.backward()
     assert torch.isfinite(out.loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
-
-
-def test_validation_loss_fallback_without_the_evaluation_module(tmp_path, tiny_bert_dir, built_dir):
-    from hllm.distributed import DistInfo
-    from hllm.training.trainer import validation_loss
-
-    model, cfg, built = make(tmp_path, tiny_bert_dir, built_dir)
-    loss = validation_loss(model, built, cfg, DistInfo())
-    assert np.isfinite(loss) and loss > 0
-    assert model.training  # restored
 
 
 def test_item_model_version_keys_on_the_item_tower_only(tmp_path, tiny_bert_dir, built_dir):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import hllm.training.trainer
 from hllm import testing as T
 from hllm.models.loading import read_meta, step_dir_name
-from hllm.training.trainer import TrainResult, train
+from hllm.training.trainer import TrainResult, Validation, train
 
 SCRIPT = [0.10, 0.30, 0.20, 0.15, 0.12, 0.11, 0.10, 0.09]  # value of epoch 1, 2, ...; the peak is epoch 2
 
@@ -26,7 +26,7 @@ class ScriptedValidation:
     def __call__(self, model, built, cfg, info):
         value = SCRIPT[self.calls]
         self.calls += 1
-        return {"ndcg@10": value, "recall@10": value}, "ndcg@10", True, None
+        return Validation({"ndcg@10": value, "recall@10": value}, "ndcg@10")
 
 
 def _cfg(tmp_path, built_dir, **kw):
