@@ -23,13 +23,14 @@ def _main(
 
 
 def _register() -> None:
-    from hllm.cli import data, evaluate, flows, registry, serve, train
+    from hllm.cli import ab, data, evaluate, flows, registry, serve, train
 
     app.add_typer(data.app, name="data", help="Import, generate, validate, build and version datasets.")
     train.register(app)
     evaluate.register(app)
     serve.register(app)
     app.add_typer(registry.app, name="registry", help="MLflow model registry: list, promote, roll back.")
+    app.add_typer(ab.app, name="ab", help="A/B tests: analyse and decide from the service logs, replay users.")
     app.add_typer(flows.app, name="flows", help="Prefect flows: run the nightly retraining, serve its schedule.")
 
 
