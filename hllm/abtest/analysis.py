@@ -476,7 +476,7 @@ def analyze_frames(
     # per-arm summaries
     bad = ex["fallback"].astype(bool) | ex["error"].notna()
     item_codes, item_uniques = pd.factorize(pd.Series([i for s in ex["items"] for i in list(s)[:k]], dtype=object))
-    n_cat = n_items or len(item_uniques)
+    n_cat = max(n_items or 0, len(item_uniques))  # the catalogue holds at least what was served
     lens = np.array([min(len(s), k) for s in ex["items"]])
     offsets = np.concatenate([[0], np.cumsum(lens)])
     ex_arm = user_arm[eu]
@@ -681,7 +681,8 @@ def plot_effect(result: AnalysisResult, path: str | Path) -> Path:
     ax.set_xlabel("look (cumulative)")
     ax.set_ylabel(f"hit@{result.k} difference (CUPED)")
     ax.set_title(f"{result.experiment_id}: {result.decision.decision}")
-    ax.legend(loc="best")
+    if looks:
+        ax.legend(loc="best")
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=100)
