@@ -28,6 +28,7 @@ import logging
 import time
 import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from prefect import flow
 from flows import tasks as T
 from flows.report import MODEL_LABELS, ModelRow, RunReport
 from flows.slot import SlotBusy, SlotUnavailable
+from hllm.config import Config
 
 __all__ = ["FLOW_NAME", "SlotBusy", "SlotUnavailable", "nightly_retrain", "nightly_slot"]
 
@@ -142,6 +144,7 @@ def nightly_retrain(
     """
     from prefect.runtime import flow_run
 
+    from flows import slot
     from hllm.config import load_config
     from hllm.ops import tracking
 
@@ -151,11 +154,8 @@ def nightly_retrain(
     cfg = load_config(params, list(overrides or []))
     fc = cfg.flow
     source = fc.snapshot if snapshot is None else snapshot
-    fmt = snapshot_format or fc.snapshot_format
     nproc = cfg.train.nproc if nproc is None else nproc
     backend = train_backend or fc.train_backend
-    world = (fc.k8s.workers + 1) * fc.k8s.gpus_per_node if backend == "k8s" else max(1, nproc)
-    do_promote = fc.promote if promote is None else promote
     run_id = str(flow_run.id or "local")
     run_name = f"nightly-{datetime.now(UTC):%Y%m%d-%H%M%S}-{run_id[:8]}"
     report = RunReport(
@@ -167,12 +167,8 @@ def nightly_retrain(
         ks=list(cfg.eval.protocol.ks),
         tracking_uri=tracking.resolve_tracking_uri(cfg),
     )
-    stage = _Stages(report)
-    io = T.io_retry(cfg)
-    parent: str | None = None
-    open_children: list[str] = []
+    n = _Night(cfg, report, _Stages(report), T.io_retry(cfg), run_id, run_name, nproc, backend)
     killed = False
-
     try:
         if backend not in T.TRAIN_BACKENDS:
             raise ValueError(f"train_backend {backend!r}: expected one of {', '.join(T.TRAIN_BACKENDS)}")
@@ -180,8 +176,6 @@ def nightly_retrain(
             from hllm.training import k8s
 
             k8s.check(_model_cfg(cfg, "hllm", run_name))
-        from flows import slot
-
         stop = contextlib.ExitStack()
         stop.enter_context(slot.graceful_stop())  # SIGTERM/SIGINT: unwind (slot released, runs KILLED) in GRACE_S
         _try(lambda: slot.fail_orphans(cfg, fc.concurrency_limit, run_id))  # zombie runs of dead flow runs
@@ -189,128 +183,12 @@ def nightly_retrain(
         with stop, nightly_slot(fc.concurrency_limit, fc.slot_timeout_s, run_id, report.flow_run_name, cfg):
             report.stage_seconds["wait-for-slot"] = round(time.perf_counter() - t_wait, 1)
             report.experiment_id = tracking.configure(cfg)
-            with stage("mlflow"):
-                parent = T.open_run.with_options(**io)(
-                    cfg,
-                    run_name,
-                    "flow",
-                    tags={
-                        tracking.TAG_FLOW_RUN: run_id,
-                        "prefect.flow_run_name": report.flow_run_name,
-                        "hllm.snapshot": source or "synth",
-                        **slot.process_tags(),
-                    },
-                    log_data=False,
-                )
-                report.parent_run_id = parent
-
-            # ---- data: nothing below runs unless the snapshot passes validation
-            with stage("snapshot"):
-                snap = T.stage_snapshot.with_options(**io)(cfg, source, fmt)
-                staged, source = snap["staged"], snap["source"]  # "dir/" -> its newest dated child
-                report.snapshot = source
-            with stage("validate"):
-                try:
-                    vreport = T.validate_snapshot(cfg, staged, source)
-                except Exception as e:
-                    rep = getattr(e, "report", None)
-                    report.validation = rep.summary() if rep is not None else ""
-                    if rep is not None and parent:
-                        _try(lambda: tracking.attach(parent, cfg).log_validation_report(rep.report_path))
-                    raise
-                report.validation = vreport.summary()
-            with stage("publish"):
-                T.publish_snapshot(cfg, staged, vreport)
-            with stage("dvc"):
-                version = T.dvc_add(cfg)
-                report.data["dvc_md5"] = version["md5"]
-                report.data["pushed_to"] = T.dvc_push.with_options(**io)(cfg)
-            with stage("build"):
-                built = T.build(cfg)
-                report.data["stats"] = built["stats"]
-                report.data["data_version"] = T.log_lineage.with_options(**io)(cfg, parent, vreport.report_path, built)
-
-            # ---- champion before this run changes anything (for the comparison table)
-            champion = T.current_champion.with_options(**io)(cfg)
-
-            # ---- models: HLLM first (a failure here registers nothing), then the baselines
+            _open_parent(n, source)
+            vreport = _data(n, source, snapshot_format or fc.snapshot_format)  # nothing below runs unless it passes
+            champion = T.current_champion.with_options(**n.io)(cfg)  # before this run changes anything
             kinds = ["hllm"] + ([k for k in fc.baselines if k != "hllm"] if baselines else [])
-            results: dict[str, dict[str, Any]] = {}
-            for kind in kinds:
-                mcfg = _model_cfg(cfg, kind, run_name)
-                label = MODEL_LABELS.get(kind, kind)
-                with stage(f"train-{kind}"):
-                    child = T.open_run.with_options(**io)(
-                        mcfg,
-                        mcfg.train.run_name,
-                        "train" if kind == "hllm" else "baseline",
-                        parent_run_id=parent,
-                        tags={tracking.TAG_FLOW_RUN: run_id, **slot.process_tags()},
-                        world_size=world if kind == "hllm" else 1,
-                        # the run that gets registered carries its data's GX report (the parent has it too)
-                        validation_report=vreport.report_path if kind == "hllm" else None,
-                    )
-                    open_children.append(child)
-                    report.run_ids[label] = child
-                    trained = (
-                        T.train_model(mcfg, child, nproc, backend)
-                        if kind == "hllm"
-                        else T.train_model(mcfg, child, 1, "local")
-                    )
-                    if trained.get("k8s_job"):
-                        report.paths[f"{kind}_k8s_job"] = trained["k8s_job"]
-                with stage(f"evaluate-{kind}"):
-                    ev = T.evaluate_model(mcfg, trained["checkpoint"], child)
-                T.close_run.with_options(**io)(mcfg, child, "FINISHED")
-                open_children.remove(child)
-                results[kind] = {"cfg": mcfg, "run_id": child, **trained, "eval": ev}
-                report.protocol_hash = ev["protocol_hash"]
-                report.paths[f"{kind}_checkpoint"] = trained["checkpoint"]
-                report.paths[f"{kind}_eval"] = ev["dir"]
-                report.models.append(
-                    ModelRow(f"{label} (this run)" if kind == "hllm" else label, kind, ev["metrics"], child)
-                )
-            if champion:
-                with stage("evaluate-champion"):
-                    champ = T.evaluate_champion(
-                        cfg, champion, report.protocol_hash, results["hllm"]["eval"]["data_version"]
-                    )
-                report.models.insert(
-                    1,
-                    ModelRow(
-                        f"champion v{champion['version']}",
-                        champion["model_kind"],
-                        champ["metrics"],
-                        champion["run_id"],
-                        champ["note"],
-                    ),
-                )
-            if len(results) > 1:  # the bars on the parent and on the HLLM run that gets registered
-                T.log_comparison.with_options(**io)(
-                    cfg,
-                    [parent, results["hllm"]["run_id"]],
-                    {MODEL_LABELS.get(k, k): r["run_id"] for k, r in results.items()},
-                )
-
-            # ---- ship: export, register, gate
-            hllm = results["hllm"]
-            with stage("export"):
-                export_dir = T.export_embeddings(hllm["cfg"], hllm["checkpoint"])
-                report.paths["export"] = export_dir
-            with stage("register"):
-                report.registered_version = T.register.with_options(**io)(
-                    hllm["cfg"], hllm["run_id"], export_dir, hllm["checkpoint"]
-                )
-            if do_promote:
-                with stage("promotion-gate"):
-                    gate = T.promotion_gate.with_options(**io)(
-                        cfg, report.registered_version, f"nightly-retrain flow run {report.flow_run_name or run_id}"
-                    )
-                    report.alias, report.promotion = gate["alias"], gate["message"]
-            else:
-                report.promotion = "skipped (promote=false)"
-            with stage("prune-old-runs"):
-                T.prune_old_runs(cfg)
+            results = _train_and_evaluate(n, kinds, vreport, champion)
+            _ship(n, results["hllm"], fc.promote if promote is None else promote)
             report.status = "COMPLETED"
     except BaseException as e:
         report.status = "FAILED"
@@ -324,8 +202,145 @@ def nightly_retrain(
         raise
     finally:
         report.seconds = round(time.perf_counter() - t_start, 1)
-        _finish(cfg, report, parent, open_children, killed=killed)
+        _finish(cfg, report, n.parent, n.open_children, killed=killed)
     return report.to_dict()
+
+
+@dataclass
+class _Night:
+    """One flow run's state, shared by its stages."""
+
+    cfg: Config
+    report: RunReport
+    stage: _Stages
+    io: dict[str, Any]  # retry options of the I/O tasks
+    run_id: str
+    run_name: str
+    nproc: int
+    backend: str
+    parent: str | None = None  # the MLflow parent run
+    open_children: list[str] = field(default_factory=list)  # child runs to close if the night fails
+
+    @property
+    def world(self) -> int:
+        k = self.cfg.flow.k8s
+        return (k.workers + 1) * k.gpus_per_node if self.backend == "k8s" else max(1, self.nproc)
+
+
+def _open_parent(n: _Night, source: str) -> None:
+    from flows import slot
+    from hllm.ops import tracking
+
+    with n.stage("mlflow"):
+        tags = {tracking.TAG_FLOW_RUN: n.run_id, "prefect.flow_run_name": n.report.flow_run_name,
+                "hllm.snapshot": source or "synth", **slot.process_tags()}  # fmt: skip
+        n.parent = T.open_run.with_options(**n.io)(n.cfg, n.run_name, "flow", tags=tags, log_data=False)
+        n.report.parent_run_id = n.parent
+
+
+def _data(n: _Night, source: str, fmt: str) -> Any:
+    """snapshot -> validate -> publish -> DVC add + push -> build; returns the validation report."""
+    from hllm.ops import tracking
+
+    cfg, report = n.cfg, n.report
+    with n.stage("snapshot"):
+        snap = T.stage_snapshot.with_options(**n.io)(cfg, source, fmt)
+        staged, report.snapshot = snap["staged"], snap["source"]  # "dir/" -> its newest dated child
+    with n.stage("validate"):
+        try:
+            vreport = T.validate_snapshot(cfg, staged, report.snapshot)
+        except Exception as e:
+            rep = getattr(e, "report", None)
+            report.validation = rep.summary() if rep is not None else ""
+            if rep is not None and n.parent:
+                parent = n.parent
+                _try(lambda: tracking.attach(parent, cfg).log_validation_report(rep.report_path))
+            raise
+        report.validation = vreport.summary()
+    with n.stage("publish"):
+        T.publish_snapshot(cfg, staged, vreport)
+    with n.stage("dvc"):
+        report.data["dvc_md5"] = T.dvc_add(cfg)["md5"]
+        report.data["pushed_to"] = T.dvc_push.with_options(**n.io)(cfg)
+    with n.stage("build"):
+        built = T.build(cfg)
+        report.data["stats"] = built["stats"]
+        assert n.parent is not None  # opened by _open_parent
+        report.data["data_version"] = T.log_lineage.with_options(**n.io)(cfg, n.parent, vreport.report_path, built)
+    return vreport
+
+
+def _train_and_evaluate(n: _Night, kinds: list[str], vreport: Any, champion: dict[str, Any] | None
+                        ) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """HLLM first (a failure here registers nothing), then the baselines; then the champion on
+    today's data and the comparison bars. Returns each kind's config, run, checkpoint and metrics."""
+    from flows import slot
+    from hllm.ops import tracking
+
+    cfg, report = n.cfg, n.report
+    results: dict[str, dict[str, Any]] = {}
+    for kind in kinds:
+        mcfg = _model_cfg(cfg, kind, n.run_name)
+        label = MODEL_LABELS.get(kind, kind)
+        with n.stage(f"train-{kind}"):
+            child = T.open_run.with_options(**n.io)(
+                mcfg,
+                mcfg.train.run_name,
+                "train" if kind == "hllm" else "baseline",
+                parent_run_id=n.parent,
+                tags={tracking.TAG_FLOW_RUN: n.run_id, **slot.process_tags()},
+                world_size=n.world if kind == "hllm" else 1,
+                # the run that gets registered carries its data's GX report (the parent has it too)
+                validation_report=vreport.report_path if kind == "hllm" else None,
+            )
+            n.open_children.append(child)
+            report.run_ids[label] = child
+            where = (n.nproc, n.backend) if kind == "hllm" else (1, "local")  # baselines train in this process
+            trained = T.train_model(mcfg, child, *where)
+            if trained.get("k8s_job"):
+                report.paths[f"{kind}_k8s_job"] = trained["k8s_job"]
+        with n.stage(f"evaluate-{kind}"):
+            ev = T.evaluate_model(mcfg, trained["checkpoint"], child)
+        T.close_run.with_options(**n.io)(mcfg, child, "FINISHED")
+        n.open_children.remove(child)
+        results[kind] = {"cfg": mcfg, "run_id": child, **trained, "eval": ev}
+        report.protocol_hash = ev["protocol_hash"]
+        report.paths[f"{kind}_checkpoint"] = trained["checkpoint"]
+        report.paths[f"{kind}_eval"] = ev["dir"]
+        name = f"{label} (this run)" if kind == "hllm" else label
+        report.models.append(ModelRow(name, kind, ev["metrics"], child))
+    if champion:
+        with n.stage("evaluate-champion"):
+            champ = T.evaluate_champion(cfg, champion, report.protocol_hash, results["hllm"]["eval"]["data_version"])
+        row = ModelRow(f"champion v{champion['version']}", champion["model_kind"], champ["metrics"],
+                       champion["run_id"], champ["note"])  # fmt: skip
+        report.models.insert(1, row)
+    if len(results) > 1:  # the bars on the parent and on the HLLM run that gets registered
+        runs = {MODEL_LABELS.get(k, k): r["run_id"] for k, r in results.items()}
+        assert n.parent is not None  # opened by _open_parent
+        T.log_comparison.with_options(**n.io)(cfg, [n.parent, results["hllm"]["run_id"]], runs)
+    return results
+
+
+def _ship(n: _Night, hllm: dict[str, Any], do_promote: bool) -> None:
+    """export -> register -> promotion gate -> prune the run folders of old nights."""
+    report = n.report
+    with n.stage("export"):
+        export_dir = T.export_embeddings(hllm["cfg"], hllm["checkpoint"])
+        report.paths["export"] = export_dir
+    with n.stage("register"):
+        report.registered_version = T.register.with_options(**n.io)(
+            hllm["cfg"], hllm["run_id"], export_dir, hllm["checkpoint"]
+        )
+    if do_promote:
+        with n.stage("promotion-gate"):
+            who = f"nightly-retrain flow run {report.flow_run_name or n.run_id}"
+            gate = T.promotion_gate.with_options(**n.io)(n.cfg, report.registered_version, who)
+            report.alias, report.promotion = gate["alias"], gate["message"]
+    else:
+        report.promotion = "skipped (promote=false)"
+    with n.stage("prune-old-runs"):
+        T.prune_old_runs(n.cfg)
 
 
 def _is_stop(e: BaseException) -> bool:

@@ -165,33 +165,14 @@ def open_run(
     The run stays open across tasks (and torchrun workers, via ``MLFLOW_RUN_ID``) until
     :func:`close_run`, so training and evaluation of one model land in one run.
     """
-    import mlflow
+    from prefect.exceptions import ExternalSignal
 
     from hllm.ops import tracking
 
-    exp_id = tracking.configure(cfg)
-    all_tags = {tracking.TAG_KIND: kind, "mlflow.runName": name, **(tags or {})}
-    if parent_run_id:
-        all_tags[tracking.TAG_PARENT] = parent_run_id
-    client = mlflow.MlflowClient()
-    run_id = client.create_run(exp_id, run_name=name, tags=all_tags).info.run_id
-    try:
-        tr = tracking.Tracker(run_id, cfg)
-        if kind != "flow":
-            tr.log_config(cfg)
-            tr.log_system_info(world_size=max(1, world_size))
-        tr.log_git()
-        if log_data:
-            tr.log_dataset(cfg)
-        if validation_report and Path(validation_report).exists():
-            tr.log_validation_report(validation_report)
-    except BaseException as e:
-        from prefect.exceptions import ExternalSignal
-
-        stopped = isinstance(e, (KeyboardInterrupt, ExternalSignal))  # SIGTERM / Ctrl-C, not a failure
-        client.set_terminated(run_id, "KILLED" if stopped else "FAILED")
-        raise
-    return run_id
+    tracker = tracking.open_run(cfg, name, parent_run_id, tags, kind, log_data, world_size=max(1, world_size),
+                                validation_report=validation_report, stop_signals=(ExternalSignal,))  # fmt: skip
+    assert tracker.run_id is not None  # a created run has an id
+    return tracker.run_id
 
 
 @task(name="mlflow-close-run", cache_policy=NO_CACHE)

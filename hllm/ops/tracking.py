@@ -423,9 +423,14 @@ def open_run(
     root: str | Path = ".",
     world_size: int | None = None,
     device: str | None = None,
+    validation_report: str | Path | None = None,
+    stop_signals: tuple[type[BaseException], ...] = (),
 ) -> Tracker:
-    """Create a run (left RUNNING) with config, git commit, system info and dataset lineage; the
-    caller ends it with :meth:`Tracker.finish`. A failure while logging marks it FAILED and raises."""
+    """Create a run (left RUNNING) with config, git commit, system info, dataset lineage and, when
+    given, the GX validation report of its data; the caller ends it with :meth:`Tracker.finish`.
+
+    An error while logging marks it FAILED and raises; a stop (Ctrl-C, or one of ``stop_signals``,
+    e.g. the orchestrator's termination signal) marks it KILLED: it was stopped, it did not fail."""
     import mlflow
 
     exp_id = configure(cfg)
@@ -441,8 +446,10 @@ def open_run(
         tracker.log_git(root)
         if log_data:
             tracker.log_dataset(cfg, root)
-    except BaseException:
-        tracker.finish("FAILED")
+        if validation_report and Path(validation_report).exists():
+            tracker.log_validation_report(validation_report)
+    except BaseException as e:
+        tracker.finish("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit, *stop_signals)) else "FAILED")
         raise
     return tracker
 
