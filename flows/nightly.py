@@ -308,7 +308,10 @@ def _train_and_evaluate(n: _Night, kinds: list[str], vreport: Any, champion: dic
         report.paths[f"{kind}_checkpoint"] = trained["checkpoint"]
         report.paths[f"{kind}_eval"] = ev["dir"]
         name = f"{label} (this run)" if kind == "hllm" else label
-        report.models.append(ModelRow(name, kind, ev["metrics"], child))
+        budget = mcfg.train.time_budget_s
+        note = f"stopped by train.time_budget_s={budget:.0f} after {trained['steps']} steps" if trained.get(
+            "stopped_by_budget") else ""  # fmt: skip
+        report.models.append(ModelRow(name, kind, ev["metrics"], child, note))
     if champion:
         with n.stage("evaluate-champion"):
             champ = T.evaluate_champion(cfg, champion, report.protocol_hash, results["hllm"]["eval"]["data_version"])

@@ -227,9 +227,7 @@ def train_model(cfg: Config, run_id: str, nproc: int = 1, backend: str = "local"
 
         res = run_torchrun(cfg, nproc, run_id=run_id, tracking_uri=tracking.resolve_tracking_uri(cfg))
     ckpt = res.best_checkpoint or res.last_checkpoint
-    tracker.set_tags({"hllm.checkpoint": str(Path(ckpt).resolve()), "hllm.run_dir": str(Path(res.run_dir).resolve())})
-    if res.steps:
-        tracker.log_loss_curve()
+    tracker.log_train_result(res)  # checkpoint and run folder, selection outcome, budget, loss curve
     return {
         "run_dir": str(res.run_dir),
         "checkpoint": str(ckpt),
@@ -237,6 +235,7 @@ def train_model(cfg: Config, run_id: str, nproc: int = 1, backend: str = "local"
         "seconds": res.seconds,
         "best_value": res.best_value,
         "select_metric": res.select_metric,
+        "stopped_by_budget": res.stopped_by_budget,
         **extra,
     }
 

@@ -170,6 +170,9 @@ class TrainConfig:
     checkpoint_every: int = 50  # steps; 0 = only at the end
     eval_every_epoch: bool = True
     patience: int = 3  # epochs without improvement of the selection metric
+    # wall-clock seconds of training (setup excluded) after which the run stops, validates, saves and keeps
+    # its best checkpoint, recorded as stopped_by_budget; 0 = no budget. Counted per invocation (--resume: anew)
+    time_budget_s: float = 0.0
     device: Device = "auto"  # "auto" (CUDA if visible) | "cpu" | "cuda"; torchrun picks gloo on CPU, NCCL on CUDA
     keep_checkpoints: int = 2  # newest step checkpoints kept (best/ is kept separately)
     log_every: int = 10

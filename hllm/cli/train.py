@@ -56,6 +56,13 @@ def register(app: typer.Typer) -> None:
         mlflow: bool = typer.Option(
             True, "--mlflow/--no-mlflow", help="log the run to MLflow (default unless tracking.enabled is false)"
         ),
+        time_budget: float | None = typer.Option(
+            None,
+            "--time-budget",
+            min=0,
+            help="seconds of training after which the run validates, keeps its best checkpoint and stops "
+            "(train.time_budget_s)",
+        ),
         test: bool = typer.Option(
             True,
             "--test/--no-test",
@@ -65,6 +72,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a model on the built dataset; checkpoints go to paths.runs_dir/train.run_name."""
         sets = list(sets or [])
+        if time_budget is not None:
+            sets.append(f"train.time_budget_s={time_budget}")
         if model is not None:
             sets.append(f"model.kind={model}")
         cfg = load(params, sets)

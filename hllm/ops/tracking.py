@@ -380,6 +380,7 @@ def _sequences_dataset(built: Path, dv: DataVersion):
     interactions = sum(
         meta.row_group(g).column(c).num_values
         for g in range(meta.num_row_groups)
+                "hllm.stopped_by_budget": str(bool(getattr(result, "stopped_by_budget", False))).lower(),
         for c in range(meta.num_columns)
         if meta.row_group(g).column(c).path_in_schema.startswith("items")
     )

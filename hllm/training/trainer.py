@@ -64,6 +64,7 @@ class TrainResult:
     best_step: int | None = None
     steps: int = 0
     stopped_early: bool = False
+    stopped_by_budget: bool = False  # train.time_budget_s ran out before the planned steps
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,6 +160,8 @@ class _Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.p = _Progress()
         self.total_steps = setup.total_steps  # shortened when resuming a run that had stopped early
+        self.stopped_by_budget = False
+        self._t0 = time.perf_counter()  # the time budget counts from here: setup (model load, tokens) is free
         self.last_saved: Path | None = None
         self._val_table: torch.Tensor | None = None  # item table of the last validation (see _cache_items)
 
@@ -194,6 +197,7 @@ class _Trainer:
             best_step=self.p.best_step,
             steps=step,
             stopped_early=stopped_early,
+            stopped_by_budget=self.stopped_by_budget,
             seconds=time.perf_counter() - t0,
         )
         if self.info.is_main:
@@ -224,6 +228,12 @@ class _Trainer:
             if step % max(t.log_every, 1) == 0 or step == self.total_steps:
                 self._log_window(window, time.perf_counter() - window_t0, window_steps, step, bar)
                 window, window_t0, window_steps = {}, time.perf_counter(), 0
+            if self._over_budget(step):
+                spent = time.perf_counter() - self._t0
+                log.info("time budget: %.0f s of train.time_budget_s=%.0f spent after step %d of %d; "
+                         "validating and stopping", spent, t.time_budget_s, step, self.total_steps)  # fmt: skip
+                self.stopped_by_budget = True
+                self.total_steps = step  # this step is now the last one: validate and save it
             epoch_end = step % self.s.batches.steps_per_epoch == 0 or step == self.total_steps
             if epoch_end and t.eval_every_epoch:
                 self._end_of_epoch(step)
@@ -236,6 +246,13 @@ class _Trainer:
                 self._save(step)
         bar.close()
         return step, stopped_early
+
+    def _over_budget(self, step: int) -> bool:
+        """Whether train.time_budget_s is spent (rank 0's clock decides, so every rank stops at the same step)."""
+        budget = self.cfg.train.time_budget_s
+        if budget <= 0 or step >= self.total_steps:
+            return False
+        return bool(D.broadcast_object(time.perf_counter() - self._t0 >= budget))
 
     def _train_step(self, step: int, autocast: contextlib.AbstractContextManager[Any], acc: dict[str, float]) -> None:
         info, t, s = self.info, self.cfg.train, self.s

@@ -20,11 +20,12 @@ class ScriptedValidation:
     """Stands in for ``hllm.training.trainer.validate`` (the full-ranking evaluation is tested elsewhere):
     returns the next value of ``SCRIPT`` as the selection metric, higher is better."""
 
-    def __init__(self):
+    def __init__(self, script: list[float] = SCRIPT):
+        self.script = script
         self.calls = 0
 
     def __call__(self, model, built, cfg, info):
-        value = SCRIPT[self.calls]
+        value = self.script[self.calls]
         self.calls += 1
         return Validation({"ndcg@10": value, "recall@10": value}, "ndcg@10")
 
@@ -105,3 +106,38 @@ def test_without_a_falling_metric_the_run_goes_to_the_end(tmp_path, built_dir, m
     assert val.calls == len(SCRIPT)
     assert not res.stopped_early and res.steps == len(SCRIPT)
     assert res.best_step == 2 and read_meta(res.run_dir / "best")["step"] == 2
+
+
+class SlowScriptedValidation(ScriptedValidation):
+    """The scripted values, each validation taking 0.25 s of wall clock: the budget below runs out
+    after a few epochs whatever the machine's speed."""
+
+    def __call__(self, model, built, cfg, info):
+        import time
+
+        time.sleep(0.25)
+        return super().__call__(model, built, cfg, info)
+
+
+def test_time_budget_stops_the_run_validates_and_keeps_the_best(tmp_path, built_dir, monkeypatch):
+    planned = 400
+    monkeypatch.setattr(hllm.training.trainer, "validate", SlowScriptedValidation([0.1, 0.3] + [0.2] * planned))
+    cfg = _cfg(tmp_path, built_dir, **{"train.epochs": planned, "train.patience": planned,
+                                        "train.time_budget_s": 1.5})  # fmt: skip
+    res = train(cfg, progress=False)
+
+    assert res.stopped_by_budget and not res.stopped_early
+    assert 2 < res.steps < planned  # cut by the budget, after the peak
+    valid = [h for h in res.history if h.get("split") == "valid"]
+    assert valid[-1]["step"] == res.steps  # the step the budget cut at was validated...
+    assert (res.run_dir / "checkpoints" / step_dir_name(res.steps) / "meta.json").is_file()  # ...and saved
+    assert res.best_step == 2 and res.best_value == pytest.approx(0.30)
+    assert res.best_checkpoint is not None and read_meta(res.best_checkpoint)["step"] == 2  # best/ is the peak
+    saved = json.loads((res.run_dir / "result.json").read_text())
+    assert saved["stopped_by_budget"] is True and TrainResult.load(res.run_dir).stopped_by_budget
+
+    # no budget: the same run goes to its planned end
+    cfg2 = _cfg(tmp_path / "b", built_dir, **{"train.epochs": 3, "train.patience": 10})
+    monkeypatch.setattr(hllm.training.trainer, "validate", ScriptedValidation([0.1, 0.2, 0.3]))
+    res2 = train(cfg2, progress=False)
+    assert not res2.stopped_by_budget and res2.steps == 3
