@@ -340,6 +340,7 @@ def _ship(n: _Night, hllm: dict[str, Any], do_promote: bool) -> None:
             who = f"nightly-retrain flow run {report.flow_run_name or n.run_id}"
             gate = T.promotion_gate.with_options(**n.io)(n.cfg, report.registered_version, who)
             report.alias, report.promotion = gate["alias"], gate["message"]
+            report.promotion_accepted = bool(gate["passed"])
     else:
         report.promotion = "skipped (promote=false)"
     with n.stage("prune-old-runs"):
@@ -364,7 +365,9 @@ def _try(fn) -> Any:
 
 def _finish(cfg, report: RunReport, parent: str | None, open_children: list[str], killed: bool = False) -> None:
     """Close the MLflow runs (KILLED when the run was stopped), publish the summary (Prefect artifact,
-    MLflow, reports/nightly/)."""
+    MLflow, reports/nightly/). The parent run gets the summary as its description, each model's test
+    metrics and the promotion outcome (:meth:`RunReport.parent_metrics` / ``parent_tags``); each
+    model's child run a short description (:meth:`RunReport.child_note`)."""
     from prefect.artifacts import create_markdown_artifact
 
     from hllm.ops import tracking
@@ -382,16 +385,14 @@ def _finish(cfg, report: RunReport, parent: str | None, open_children: list[str]
         tr = tracking.attach(parent, cfg)
         _try(lambda: tr.log_text(md, "summary.md"))
         _try(lambda: tr.log_dict(report.to_dict(), "summary.json"))
-        _try(
-            lambda: tr.set_tags(
-                {
-                    "hllm.flow_status": report.status,
-                    "hllm.snapshot": report.snapshot or "synth",
-                    **({"hllm.registered_version": report.registered_version} if report.registered_version else {}),
-                }
-            )
-        )
+        _try(lambda: tr.set_tags(report.parent_tags()))
+        _try(lambda: tr.log_metrics(report.parent_metrics(), step=0))
+        _try(lambda: tr.set_note(md))
         _try(lambda: tr.finish(status))
+    own = set(report.run_ids.values())
+    for row in report.models:
+        if row.run_id in own:  # this night's runs (not the champion's)
+            _try(lambda r=row: tracking.attach(r.run_id, cfg).set_note(report.child_note(r)))
     _try(
         lambda: create_markdown_artifact(
             markdown=md, key=ARTIFACT_KEY, description=f"{FLOW_NAME} {report.run_name}: {report.headline()}"

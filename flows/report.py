@@ -9,6 +9,7 @@ which MLflow runs it left.
 from __future__ import annotations
 
 import json
+import math
 import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ class RunReport:
     model_name: str = ""
     alias: str | None = None  # alias the version holds after the gate
     promotion: str = ""
+    promotion_accepted: bool | None = None  # the gate's verdict; None when it did not run
     tracking_uri: str = ""
     experiment_id: str = ""
     parent_run_id: str | None = None
@@ -124,6 +126,67 @@ class RunReport:
         )
         notes = [f"  {r.label}: {r.note}" for r in self.models if r.note]
         return "\n".join([fmt(head)] + [fmt(r) for r in rows] + notes)
+
+    # ------------------------------------------------------------------ on the MLflow parent run
+
+    def promotion_outcome(self) -> str:
+        """``champion`` (first one) | ``challenger`` | ``refused`` | ``skipped`` | ``not run``."""
+        if self.promotion_accepted is None:
+            return "skipped" if self.promotion.startswith("skipped") else "not run"
+        if not self.promotion_accepted:
+            return "refused"
+        return self.alias or "accepted"
+
+    def parent_metrics(self) -> dict[str, float]:
+        """The headline test metrics of each model, ``<role>/test/<metric>`` (``hllm/test/ndcg_at_10``,
+        ``sasrec/...``, ``pop/...``, ``champion/...`` when it was re-evaluated on today's data), and
+        ``promotion/accepted`` (1/0) once the gate ran, so *Compare* across nights works on the
+        parent runs alone. ``@`` is ``_at_`` as in every other metric name of the project."""
+        out: dict[str, float] = {}
+        names = self.metric_names()
+        for r in self.models:
+            role = "champion" if r.label.startswith("champion") else r.kind
+            for n in names:
+                v = r.metrics.get(n)
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    out[f"{role}/test/{n.replace('@', '_at_')}"] = float(v)
+        if self.promotion_accepted is not None:
+            out["promotion/accepted"] = 1.0 if self.promotion_accepted else 0.0
+        return out
+
+    def parent_tags(self) -> dict[str, str]:
+        """Outcome tags of the parent run (the description is :meth:`markdown`)."""
+        tags = {
+            "hllm.flow_status": self.status,
+            "hllm.snapshot": self.snapshot or "synth",
+            "hllm.promotion.outcome": self.promotion_outcome(),
+            "hllm.promotion.alias": self.alias or "none",
+        }
+        if self.registered_version:
+            tags["hllm.registered_version"] = self.registered_version
+        if self.failed_stage:
+            tags["hllm.failed_stage"] = self.failed_stage
+        return tags
+
+    def child_note(self, row: ModelRow) -> str:
+        """The description of a model's child run: what it is, on which data, its test NDCG/Recall@10."""
+        k = 10 if 10 in self.ks else (self.ks[0] if self.ks else 10)
+        vals = ", ".join(
+            f"{m}@{k} **{100 * row.metrics[f'{m.lower()}@{k}']:.2f} %**"
+            for m in ("NDCG", "Recall")
+            if f"{m.lower()}@{k}" in row.metrics
+        )
+        lines = [
+            f"**{row.label}** (model kind `{row.kind}`) of nightly-retrain `{self.run_name}`",
+            "",
+            f"- data version `{self.data.get('data_version', '?')}`, protocol `{self.protocol_hash or '?'}`",
+            f"- test: {vals or 'not evaluated'} (full ranking over every item)",
+        ]
+        if row.note:
+            lines.append(f"- {row.note}")
+        if self.parent_run_id:
+            lines.append(f"- flow run: [{self.parent_run_id}]({self.run_url(self.parent_run_id)})")
+        return "\n".join(lines) + "\n"
 
     # ------------------------------------------------------------------ renderings
 

@@ -49,7 +49,11 @@ CHALLENGER = "challenger"
 MODEL_ARTIFACT = "model"  # the pyfunc folder inside the training run
 HISTORY_TAG = "hllm.champion_history"  # registered-model tag: JSON list of champion versions, oldest first
 AUDIT_RUN = "registry-audit"
+TAG_REFUSED = "hllm.gate.refused"  # version tag: why the last promotion of this version was refused
+TAG_REFUSED_AT = "hllm.gate.refused_at"
 _HISTORY_MAX = 100
+_DESC_MAX = 5000  # MLflow's limit on a model version description (SQL column)
+_DESC_HISTORY = "**History**"
 
 
 class RegistryError(RuntimeError):
@@ -136,6 +140,69 @@ def _history(client: "MlflowClient", name: str) -> list[str]:
 
 def _set_history(client: "MlflowClient", name: str, history: list[str]) -> None:
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-_HISTORY_MAX:]))
+
+
+# --------------------------------------------------------------------------- version descriptions
+#
+# What the registry UI shows first on a version's page: where it came from (written at registration)
+# and, under "History", one line per gate verdict and alias move (newest last), with the numbers.
+
+
+def _today() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.2f} %"
+
+
+def registration_description(cfg: Config, run: Any) -> str:
+    """The description of a new version: model kind, run, data version, protocol, test metrics."""
+    rt, m = run.data.tags, run.data.metrics
+    shown = dict.fromkeys([cfg.registry.gate_metric, "ndcg@10", "recall@10"])
+    tests = ", ".join(
+        f"{k.replace('ndcg', 'NDCG').replace('recall', 'Recall')} **{_pct(m[tracking.metric_key(k, 'test')])}**"
+        for k in shown
+        if tracking.metric_key(k, "test") in m
+    )
+    lines = [
+        f"**{rt.get(tracking.TAG_MODEL_KIND, 'model')}** from run `{run.info.run_name}` (`{run.info.run_id}`), "
+        f"registered {_today()}",
+        "",
+        f"- data version `{rt.get(tracking.TAG_DATA_VERSION, '?')}` "
+        f"(data.dvc md5 `{rt.get(tracking.TAG_DVC_MD5, '?')}`)",
+        f"- evaluation protocol `{rt.get(tracking.TAG_PROTOCOL, '?')}`",
+        f"- test: {tests or 'no test metrics on the run'} (full ranking over every item)",
+    ]
+    if rt.get(tracking.TAG_FLOW_RUN):
+        lines.append(f"- nightly flow run `{rt[tracking.TAG_FLOW_RUN]}`")
+    return "\n".join(lines)
+
+
+def _with_event(description: str, line: str, limit: int = _DESC_MAX) -> str:
+    """``description`` with ``line`` appended under History; the oldest history lines go first
+    when it would not fit MLflow's limit."""
+    head, _, hist = (description or "").partition(_DESC_HISTORY)
+    events = [e for e in hist.strip().splitlines() if e.strip()] + [f"- {line}"]
+    head = head.rstrip()
+    while True:
+        out = (head + "\n\n" if head else "") + _DESC_HISTORY + "\n\n" + "\n".join(events)
+        if len(out) <= limit or len(events) == 1:
+            return out[:limit]
+        events.pop(0)
+
+
+def _describe(client: "MlflowClient", name: str, version: str, line: str) -> None:
+    """Append ``line`` to the version's description. Best effort: the move it describes has happened."""
+    try:
+        desc = client.get_model_version(name, version).description or ""
+        client.update_model_version(name, version, description=_with_event(desc, line))
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not update the description of %s v%s: %s", name, version, e)
+
+
+def _gate_line(res: GateResult) -> str:
+    return f"protocol `{res.protocol_hash}`, data version `{res.data_version}`"
 
 
 # --------------------------------------------------------------------------- audit log
@@ -286,7 +353,9 @@ def register_version(
     }
     vtags.update({k: str(v) for k, v in (tags or {}).items()})
     source = source or f"runs:/{run_id}/{MODEL_ARTIFACT}"
-    mv = client.create_model_version(name, source, run_id=run_id, tags=vtags)
+    mv = client.create_model_version(
+        name, source, run_id=run_id, tags=vtags, description=registration_description(cfg, run)
+    )
     log.info("registered %s version %s from run %s", name, str(mv.version), run_id)
     return mv
 
@@ -398,6 +467,7 @@ def promote(
         why = reason or "first champion: there was no champion to compare with"
         ev = _move(cfg, client, CHAMPION, v, actor=actor, reason=why, action="promote", previous=None)
         _set_history(client, name, [*_history(client, name), v])
+        _describe(client, name, v, f"{_today()}: **first champion** of {name} (no champion to gate against; {actor})")
         return MoveResult(
             CHAMPION, v, f"version {v} is the first champion of {name} (no champion to gate against)", events=[ev]
         )
@@ -410,6 +480,13 @@ def _refuse(cfg: Config, client: MlflowClient, alias: str, v: str, actor: str, r
     """Record a refused move in the audit log (the caller raises :class:`PromotionRefused`)."""
     event = {"action": "refused", "alias": alias, "version": v, "actor": actor, "reason": res.reason, **extra}
     record(cfg, event, client)
+    name = cfg.registry.model_name
+    try:
+        client.set_model_version_tag(name, v, TAG_REFUSED, f"{alias}: {res.reason}"[:5000])
+        client.set_model_version_tag(name, v, TAG_REFUSED_AT, _now())
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not tag %s v%s as refused: %s", name, v, e)
+    _describe(client, name, v, f"{_today()}: **refused as {alias}** ({actor}): {res.reason}; {_gate_line(res)}")
 
 
 def _ab_tags(cfg: Config, res: GateResult, champion: ModelVersion, share: float) -> dict[str, Any]:
@@ -465,6 +542,15 @@ def _to_challenger(
     why = reason or f"gate passed ({res.metric} {res.candidate:.5f} vs {res.champion:.5f})"
     extra = {"share": share, "gate": _gate_dict(res)}
     ev = _move(cfg, client, CHALLENGER, v, actor=actor, reason=why, action="promote", previous=previous, extra=extra)
+    _describe(
+        client,
+        name,
+        v,
+        f"{_today()}: **challenger** with {share:.0%} of the traffic against champion v{champion.version} "
+        f"({actor}): gate {res.reason}; {_gate_line(res)}",
+    )
+    if previous:
+        _describe(client, name, previous, f"{_today()}: challenger replaced by v{v}")
     message = (
         f"version {v} is the challenger with {share:.0%} of the traffic against champion "
         f"v{str(champion.version)}; {res.reason}"
@@ -507,6 +593,8 @@ def _to_champion(
     for k, val in {"removed_by": actor, "removed_at": _now(), "removed_reason": "became champion"}.items():
         client.set_model_version_tag(name, v, f"alias.{CHALLENGER}.{k}", val)
     _set_history(client, name, [*_history(client, name), v])
+    _describe(client, name, v, f"{_today()}: **champion** (was v{champ}; {actor}): {why}")
+    _describe(client, name, champ, f"{_today()}: champion replaced by v{v}: {why}")
     message = f"version {v} is the champion (was v{champ}); A/B test closed"
     return MoveResult(CHAMPION, v, message, previous=champ, gate=res, events=events)
 
@@ -524,6 +612,7 @@ def end_ab(cfg: Config, reason: str = "", actor: str | None = None) -> MoveResul
     )
     for k, val in {"ab.status": "lost", "ab.end": _now()}.items():
         client.set_model_version_tag(name, str(challenger.version), k, val)
+    _describe(client, name, str(challenger.version), f"{_today()}: A/B test lost, challenger removed: {why}")
     return MoveResult(
         "end_ab",
         str(challenger.version),
@@ -576,6 +665,8 @@ def rollback(
     actor = actor or default_actor()
     ev = _move(cfg, client, CHAMPION, prev, actor=actor, reason=why, action="rollback", previous=str(champion.version))
     client.set_model_version_tag(name, str(champion.version), "hllm.rolled_back_at", _now())
+    _describe(client, name, str(champion.version), f"{_today()}: rolled back to v{prev}: {why}")
+    _describe(client, name, prev, f"{_today()}: **champion again** (rollback of v{champion.version}): {why}")
     _set_history(client, name, history)
     return MoveResult(
         "rollback",

@@ -59,6 +59,12 @@ TAG_PROTOCOL = "hllm.protocol_hash"
 TAG_FLOW_RUN = "prefect.flow_run_id"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"  # MLflow's own key: the UI links it
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own key: the UI nests the run under it
+TAG_NOTE = "mlflow.note.content"  # MLflow's own key: the run's (markdown) description on its page
+# MLflow's own experiment tag: without it the UI infers the kind and may open a model-training
+# experiment on its GenAI overview (traces) instead of the runs table
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+MAX_NOTE_LEN = 8000  # MLflow's limit on a tag value
 
 _MAX_PARAM_LEN = 6000
 _BATCH = 100  # MLflow's per-request limit for params/tags
@@ -89,8 +95,10 @@ def _default_artifact_location(uri: str) -> str | None:
 def configure(cfg: Config, experiment: str | None = None) -> str:
     """Point MLflow at the configured store and return the experiment id (created if missing).
 
-    Also sets the process-wide tracking/registry URI, so ``mlflow.pyfunc.load_model("models:/...")``
-    resolves against the same store.
+    Every experiment it returns carries ``mlflow.experimentKind=custom_model_development`` (set at
+    creation, and added to an existing experiment that lacks it), so the MLflow UI opens it on the
+    runs table. Also sets the process-wide tracking/registry URI, so
+    ``mlflow.pyfunc.load_model("models:/...")`` resolves against the same store.
     """
     import mlflow
 
@@ -103,15 +111,28 @@ def configure(cfg: Config, experiment: str | None = None) -> str:
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        _ensure_kind(client, exp)
         return exp.experiment_id
     location = cfg.tracking.artifact_location or _default_artifact_location(uri)
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
     except Exception:  # a concurrent process created it between the two calls
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
+        _ensure_kind(client, exp)
         return exp.experiment_id
+
+
+def _ensure_kind(client: "MlflowClient", exp: Any) -> None:
+    """Tag an experiment created before the kind was set (or by someone else); a kind already
+    chosen (e.g. by a user in the UI) is left alone. Best effort: a read-only store still works."""
+    if (exp.tags or {}).get(TAG_EXPERIMENT_KIND):
+        return
+    try:
+        client.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
+    except Exception as e:  # noqa: BLE001  (e.g. no permission on a shared server)
+        log.warning("could not tag experiment %s with %s: %s", exp.name, TAG_EXPERIMENT_KIND, e)
 
 
 def client(cfg: Config) -> "MlflowClient":
@@ -217,6 +238,10 @@ class Tracker:
             self.client.log_artifacts(self._active_run_id, str(p), artifact_path)
         else:
             self.client.log_artifact(self._active_run_id, str(p), artifact_path)
+
+    def set_note(self, markdown: str) -> None:
+        """The run's description (``mlflow.note.content``, markdown), cut to MLflow's tag limit."""
+        self.set_tags({TAG_NOTE: note_text(markdown)})
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.active:
@@ -355,6 +380,7 @@ class Tracker:
                 "hllm.best_step": result.best_step,
                 "hllm.select_metric": result.select_metric or None,
                 "hllm.stopped_early": str(bool(result.stopped_early)).lower(),
+                "hllm.stopped_by_budget": str(bool(getattr(result, "stopped_by_budget", False))).lower(),
             }
         )
         if result.best_value is not None and result.select_metric:
@@ -380,7 +406,6 @@ def _sequences_dataset(built: Path, dv: DataVersion):
     interactions = sum(
         meta.row_group(g).column(c).num_values
         for g in range(meta.num_row_groups)
-                "hllm.stopped_by_budget": str(bool(getattr(result, "stopped_by_budget", False))).lower(),
         for c in range(meta.num_columns)
         if meta.row_group(g).column(c).path_in_schema.startswith("items")
     )
@@ -404,6 +429,15 @@ def _sequences_dataset(built: Path, dv: DataVersion):
         schema=json.dumps({"mlflow_colspec": schema.to_dict()}),
         profile=json.dumps(profile),
     )
+
+
+def note_text(markdown: str, limit: int = MAX_NOTE_LEN) -> str:
+    """``markdown`` as a run description: cut at a line end to fit ``limit`` characters."""
+    if len(markdown) <= limit:
+        return markdown
+    tail = "\n\n_(cut to fit MLflow's description limit; the full text is an artifact of this run)_\n"
+    head = markdown[: limit - len(tail)]
+    return head[: head.rfind("\n") + 1 or len(head)] + tail
 
 
 def _param_value(v: Any) -> str:
