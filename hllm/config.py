@@ -194,8 +194,18 @@ class ProtocolConfig:
 
 
 @dataclass
+class SliceConfig:
+    """How evaluation splits users into slices (``hllm.evaluation.slices``); reported beside the
+    overall metrics, not part of the protocol hash (the overall numbers do not depend on it)."""
+
+    head_share: float = 0.2  # head items: the most popular 20% of the items seen in training
+    short_history: int = 5  # short histories: at most this many items before the target
+
+
+@dataclass
 class EvalConfig:
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    slices: SliceConfig = field(default_factory=SliceConfig)
     user_chunk: int = 256  # users scored per chunk; scores in memory = user_chunk x item_chunk floats
     item_chunk: int = 65_536
     item_batch: int = 128  # items per Item-LLM forward when encoding the catalogue

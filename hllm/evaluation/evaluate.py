@@ -36,6 +36,7 @@ from hllm.config import Config, ProtocolConfig, protocol_hash
 from hllm.data.dataset import PAD, BuiltData, Sequences, eval_split
 from hllm.distributed import rank_world
 from hllm.evaluation import metrics as M
+from hllm.evaluation import slices as S
 from hllm.evaluation.item_cache import cached_item_embeddings, item_embedding_table
 from hllm.evaluation.ranking import rank_items
 from hllm.evaluation.results import EvalResult
@@ -125,11 +126,19 @@ def evaluate(
             if item_table.shape[0] != built.n_items:
                 raise ValueError(f"item table has {item_table.shape[0]} rows, dataset has {built.n_items} item slots")
             items = torch.nn.functional.normalize(item_table, dim=-1) if m.normalize else item_table
-            users, ranks = _rank_split(model, item_table, items, es, cfg, progress)
+            counts = S.item_train_counts(built.sequences, built.n_items)
+            # an ID model's rows of items that never occurred in training are untrained: no candidates, misses
+            unseen = None if m.scores_unseen_items else (counts == 0)
+            users, ranks = _rank_split(model, item_table, items, es, cfg, progress, unseen)
     finally:
         m.train(was_training)
     per_user = M.per_user_metrics(ranks, p.ks)
     per_user["rank"] = ranks
+    if not np.array_equal(users, es.users):
+        raise RuntimeError("evaluation users came back in another order than the split's")  # never: both sorted
+    sc = cfg.eval.slices
+    masks = S.slice_masks(es.targets, es.full_history.lengths, counts, head_share=sc.head_share,
+                          short_history=sc.short_history)  # fmt: skip
     res = EvalResult(
         split=split,
         metrics=M.mean_metrics(per_user),
@@ -142,13 +151,20 @@ def evaluate(
         n_masked_targets=int((ranks == M.MASKED).sum()),
         seconds=time.perf_counter() - t0,
         checkpoint=str(checkpoint_dir) if checkpoint_dir is not None else None,
+        slices=S.slice_metrics(per_user, masks),
     )
     log.info("%s: %s (%d users, %.1fs)", split, _fmt(res.metrics), res.n_users, res.seconds)
     return res
 
 
 def _rank_split(
-    model, item_table: torch.Tensor, items: torch.Tensor, es, cfg: Config, progress: bool
+    model,
+    item_table: torch.Tensor,
+    items: torch.Tensor,
+    es,
+    cfg: Config,
+    progress: bool,
+    not_candidates: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ranks for the users of one split; sharded by contiguous user blocks under torchrun.
 
@@ -178,6 +194,7 @@ def _rank_split(
         len(sel_p),
         targets=es.targets[sel_p],
         exclude=excl,
+        not_candidates=not_candidates,
         user_chunk=cfg.eval.user_chunk,
         item_chunk=cfg.eval.item_chunk,
         progress=progress and rank == 0,

@@ -55,6 +55,7 @@ def rank_items(
     *,
     targets: np.ndarray | None = None,
     exclude: Sequences | None = None,
+    not_candidates: np.ndarray | None = None,
     k: int = 0,
     user_chunk: int = 256,
     item_chunk: int = 65_536,
@@ -66,8 +67,11 @@ def rank_items(
     ``users``: [n, d] tensor, or ``fn(lo, hi) -> [hi - lo, d]`` so that user
     embeddings are also produced chunk by chunk. ``items``: [N, d]; row 0 is the
     padding item and is never a candidate. ``exclude``: per user row, item idx
-    that are not candidates (the seen history). Returns exact target ranks
-    (pessimistic ties) and/or the top-``k`` item idx and scores.
+    that are not candidates (the seen history). ``not_candidates``: a bool mask over item idx that are
+    no candidate for anyone (an ID model's items that never occurred in training: their rows are
+    untrained, so they may neither be recommended nor be a hit). A target excluded either way is
+    a miss (:data:`~hllm.evaluation.metrics.MASKED`). Returns exact target ranks (pessimistic ties)
+    and/or the top-``k`` item idx and scores.
     """
     from tqdm.auto import tqdm
 
@@ -88,6 +92,10 @@ def rank_items(
             raise ValueError(f"{len(targets)} targets for {n_users} users")
         if len(targets) and (targets.min() <= PAD or targets.max() >= n_items):
             raise ValueError(f"targets must be item idx in 1..{n_items - 1}")
+    if not_candidates is not None:
+        not_candidates = np.asarray(not_candidates, dtype=bool)
+        if not_candidates.shape != (n_items,):
+            raise ValueError(f"not_candidates has shape {not_candidates.shape}, want ({n_items},)")
     ranks = np.zeros(n_users, dtype=np.int64) if targets is not None else None
     top_i = np.full((n_users, k), -1, dtype=np.int64) if k else None
     top_s = np.full((n_users, k), -np.inf, dtype=np.float32) if k else None
@@ -109,6 +117,8 @@ def rank_items(
             higher = torch.zeros(b, dtype=torch.int64, device=items.device)
             masked_t = np.zeros(b, dtype=bool)
             masked_t[rows_x[cols_x == t_idx[rows_x]]] = True
+            if not_candidates is not None:
+                masked_t |= not_candidates[t_idx]
         run_s = torch.full((b, 0), neg_inf, device=items.device)
         run_i = torch.zeros((b, 0), dtype=torch.int64, device=items.device)
         for a in range(0, n_items, item_chunk):
@@ -116,6 +126,8 @@ def rank_items(
             s = u @ items[a:e].T  # [b, e - a]
             if a == 0:
                 s[:, PAD] = neg_inf
+            if not_candidates is not None and not_candidates[a:e].any():
+                s[:, torch.from_numpy(not_candidates[a:e]).to(s.device)] = neg_inf
             x0, x1 = np.searchsorted(cols_x, [a, e])
             if x1 > x0:
                 s[torch.from_numpy(rows_x[x0:x1]).to(s.device), torch.from_numpy(cols_x[x0:x1] - a).to(s.device)] = (

@@ -3,7 +3,8 @@
 A result is a folder with two files::
 
     metrics.json   {"split", "metrics" (fractions), "protocol_hash", "protocol", "data_version",
-                    "n_users", "n_items", "n_masked_targets", "seconds", "checkpoint"}
+                    "n_users", "n_items", "n_masked_targets", "seconds", "checkpoint",
+                    "slices" ({slice: {"n": users, metric: value}}, hllm.evaluation.slices)}
     per_user.npz   "users" (int32 user idx) + one array per metric, aligned (the gate bootstraps them)
 
 ``hllm evaluate`` writes it under ``reports/eval/<run>/<split>/``; in MLflow it lives under
@@ -41,6 +42,7 @@ class EvalResult:
     seconds: float = 0.0
     checkpoint: str | None = None
     data_version: str | None = None  # d<dvc md5>-s<sequences md5> (hllm.data.versioning)
+    slices: dict[str, dict[str, float]] = field(default_factory=dict)  # {slice: {"n", metric}}: evaluation.slices
 
     def __post_init__(self) -> None:
         n = len(self.users)
@@ -76,6 +78,7 @@ class EvalResult:
             "seconds": round(self.seconds, 3),
             "checkpoint": self.checkpoint,
             "data_version": self.data_version,
+            "slices": self.slices,
         }
 
     def save(self, out_dir: str | Path) -> Path:
@@ -123,6 +126,7 @@ class EvalResult:
             seconds=s.get("seconds", 0.0),
             checkpoint=s.get("checkpoint"),
             data_version=s.get("data_version"),
+            slices=s.get("slices", {}),
         )
 
 

@@ -42,6 +42,10 @@ class SeqRecModel(nn.Module):
     # whether the item table is worth an on-disk cache (``hllm.evaluation.item_cache.cached_item_embeddings``):
     # yes for an encoder over item text, no for an ID-table lookup that costs nothing to recompute
     cache_item_embeddings: bool = True
+    # whether an item that never occurred in training gets a meaningful embedding: yes when items are
+    # embedded from their content (HLLM's text), no for an ID table whose row of such an item is untrained
+    # (evaluation then treats those items as no candidates and their targets as misses)
+    scores_unseen_items: bool = False
 
     def item_inputs_fingerprint(self) -> str | None:
         """Hash of what the item tower reads besides its weights (HLLM: the item token cache), or

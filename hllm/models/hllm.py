@@ -42,6 +42,7 @@ PROJECTIONS = ("auto", "linear", "none")
 
 class HLLM(SeqRecModel):
     normalize = True
+    scores_unseen_items = True  # every item is embedded from its text, seen in training or not
     # item embeddings depend on the Item LLM (+ [ITEM] vector) and the projection only
     item_state_prefixes = ("item.", "proj.")
 

@@ -22,6 +22,9 @@ from hllm.models.base import LossOutput, SeqRecModel
 class Popularity(SeqRecModel):
     normalize = False
     cache_item_embeddings = False  # a table lookup: recomputing is cheaper than a disk cache
+    # an item never seen in training has count 0, its true popularity: a real (lowest) score that ties
+    # with the other unseen items and ranks pessimistically among them, not an untrained row
+    scores_unseen_items = True
     counts: torch.Tensor  # registered buffer
 
     def __init__(self, counts: np.ndarray | torch.Tensor):

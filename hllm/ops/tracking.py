@@ -314,6 +314,8 @@ class Tracker:
             return art_dir
         if log_as_metrics:
             self.log_metrics(result.metrics, step=0, prefix=f"{result.split}/")
+            for name, row in result.slices.items():  # e.g. test/slice/new_items/recall_at_10, .../n
+                self.log_metrics(row, step=0, prefix=f"{result.split}/slice/{name}/")
             self.set_tags({TAG_PROTOCOL: result.protocol_hash})
         with tempfile.TemporaryDirectory() as tmp:
             dataclasses.replace(result, data_version=data_ver).save(tmp)

@@ -178,3 +178,26 @@ def test_cli_push_and_pull_follow_the_stack_remote_variable(tmp_path, monkeypatc
     pulled = CliRunner().invoke(app, ["data", "pull"])
     assert pulled.exit_code == 0, pulled.output
     assert f"dataset version {md5}" in pulled.output
+
+
+def test_bare_dvc_pull_in_a_clone_restores_the_dataset(tmp_path):
+    """The user story as written: in a clone of a project whose data version was pushed, a bare
+    `dvc pull` (no target) exits 0 and restores data/raw. The project's own dvc.yaml and dvc.lock
+    name the pipeline outputs (data/built, runs/, exports/); they are never pushed, so they must be
+    `cache: false`, or the bare pull fails on them."""
+    origin = new_repo(tmp_path / "origin")
+    for f in ("params.yaml", "dvc.yaml", "dvc.lock"):
+        shutil.copy(REPO / f, origin / f)
+    remote = configure_remote(origin, "local")
+    synth(origin, "synth.n_users=40", "synth.n_items=50")
+    pushed = add_and_push(repo=origin, remote=remote)
+    raw = fingerprint(origin / "data" / "raw")
+    git(origin, "add", "-A")
+    git(origin, "commit", "-q", "-m", "data version")
+
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(origin), str(clone))
+    proc = subprocess.run([sys.executable, "-m", "dvc", "pull"], cwd=clone, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert fingerprint(clone / "data" / "raw") == raw and read_version(clone / "data.dvc").md5 == pushed.md5
+    assert not (clone / "data" / "built").exists()  # rebuilt by `dvc repro`, not pulled

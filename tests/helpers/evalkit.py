@@ -19,10 +19,12 @@ from hllm.models.base import LossOutput, SeqRecModel
 
 class TableModel(SeqRecModel):
     """Item embedding = a row of a fixed table; user embedding = the last real
-    history item's embedding (``mode="last"``), the masked mean (``"mean"``) or sum (``"sum"``)."""
+    history item's embedding (``mode="last"``), the masked mean (``"mean"``) or sum (``"sum"``).
+    Every row is meaningful (a content-like table), unseen items included, unless ``id_model``."""
 
-    def __init__(self, table: np.ndarray, normalize: bool = False, mode: str = "last"):
+    def __init__(self, table: np.ndarray, normalize: bool = False, mode: str = "last", id_model: bool = False):
         super().__init__()
+        self.scores_unseen_items = not id_model
         self.table = torch.nn.Parameter(torch.as_tensor(np.asarray(table), dtype=torch.float32))
         self.normalize = normalize
         self.mode = mode
@@ -100,6 +102,7 @@ class TextModel(SeqRecModel):
     not depend on the catalogue and new items can be encoded."""
 
     item_state_prefixes = ("proj.",)
+    scores_unseen_items = True  # a text tower: an item never seen in training is encoded like any other
 
     def __init__(self, texts: list[str], dim: int = 8, seed: int = 0):
         super().__init__()
