@@ -81,6 +81,7 @@ class Guardrails:
     """Non-inferiority margins (the worst acceptable challenger-minus-champion degradation)."""
 
     p99_latency_rel: float = 0.25  # challenger p99 latency at most 25 % above the champion's
+    latency_q: float = 0.99  # the latency quantile (a p99 needs a few thousand requests per arm to be stable)
     fallback_rate_abs: float = 0.01  # at most +1 point of exposures with a fallback or an error
     coverage_rel: float = 0.10  # catalogue coverage at most 10 % below the champion's
     n_boot: int = 1000
@@ -514,12 +515,12 @@ def analyze_frames(
     if guardrails is not None and n_c >= 2 and n_t >= 2:
         mc, mt = ex_arm == 0, ex_arm == 1
         lat = ex["latency_ms"].to_numpy(dtype=np.float64)
-        if np.quantile(lat[mc], 0.99) > 0:
+        if np.quantile(lat[mc], guardrails.latency_q) > 0:
             results.append(
                 stats.quantile_non_inferiority(
-                    lat[mc], lat[mt], guardrails.p99_latency_rel, q=0.99, relative=True, alpha=alpha,
-                    n_boot=guardrails.n_boot, seed=guardrails.seed, control_units=eu[mc], treatment_units=eu[mt],
-                    name="p99_latency",
+                    lat[mc], lat[mt], guardrails.p99_latency_rel, q=guardrails.latency_q, relative=True,
+                    alpha=alpha, n_boot=guardrails.n_boot, seed=guardrails.seed, control_units=eu[mc],
+                    treatment_units=eu[mt], name=f"p{100 * guardrails.latency_q:g}_latency",
                 )
             )  # fmt: skip
         bad_user = np.bincount(eu, weights=bad.to_numpy(dtype=np.float64), minlength=user_arm.size)

@@ -86,8 +86,12 @@ class HeldOutUser:
     next_item: str
 
 
-def held_out_users(built_dir: str | Path) -> list[HeldOutUser]:
-    """Every user with at least two interactions: (history = all but the last, next item = the last)."""
+def held_out_users(built_dir: str | Path, novel_only: bool = True) -> list[HeldOutUser]:
+    """Every user with at least two interactions: (history = all but the last, next item = the last).
+
+    ``novel_only`` skips users whose next item is already in their history: the service never
+    recommends an item the history holds, so such a user could never hit (offline Recall@K counts them
+    as misses; replaying them only dilutes both arms alike)."""
     from hllm.data.dataset import load_built
 
     built = load_built(built_dir)
@@ -98,9 +102,11 @@ def held_out_users(built_dir: str | Path) -> list[HeldOutUser]:
         if len(items) < 2:
             continue
         ids = [str(built.item_ids[i]) for i in items]
+        if novel_only and ids[-1] in ids[:-1]:
+            continue
         out.append(HeldOutUser(str(built.user_ids[u]), tuple(ids[:-1]), ids[-1]))
     if not out:
-        raise ValueError(f"{built_dir}: no user with two interactions to replay")
+        raise ValueError(f"{built_dir}: no user with two interactions (and a novel next item) to replay")
     return out
 
 
@@ -161,10 +167,12 @@ def simulate(
     max_history: int = 50,
     covariates_out: str | Path | None = None,
     request_timeout_s: float = 30.0,
+    novel_only: bool = True,
 ) -> ReplayReport:
     """Replay held-out users against the service at ``url`` (loopback only; see the module docstring).
 
-    ``users_from``: a built dataset (default ``cfg.paths.built_dir``). ``covariates_out``: a folder (the
+    ``users_from``: a built dataset (default ``cfg.paths.built_dir``); ``novel_only``: see
+    :func:`held_out_users`. ``covariates_out``: a folder (the
     service's log dir) to write ``covariates.parquet`` (unit_id, pre_activity = history length) into, the
     CUPED covariate the analysis reads. Returns counts; the service logs are the real output."""
     import httpx
@@ -172,7 +180,7 @@ def simulate(
     _check_loopback(url)
     if n_users < 1 or days < 1 or requests_per_user < 1 or max_requests < 1:
         raise ValueError("n_users, days, requests_per_user and max_requests must be >= 1")
-    pool = held_out_users(users_from or cfg.paths.built_dir)
+    pool = held_out_users(users_from or cfg.paths.built_dir, novel_only=novel_only)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(pool))
     sim = [(f"sim{seed}-{i}", pool[order[i % len(pool)]]) for i in range(n_users)]
