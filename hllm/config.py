@@ -65,6 +65,9 @@ class SynthConfig:
     n_users: int = 2000
     min_seq_len: int = 6
     max_seq_len: int = 30
+    # share of the catalogue launched late: those items are only bought in a user's last two interactions
+    # (validation and test), so most of them are never seen in training: the cold-start slice
+    new_item_share: float = 0.05
 
 
 @dataclass

@@ -22,6 +22,12 @@ or, rarely, anywhere; liked categories drift slowly. Within a pool items are
 drawn by a skewed popularity. So the category/brand/style words of recent
 items predict the next item far better than global popularity does.
 
+New items. ``synth.new_item_share`` of the catalogue launches late: such an item
+is only bought in a user's last two interactions (the validation and test
+targets) and is popular there (x ``LATE_BOOST``), so most of them never occur in
+any training part. An ID model cannot score them; a text model reads their
+words like any other item's: the cold-start slice of the evaluation.
+
 Generation is vectorised over users (a loop over positions only) and fully
 determined by ``synth.seed``: the same params give byte-identical parquet files,
 which is what lets ``data.dvc`` be committed and reproduced by anyone.
@@ -551,6 +557,7 @@ P_SAME_BRAND = 0.3  # when staying: same brand as the previous item
 P_PREFERRED_STYLE = 0.5  # otherwise: the user's style within the category
 P_DRIFT = 0.04  # per step: one liked category is replaced
 P_TIE = 0.1  # consecutive interactions logged in the same second (exercises the tie rule)
+LATE_BOOST = 4.0  # popularity multiplier of the late-launched items where they may be bought
 
 
 def _brand_names(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -589,6 +596,8 @@ def generate(p: SynthConfig) -> RawTables:
         raise ValueError("synth.n_items and synth.n_users must be >= 1")
     if not 1 <= p.min_seq_len <= p.max_seq_len:
         raise ValueError("synth: need 1 <= min_seq_len <= max_seq_len")
+    if not 0.0 <= p.new_item_share < 1.0:
+        raise ValueError(f"synth.new_item_share must be in [0, 1), got {p.new_item_share}")
     rng = np.random.default_rng(p.seed)
     cats = list(CATALOGUE)
     n_cat, n_sty, n_col = len(cats), len(STYLES), len(COLOURS)
@@ -605,6 +614,9 @@ def generate(p: SynthConfig) -> RawTables:
     item_style = rng.integers(0, n_sty, size=p.n_items)
     item_colour = rng.integers(0, n_col, size=p.n_items)
     item_pop = rng.lognormal(0.0, 1.0, size=p.n_items)
+    late = np.zeros(p.n_items, dtype=bool)  # launched late: only the last two interactions may buy them
+    late[rng.choice(p.n_items, size=int(round(p.new_item_share * p.n_items)), replace=False)] = True
+    item_pop = np.where(late, item_pop * LATE_BOOST, item_pop)
     brands = _brand_names(rng, n_cat * BRANDS_PER_CATEGORY)
 
     nouns = np.array([CATALOGUE[c][0][j] for c in cats for j in range(8)], dtype=object)
@@ -684,8 +696,15 @@ def generate(p: SynthConfig) -> RawTables:
             return out
 
         chosen = draw_pooled(users, rng.random(p.n_users))
-        # re-draw an item already in the user's history (only those rows; a few tries)
-        rows = np.nonzero((seq[:, :t] == chosen[:, None]).any(axis=1))[0] if t else np.zeros(0, dtype=np.int64)
+        early = t < lengths - 2  # a training position: no late-launched item yet
+
+        def bad(rows: np.ndarray, draw: np.ndarray) -> np.ndarray:
+            """Rows whose draw repeats their history or buys a late item before its launch."""
+            again = (seq[rows, :t] == draw[:, None]).any(axis=1) if t else np.zeros(len(rows), dtype=bool)
+            return again | (late[draw] & early[rows])
+
+        # re-draw those rows (a few tries; a rare leftover late item simply becomes a seen one)
+        rows = np.nonzero(bad(users, chosen))[0]
         for attempt in range(1, 8):
             if len(rows) == 0:
                 break
@@ -695,7 +714,8 @@ def generate(p: SynthConfig) -> RawTables:
             else:  # small brand/style pools may be exhausted: widen to the whole category
                 draw = by_cat(cur_cat[rows], u)
             chosen[rows] = draw
-            rows = rows[(seq[rows, :t] == draw[:, None]).any(axis=1)]
+            rows = rows[bad(rows, draw)]
+        rows = rows[(seq[rows, :t] == chosen[rows, None]).any(axis=1)] if t else rows[:0]
         repeat[rows, t] = True
         seq[:, t] = chosen
 
