@@ -3,7 +3,8 @@
 ``nightly-retrain/<flow.deployment>`` runs on ``flow.cron`` (``flow.timezone``) with a deployment
 concurrency limit of 1 (collision strategy ENQUEUE: a run due while another one runs waits in
 ``AwaitingConcurrencySlot`` and starts after it); ``promote/manual`` and ``rollback/manual`` have
-no schedule and are triggered from the UI or ``prefect deployment run``.
+no schedule and are triggered from the UI or ``prefect deployment run``; ``ab-analysis/daily`` decides the
+running A/B test from the service logs every morning (:data:`AB_CRON`).
 
 The same deployments, for a process work pool and worker instead of a serve process, are declared
 in ``prefect.yaml`` (``prefect deploy --all``).
@@ -17,6 +18,7 @@ from typing import Any
 from hllm.config import Config
 
 TAGS = ["hllm"]
+AB_CRON = "0 6 * * *"  # the A/B analysis looks once a day: its sequential test stays valid under daily peeking
 
 
 def _env_defaults() -> None:
@@ -39,6 +41,7 @@ def deployments(
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.schedules import Cron
 
+    from flows.ab_analysis import ab_analysis
     from flows.nightly import nightly_retrain
     from flows.registry import promote, rollback
 
@@ -58,6 +61,13 @@ def deployments(
         nightly,
         promote.to_deployment(name="manual", parameters=registry_params, tags=registry_tags),
         rollback.to_deployment(name="manual", parameters=registry_params, tags=registry_tags),
+        ab_analysis.to_deployment(
+            name="daily",
+            schedules=[Cron(AB_CRON, timezone=cfg.flow.timezone or None)],
+            paused=paused,
+            parameters=registry_params,
+            tags=TAGS + ["ab"],
+        ),
     ]
 
 

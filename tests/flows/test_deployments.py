@@ -220,4 +220,8 @@ def test_prefect_yaml_matches_params_yaml():
     from prefect.flows import load_flow_from_entrypoint
 
     names = {load_flow_from_entrypoint(str(REPO / d["entrypoint"])).name for d in spec["deployments"]}
-    assert names == {"nightly-retrain", "promote", "rollback"}
+    assert names == {"nightly-retrain", "promote", "rollback", "ab-analysis"}
+    from flows.deploy import AB_CRON
+
+    ab = next(d for d in spec["deployments"] if d["entrypoint"].endswith(":ab_analysis"))
+    assert ab["schedules"] == [{"cron": AB_CRON, "timezone": fc.timezone}]  # the same schedule as `hllm flows serve`
