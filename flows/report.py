@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 MODEL_LABELS = {"hllm": "HLLM", "sasrec": "SASRec", "pop": "popularity"}
+UI_WORKFLOW = "workflowType=machine_learning"  # the MLflow UI's "Model training" side, not its GenAI one
 
 
 @dataclass
@@ -67,7 +68,10 @@ class RunReport:
     # ------------------------------------------------------------------ links
 
     def run_url(self, run_id: str | None) -> str:
-        """A link to the run in the MLflow UI (the server's own UI, or ``mlflow ui`` on port 5000)."""
+        """A link to the run in the MLflow UI (the server's own UI, or ``mlflow ui`` on port 5000).
+
+        ``workflowType=machine_learning``: MLflow 3's UI opens on its GenAI views (traces, "Evaluation
+        runs") in a browser that has not chosen "Model training" yet, whatever the experiment's kind."""
         if not run_id:
             return ""
         base = (
@@ -75,7 +79,7 @@ class RunReport:
             if self.tracking_uri.startswith(("http://", "https://"))
             else "http://127.0.0.1:5000"
         )
-        return f"{base}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return f"{base}/#/experiments/{self.experiment_id}/runs/{run_id}?{UI_WORKFLOW}"
 
     def ui_command(self) -> str:
         """How to open the MLflow UI on this store."""

@@ -10,6 +10,8 @@ mkdir -p mlflow/artifacts
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 export MLFLOW_DISABLE_TELEMETRY="${MLFLOW_DISABLE_TELEMETRY:-true}"
 echo "MLflow UI on http://${host}:${port} (store: sqlite:///$PWD/mlflow/mlflow.db)"
+# MLflow 3 opens on its GenAI side until a browser picks "Model training" (top left) once
+echo "experiments: http://${host}:${port}/#/experiments?workflowType=machine_learning"
 # Runs logged by hllm keep their artifacts at file://$PWD/mlflow/artifacts (set per experiment);
 # --artifacts-destination is where experiments created through this server put theirs.
 exec "${MLFLOW:-.venv/bin/mlflow}" server \

@@ -53,7 +53,7 @@ def test_hllm_flows_run_nightly_prints_the_summary_and_the_hllm_run_holds_its_ev
     assert out[8] == f"MLflow store: {uri}"
     assert (
         out[9]
-        == f"MLflow run:   http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+        == f"MLflow run:   http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}?workflowType=machine_learning"
     )
     assert out[10].startswith(f"MLflow UI:    mlflow ui --backend-store-uri {uri} ")
     assert re.fullmatch(r"elapsed: \d+ min \d+ s", out[11]), out[11:]

@@ -98,7 +98,7 @@ def test_report_renders_success_and_failure():
     assert "**COMPLETED: registered hllm-recommender v3 -> alias 'challenger'**" in md
     assert "| HLLM (this run) | 50.00 | - | - | 25.00 |  |" in md
     assert "| champion v2 | 40.00 | - | - | - | not comparable |" in md
-    assert "[p1](http://mlflow:5000/#/experiments/1/runs/p1)" in md
+    assert "[p1](http://mlflow:5000/#/experiments/1/runs/p1?workflowType=machine_learning)" in md
     text = ok.console()
     assert "open http://mlflow:5000" in text and "data version dv1" in text
     assert RunReport.from_dict(ok.to_dict()).markdown() == md

@@ -102,7 +102,7 @@ def test_nightly_parent_run_carries_metrics_outcome_and_summary(cfg, monkeypatch
     assert f"[{runs['SASRec']}]({report.run_url(runs['SASRec'])})" in t[tracking.TAG_NOTE]
     # the Prefect artifact is the same markdown, with absolute links to the MLflow runs
     assert artifacts and artifacts[0]["markdown"] == report.markdown()
-    assert f"http://127.0.0.1:5000/#/experiments/{report.experiment_id}/runs/{parent}" in artifacts[0]["markdown"]
+    assert f"http://127.0.0.1:5000/#/experiments/{report.experiment_id}/runs/{parent}?workflowType=machine_learning" in artifacts[0]["markdown"]
 
     note = c.get_run(runs["HLLM"]).data.tags[tracking.TAG_NOTE]
     assert "model kind `hllm`" in note and "data version `dv-1`" in note and "NDCG@10 **30.00 %**" in note
