@@ -147,7 +147,8 @@ def report_of(project: Path, proc: Proc) -> dict:
 
 
 def test_a_run_killed_while_training_does_not_wedge_the_next_one(project, procs):
-    killed = Proc(nightly("train.max_steps=400"), project, "killed")
+    # long enough that the signal lands while it trains (the tiny set has ~11 steps per epoch)
+    killed = Proc(nightly("train.max_steps=5000", "train.epochs=1000"), project, "killed")
     procs.append(killed)
     child = wait_for_training(project, killed)  # the HLLM child run: it trains now
     dead_fr = child.data.tags["prefect.flow_run_id"]
@@ -225,7 +226,7 @@ def test_sigterm_while_waiting_for_a_live_holder_stops_at_once(project, procs):
 
 
 def test_sigterm_while_training_kills_the_runs_and_frees_the_slot(project, procs):
-    run = Proc(nightly("train.max_steps=400"), project, "stopped")
+    run = Proc(nightly("train.max_steps=5000", "train.epochs=1000"), project, "stopped")
     procs.append(run)
     child = wait_for_training(project, run)
     t0 = time.monotonic()

@@ -163,7 +163,7 @@ def test_registry_on_mlflow_server_with_s3_artifacts(cfg, tiny, server, monkeypa
     assert any("/audit/" in k for k in keys) and any(k.endswith("per_user.npz") for k in keys)
 
     # load by alias in a fresh process: the champion's recommendations
-    from test_registry_serving import predict_in_fresh_process
+    from tests.serving.test_pyfunc import predict_in_fresh_process
 
     from hllm.serving.recommend import Recommender
 
