@@ -311,7 +311,7 @@ def _train_and_evaluate(n: _Night, kinds: list[str], vreport: Any, champion: dic
         budget = mcfg.train.time_budget_s
         note = f"stopped by train.time_budget_s={budget:.0f} after {trained['steps']} steps" if trained.get(
             "stopped_by_budget") else ""  # fmt: skip
-        report.models.append(ModelRow(name, kind, ev["metrics"], child, note))
+        report.models.append(ModelRow(name, kind, ev["metrics"], child, note, ev.get("slices", {})))
     if champion:
         with n.stage("evaluate-champion"):
             champ = T.evaluate_champion(cfg, champion, report.protocol_hash, results["hllm"]["eval"]["data_version"])

@@ -26,6 +26,7 @@ class ModelRow:
     metrics: dict[str, float]  # fractions, keys like "recall@10"
     run_id: str | None = None
     note: str = ""
+    slices: dict[str, dict[str, float]] = field(default_factory=dict)  # hllm.evaluation.slices of the test split
 
 
 @dataclass
@@ -114,6 +115,31 @@ class RunReport:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(row) + " |" for row in self._rows()]
         return "\n".join(lines)
+
+    def slices_rows(self, k: int = 10) -> list[list[str]]:
+        """Recall@k per slice and model (%, users in brackets): where each model wins or loses;
+        ``new items`` is the cold-start slice an ID model cannot score."""
+        names = [("new_items", "new items"), ("tail_items", "tail items"), ("head_items", "head items"),
+                 ("short_history", "short history"), ("long_history", "long history")]  # fmt: skip
+        rows = []
+        for r in self.models:
+            if not r.slices:
+                continue
+            cells = [r.label]
+            for key, _ in names:
+                s = r.slices.get(key, {})
+                v = s.get(f"recall@{k}")
+                cells.append(f"{100 * v:.2f} ({int(s.get('n', 0))})" if v is not None else f"- ({int(s.get('n', 0))})")
+            rows.append(cells)
+        return [[f"R@{k} by slice"] + [n for _, n in names]] + rows if rows else []
+
+    def slices_text(self) -> str:
+        rows = self.slices_rows()
+        if not rows:
+            return ""
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        return "\n".join("  " + "  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])
+                                        for i, c in enumerate(r)) for r in rows)  # fmt: skip
 
     def metrics_text(self) -> str:
         if not self.models:
@@ -235,6 +261,11 @@ class RunReport:
             self.metrics_markdown(),
             "",
         ]
+        slices = self.slices_rows()
+        if slices:
+            md += ["Recall@10 by slice (%, users in brackets; new items never occurred in training):", ""]
+            md += ["| " + " | ".join(slices[0]) + " |", "|---|" + "---:|" * (len(slices[0]) - 1)]
+            md += ["| " + " | ".join(r) + " |" for r in slices[1:]] + [""]
         if self.status == "FAILED" and self.error:
             md += ["## Error", "", "```", self.error[-4000:], "```", ""]
         md += ["## MLflow", "", f"- tracking store: `{self.tracking_uri}`"]
@@ -258,6 +289,9 @@ class RunReport:
         if self.models:
             out.append(f"test metrics (%, full ranking, protocol {self.protocol_hash}):")
             out.append(self.metrics_text())
+            if self.slices_text():
+                out.append("by slice (recall@10 %, users; new items never occurred in training):")
+                out.append(self.slices_text())
         if self.promotion:
             out.append(f"promotion: {self.promotion}")
         out.append(f"MLflow store: {self.tracking_uri}")

@@ -262,6 +262,7 @@ def evaluate_model(cfg: Config, checkpoint: str, run_id: str) -> dict[str, Any]:
     return {
         "dir": str(base / "test"),
         "metrics": test.metrics,
+        "slices": test.slices,
         "protocol_hash": test.protocol_hash,
         "data_version": data_ver,
     }

@@ -120,6 +120,27 @@ def test_report_renders_success_and_failure():
     )
 
 
+def test_report_shows_the_cold_start_slices():
+    slices = {"new_items": {"n": 40.0, "recall@10": 0.3}, "head_items": {"n": 100.0, "recall@10": 0.25},
+              "tail_items": {"n": 60.0}}  # fmt: skip
+    rep = RunReport(
+        run_name="nightly-x",
+        ks=[10],
+        models=[
+            ModelRow("HLLM (this run)", "hllm", {"recall@10": 0.2}, "r1", slices=slices),
+            ModelRow("SASRec", "sasrec", {"recall@10": 0.1}, "r2", slices={"new_items": {"n": 40.0, "recall@10": 0.0}}),
+            ModelRow("champion v2", "hllm", {"recall@10": 0.2}, "r0"),  # no slices: no row
+        ],
+    )
+    rows = rep.slices_rows()
+    assert rows[0][:4] == ["R@10 by slice", "new items", "tail items", "head items"]
+    assert rows[1][:4] == ["HLLM (this run)", "30.00 (40)", "- (60)", "25.00 (100)"]
+    assert rows[2][:2] == ["SASRec", "0.00 (40)"] and len(rows) == 3
+    assert "| HLLM (this run) | 30.00 (40) | - (60) | 25.00 (100) |" in rep.markdown()
+    assert "new items never occurred in training" in rep.console()
+    assert RunReport.from_dict(rep.to_dict()).models[0].slices == slices  # survives the JSON summary
+
+
 def test_cli_rejects_a_bad_config_before_starting_prefect(tmp_path, monkeypatch, keep_root_logging):
     from hllm.cli import app
 
