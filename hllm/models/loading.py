@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import torch
 
+from hllm.data.dataset import CorruptFileError, verify_files
 from hllm.data.versioning import content_hash
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,12 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     p = Path(ckpt_dir) / "meta.json"
     if not p.exists():
         raise FileNotFoundError(f"{ckpt_dir}: not a checkpoint (no meta.json)")
-    meta = json.loads(p.read_text())
+    try:
+        meta = json.loads(p.read_text())
+    except ValueError as e:
+        raise CorruptFileError(f"{p}: unreadable meta.json (truncated or corrupted: {e})") from e
+    if not isinstance(meta, dict):
+        raise CorruptFileError(f"{p}: meta.json is not a JSON object (corrupted)")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{p}: checkpoint format {meta.get('format')!r}, this code reads format {FORMAT}")
     if "data_version" in meta and "content_hash" not in meta:
@@ -53,16 +59,51 @@ def _options(**kw):
     return StateDictOptions(full_state_dict=True, **kw)
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete step checkpoint of a run (``checkpoints/latest``, else the highest step)."""
+def verify_checkpoint(ckpt_dir: str | Path, names: list[str] | None = None) -> None:
+    """Check the files of a checkpoint (or only ``names``) against the sha256 + size its ``meta.json``
+    recorded (``files``); raise :class:`~hllm.data.dataset.CorruptFileError` naming the first bad one.
+
+    A recorded file that is absent counts as corrupt, except when only the files present are asked for
+    (``best/`` holds weights + meta, whose ``meta.json`` is the step checkpoint's and lists them all).
+    Checkpoints written before hashes were recorded have no ``files``: nothing to check (debug log).
+    Hashing streams each file once per process (see :func:`hllm.data.dataset.verify_file`)."""
+    d = Path(ckpt_dir)
+    files = read_meta(d).get("files")
+    if not files:
+        log.debug("%s: no file hashes in meta.json (older checkpoint); not verified", d)
+        return
+    verify_files(d, files, names)
+
+
+def latest_checkpoint(run_dir: str | Path, verify: bool = True) -> Path | None:
+    """The newest complete step checkpoint of a run (``checkpoints/latest``, else the highest step).
+
+    With ``verify`` (what ``--resume`` reads) every file is checked against its recorded hash: a
+    corrupt pointed checkpoint (a crash mid-copy, a full disk) is skipped with a warning for the newest
+    valid one; when every step checkpoint is corrupt, the error names the newest one's bad file."""
     root = Path(run_dir) / "checkpoints"
+    steps = sorted((p for p in root.glob(f"{STEP_PREFIX}*") if (p / "meta.json").exists()), reverse=True)
     pointer = root / LATEST
     if pointer.exists():
         p = root / pointer.read_text().strip()
         if (p / "meta.json").exists():
-            return p
-    steps = sorted(p for p in root.glob(f"{STEP_PREFIX}*") if (p / "meta.json").exists())
-    return steps[-1] if steps else None
+            steps = [p, *(s for s in steps if s != p)]
+    if not verify:
+        return steps[0] if steps else None
+    first_error: CorruptFileError | None = None
+    for p in steps:
+        try:
+            verify_checkpoint(p)
+        except CorruptFileError as e:
+            log.warning("skipping corrupt checkpoint %s: %s", p, e)
+            first_error = first_error or e
+            continue
+        if first_error is not None:
+            log.warning("using %s, the newest valid checkpoint (the newer one is corrupt: %s)", p, first_error)
+        return p
+    if first_error is not None:
+        raise CorruptFileError(f"{root}: no valid checkpoint, every one is corrupt; the newest: {first_error}")
+    return None
 
 
 def load_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
@@ -73,7 +114,12 @@ def load_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     path = Path(ckpt_dir) / "model.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"{ckpt_dir}: no model.safetensors")
-    sd = load_file(str(path))
+    if (Path(ckpt_dir) / "meta.json").exists():
+        verify_checkpoint(ckpt_dir, ["model.safetensors"])
+    try:
+        sd = load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError on a bad header
+        raise CorruptFileError(f"{path}: unreadable weights (truncated or corrupted: {e})") from e
     missing = set(_param_names(model)) - set(sd)
     unexpected = set(sd) - set(_param_names(model))
     if missing or unexpected:
