@@ -291,10 +291,10 @@ def verify_file(path: str | Path, want: Mapping[str, Any]) -> None:
     if _verified.get(key) == (st.st_size, st.st_mtime_ns, st.st_ino, want["sha256"]):
         return
     if st.st_size != int(want["bytes"]):
-        raise CorruptFileError(
-            f"{path}: sha256 mismatch (truncated or corrupted: {human_bytes(st.st_size)}, "
-            f"expected {human_bytes(int(want['bytes']))})"
-        )
+        got_s, want_s = human_bytes(st.st_size), human_bytes(int(want["bytes"]))
+        if got_s == want_s:  # a few bytes short: say how many
+            got_s, want_s = f"{st.st_size:,} bytes", f"{int(want['bytes']):,} bytes"
+        raise CorruptFileError(f"{path}: sha256 mismatch (truncated or corrupted: {got_s}, expected {want_s})")
     got = file_digest(path)["sha256"]
     if got != want["sha256"]:
         raise CorruptFileError(

@@ -204,11 +204,12 @@ def _bundle_tower(path: str, dst: Path, tokenizer: bool) -> None:
 
 def stage_artifacts(work: Path, export_dir: str | Path, checkpoint_dir: str | Path | None) -> dict[str, str]:
     """Gather the pyfunc artifacts under ``work``; returns name -> local path."""
-    from hllm.serving.export import MANIFEST
+    from hllm.serving.export import MANIFEST, verify_export
 
     export_dir = Path(export_dir)
     if not (export_dir / MANIFEST).is_file():
         raise FileNotFoundError(f"{export_dir}: not an export (no {MANIFEST}); run `hllm export` first")
+    verify_export(export_dir)  # a truncated or corrupted export file is refused by name, never registered
     # MLflow names each artifact folder after its source's basename: stage every one under its own name
     arts = {"export": str(work / "export")}
     shutil.copytree(export_dir, work / "export")

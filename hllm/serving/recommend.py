@@ -12,7 +12,6 @@ raw inner product otherwise (popularity: the training count).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,14 +33,14 @@ class Recommender:
     def __init__(self, export_dir: str | Path, model=None):
         import pandas as pd
 
-        from hllm.serving.export import MANIFEST, import_faiss
+        from hllm.serving.export import import_faiss, verify_export
 
         faiss = import_faiss()
         d = Path(export_dir)
-        if not (d / MANIFEST).exists():
-            raise FileNotFoundError(f"{d}: not an export (no {MANIFEST}); run `hllm export` first")
         self.dir = d
-        self.manifest = json.loads((d / MANIFEST).read_text())
+        # every file is checked against the manifest's sha256 + size before it is read: a truncated or
+        # corrupted file is refused by name (CorruptFileError), never served
+        self.manifest = verify_export(d)
         items = pd.read_parquet(d / "items.parquet")
         users = pd.read_parquet(d / "users.parquet")
         self.item_ids = items["item_id"].astype(str).to_numpy()
