@@ -4,6 +4,8 @@ Item text = prompt + ``key: value`` per configured field, fields separated by a
 space (the reference code concatenated them with no separator, "title: Xtag: Y"),
 empty fields skipped. Tokenised once per (tokenizer, max length, prompt, fields)
 and stored under ``<built_dir>/tokens/<key>.npz``; training never tokenises.
+Its sidecar ``<key>.json`` records the settings and the npz's sha256 + size: a
+truncated or corrupted cache is rebuilt (it is derived data) with a warning.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from hllm.config import Config, stable_hash
-from hllm.data.dataset import TokenCache, load_tokens
+from hllm.data.dataset import CorruptFileError, TokenCache, file_digest, load_tokens
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,10 @@ def ensure_tokens(cfg: Config, built_dir: str | Path | None = None) -> TokenCach
     key = token_cache_key(tokenizer_identity(tok), icfg.max_text_len, icfg.prompt, icfg.text_fields)
     path = d / "tokens" / f"{key}.npz"
     if path.exists():
-        return load_tokens(path)
+        try:
+            return load_tokens(path)  # checked against the sidecar's sha256 + size
+        except CorruptFileError as e:
+            log.warning("%s: corrupt token cache, rebuilding it (derived data): %s", path, e)
     items = pd.read_parquet(d / "items.parquet").sort_values("idx")
     if len(items) == 0 or items["idx"].iloc[0] != 0:
         raise ValueError(f"{d / 'items.parquet'}: expected the padding row idx 0 first")
@@ -94,18 +99,18 @@ def ensure_tokens(cfg: Config, built_dir: str | Path | None = None) -> TokenCach
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     save_npz(tmp, ids=cache.ids, offsets=cache.offsets)
+    side = {
+        "model": icfg.path,
+        "max_text_len": icfg.max_text_len,
+        "prompt": icfg.prompt,
+        "fields": icfg.text_fields,
+        "tokenizer": tokenizer_identity(tok),
+        "file": file_digest(tmp),  # sha256 + size of the npz, checked by load_tokens
+    }
+    # sidecar first: a crash between the two renames leaves an npz that fails its check and is rebuilt
+    side_tmp = path.with_suffix(".tmp.json")
+    side_tmp.write_text(json.dumps(side, indent=2))
+    side_tmp.replace(path.with_suffix(".json"))
     tmp.replace(path)
-    (d / "tokens" / f"{key}.json").write_text(
-        json.dumps(
-            {
-                "model": icfg.path,
-                "max_text_len": icfg.max_text_len,
-                "prompt": icfg.prompt,
-                "fields": icfg.text_fields,
-                "tokenizer": tokenizer_identity(tok),
-            },
-            indent=2,
-        )
-    )
     log.info("tokenised %d items -> %s (%.1f tokens/item)", len(texts), path, cache.lengths()[1:].mean())
     return cache
