@@ -36,7 +36,9 @@ class ConfigError(ValueError):
 # Enum-like settings: the loader checks them (``_check_type``), and code that needs the list of
 # allowed values reads it from here with ``typing.get_args``, so it is written once.
 KCoreMode = Literal["iterative", "one_pass"]  # true k-core | one pass (HLLM's Books script)
-WindowMode = Literal["split", "last"]  # non-overlapping windows aligned to the end | most recent L+1 only
+# non-overlapping windows aligned to the end | most recent L+1 only | one window ending at every position
+# (each target trained with its full context, as RecBole trains every prefix; ~L x more windows)
+WindowMode = Literal["split", "last", "sliding"]
 Pooling = Literal["item_token", "mean"]
 ItemLayout = Literal["padded", "packed"]  # padded (CPU) | one row per forward, positions restart per item (GPU)
 Projection = Literal["auto", "linear", "none"]
@@ -145,6 +147,9 @@ class ModelConfig:
     sasrec_layers: int = 2
     sasrec_heads: int = 2
     sasrec_dropout: float = 0.2
+    # InfoNCE over the sampled pool (train.num_negatives) | over every item of the catalogue (full softmax,
+    # as RecBole's CE loss; memory grows with batch x window x catalogue: for catalogues up to ~50k items)
+    sasrec_loss: Literal["sampled", "full"] = "sampled"
 
 
 @dataclass

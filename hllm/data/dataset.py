@@ -130,6 +130,9 @@ def training_windows(train: Sequences, max_seq_len: int, mode: str = "split") ->
     aligned to the end (the newest window is complete). The leading remainder
     becomes a shorter window when it holds >= 2 items; the reference code
     silently dropped it. ``last``: one window per user, the most recent L+1.
+    ``sliding``: one window ending at every training position (the most recent L+1 items up to it),
+    so every target is also trained with its full left context, as RecBole trains every prefix
+    (about L times more windows than ``split``; memory n_windows x (L + 1) int32).
     Users with fewer than 2 training items yield nothing (no next-item target).
     """
     width = max_seq_len + 1
@@ -138,8 +141,13 @@ def training_windows(train: Sequences, max_seq_len: int, mode: str = "split") ->
     if mode == "last":
         users = np.nonzero(ok)[0]
         return left_pad_windows(train, train.offsets[users + 1], users, width)
+    if mode == "sliding":
+        n_win = np.where(ok, lengths - 1, 0)  # windows end after the 2nd .. last item
+        users = np.repeat(np.arange(train.n_users), n_win)
+        ends = train.offsets[users] + 2 + _ranges(np.zeros_like(n_win), n_win)
+        return left_pad_windows(train, ends, users, width)
     if mode != "split":
-        raise ValueError(f"build.window_mode must be 'split' or 'last', got {mode!r}")
+        raise ValueError(f"build.window_mode must be 'split', 'last' or 'sliding', got {mode!r}")
     n_win = np.where(ok, -(-lengths // width), 0)
     users = np.repeat(np.arange(train.n_users), n_win)
     # window k (0 = newest) of user u ends at offsets[u+1] - k*width

@@ -61,8 +61,10 @@ class SASRec(SeqRecModel):
         scale_init: float = 1 / 0.07,
         scale_max: float = 100.0,
         nce_threshold: float = 0.99,
+        full_softmax: bool = False,
     ):
         super().__init__()
+        self.full_softmax = full_softmax
         from hllm.models.losses import LogitScale
 
         self.max_len = max_len
@@ -107,7 +109,10 @@ class SASRec(SeqRecModel):
         inputs, targets = windows[:, :-1], windows[:, 1:]
         valid = target_mask(windows)
         hidden = self.encode(self.item_emb(inputs), inputs != PAD)
-        neg = gather_with_grad(self.item_emb(negatives))  # shared pool across ranks, with gradients
+        if self.full_softmax:  # every real item is a candidate (the target itself is dropped by the threshold)
+            neg = self.item_emb.weight[PAD + 1 :]
+        else:
+            neg = gather_with_grad(self.item_emb(negatives))  # shared pool across ranks, with gradients
         loss, stats = infonce(hidden[valid], self.item_emb(targets[valid]), neg, self.scale(), self.nce_threshold)
         return LossOutput(loss=loss, stats=stats)
 
@@ -131,5 +136,6 @@ def build(cfg, built: BuiltData, tokens=None) -> SASRec:
         max_len=max(cfg.build.max_seq_len, cfg.eval.protocol.max_history) + 1,
         scale_init=cfg.train.scale_init,
         scale_max=cfg.train.scale_max,
+        full_softmax=m.sasrec_loss == "full",
         nce_threshold=cfg.train.nce_threshold,
     )

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from hllm.data.build import build_dataset, first_appearance_ids, k_core
-from hllm.data.dataset import eval_split, load_built, load_tokens, train_sequences, training_windows
+from hllm.data.dataset import Sequences, eval_split, load_built, load_tokens, train_sequences, training_windows
 from hllm.data.errors import DataError
 from hllm.data.ingest import import_dataset
 from hllm.data.raw import INTERACTIONS
@@ -86,6 +86,13 @@ def test_split_rules_on_the_built_fixture(tmp_path):
     w = training_windows(tr, max_seq_len=1, mode="split")  # windows of 2, newest first per user
     assert w.tolist() == [[4, 1], [3, 1], [2, 3]]
     assert b.stats["split"] == {"train_users": 6, "train_windows": 3, "valid_users": 6, "test_users": 6}
+    # sliding: one window ending at every training position after the first, full left context
+    long = Sequences.from_lists([[4, 1, 2, 3], [7], [5, 6, 8]])
+    assert training_windows(long, max_seq_len=2, mode="sliding").tolist() == [
+        [0, 4, 1], [4, 1, 2], [1, 2, 3],  # user 0: targets 1, 2, 3 (the last with its 2 previous items)
+        [0, 5, 6], [5, 6, 8],  # user 2; user 1 has no next-item pair
+    ]  # fmt: skip
+    assert training_windows(long, max_seq_len=2, mode="last").tolist() == [[1, 2, 3], [5, 6, 8]]
 
 
 def test_build_writes_the_contract(tmp_path):

@@ -117,3 +117,36 @@ def test_sasrec_learns_a_deterministic_sequence(tmp_path):
     assert res.slices["new_items"]["n"] == (~seen).sum() and res.slices["new_items"]["recall@1"] == 0.0
     assert res.metrics["recall@1"] > base.metrics["recall@1"] + 0.4
     assert ((res.per_user["rank"] == M.MASKED) == ~seen).all()  # only the never-trained targets
+
+
+def test_sasrec_full_softmax_trains_against_every_item(tmp_path):
+    """``model.sasrec_loss: full``: the negatives are the whole catalogue (RecBole's CE), whatever the
+    sampled pool; it learns the deterministic walk like the sampled loss does."""
+    from hllm.data.dataset import train_sequences, training_windows
+
+    n_items = 30
+    rng = np.random.default_rng(0)
+    seqs = [list(range(s, s + 8)) for s in rng.integers(1, n_items - 8, size=60)]
+    built = make_built(tmp_path / "b", seqs, n_items=n_items)
+    cfg = _cfg()
+    cfg.model.sasrec_loss = "full"
+    torch.manual_seed(0)
+    model = sasrec.build(cfg, built)
+    assert model.full_softmax
+    windows = torch.from_numpy(
+        training_windows(train_sequences(built.sequences), cfg.build.max_seq_len, "sliding").astype(np.int64)
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    first = None
+    for _ in range(30):
+        out = model.train_loss(windows, torch.zeros(1, dtype=torch.long))  # the sampled pool is ignored
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        first = first if first is not None else out.loss.item()
+    # every other real item is a negative: n_items - 1 real items, minus the target itself
+    assert out.stats["negatives"] == pytest.approx(n_items - 2, abs=1.0)
+    assert out.loss.item() < 0.5 * first
+    res = evaluate(model, built, cfg, "test", progress=False)
+    seen = res.slices["new_items"]["n"] < len(seqs)
+    assert seen and res.slices["head_items"].get("recall@1", 0) + res.slices["tail_items"].get("recall@1", 0) > 0.8
