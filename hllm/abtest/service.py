@@ -47,12 +47,21 @@ Modes: ``ab`` (default) and ``shadow`` (everyone gets the champion; on a ``shado
 the challenger is scored off the request path and the exposure records its slate, overlap@K and
 latency). Team-draft ``interleave`` is not implemented.
 
+Speed (``benchmarks/serve_load.py``; docs/results.md, "Serving"): the handlers are coroutines that return
+a ready ``Response`` (no worker-thread hop, no second validation of the response model). A known user's
+slate is cached per loaded version (``(user_id, k)``; an export never changes) and assignments per pool
+state (a pure function of experiment and user; a new experiment is a new state), both bounded by
+``ServeOptions.user_cache``. Histories run through the user model in a thread pool and the challenger in
+its own pool under its timeout, so the event loop keeps answering; the log append that fills a part
+file (a Parquet write, a PUT on S3) is handed to a log thread.
+
 Test/chaos hook: ``app.state.service.faults`` maps an arm to ``"raise"`` or a delay in seconds applied
 before that arm scores.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import random
@@ -78,7 +87,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hllm.abtest import logs as ablogs
-from hllm.abtest.assignment import CHALLENGER, CHAMPION, Assignment, Experiment, assign
+from hllm.abtest.assignment import CHALLENGER, CHAMPION, Arm, Assignment, Experiment, assign
 from hllm.config import Config
 from hllm.ops import tracking
 
@@ -110,6 +119,7 @@ class ServeOptions:
     shadow_sample: float = 1.0  # shadow mode: share of requests the challenger scores
     layer: str = DEFAULT_LAYER  # assignment layer unless the challenger has an ab.layer tag
     exposure_cache: int = 100_000  # exposures kept in memory to check /feedback
+    user_cache: int = 200_000  # per state: known-user slates per version ((user, k)) and assignments; 0: off
     log_filesystem: Any = None  # a pyarrow or fsspec filesystem for log_dir (default: from the URI)
 
     def __post_init__(self) -> None:
@@ -136,6 +146,11 @@ class LoadedModel:
     recommender: Recommender
     users: frozenset[str]
     items: frozenset[str]
+    # (user_id, k) -> (items, scores) of a known user: a version's export never changes, so its slates
+    # don't either; the cache lives and dies with this version's state (filled up to ServeOptions.user_cache)
+    slates: dict[tuple[str, int], tuple[tuple[str, ...], tuple[float, ...]]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @property
     def scores_histories(self) -> bool:
@@ -150,6 +165,9 @@ class PoolState:
     challenger: LoadedModel | None
     experiment: Experiment | None
     loaded_at: float = field(default_factory=time.time)
+    # user_id -> assign(experiment, user_id): a pure function of the two, so cached for this state's
+    # experiment only (a ramp or a new experiment is a new state, with an empty cache)
+    assignments: dict[str, Assignment] = field(default_factory=dict, compare=False, repr=False)
 
     def model(self, arm: str) -> LoadedModel:
         if arm == CHALLENGER and self.challenger is not None:
@@ -516,6 +534,17 @@ class ArmFailure(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class _Route:
+    """Where a validated request goes: the state that answers it, its kind, assignment and arms."""
+
+    state: PoolState
+    kind: str  # user | history
+    assignment: Assignment | None
+    intended: Arm | None
+    served: Arm
+
+
 # --------------------------------------------------------------------------- the service
 
 
@@ -533,6 +562,8 @@ class Service:
         self._exposures: OrderedDict[str, tuple[str | None, tuple[str, ...]]] = OrderedDict()
         self._exp_lock = threading.Lock()
         self._challenger_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hllm-challenger")
+        self._score_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hllm-score")  # off the event loop
+        self._log_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hllm-log-append")
         self._shadow_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hllm-shadow")
         self._rng = random.Random()
 
@@ -555,6 +586,8 @@ class Service:
         self.pool.stop()
         self._shadow_pool.shutdown(wait=True)
         self._challenger_pool.shutdown(wait=False, cancel_futures=True)
+        self._score_pool.shutdown(wait=False, cancel_futures=True)
+        self._log_pool.shutdown(wait=True)  # appends handed off by _append are in the buffers before the close
         if self.logs is not None:
             self.logs.close()
             log.info("logs closed: %d exposures, %d outcomes", self.logs.exposures.written, self.logs.outcomes.written)
@@ -585,12 +618,36 @@ class Service:
             raise ArmFailure(f"injected failure of the {arm}")
         if isinstance(fault, (int, float)) and not isinstance(fault, bool):
             time.sleep(float(fault))
-        rec = model.recommender
         if kind == "user":
-            recs = rec.for_user(str(req.user_id), req.k)
-        else:
-            recs = rec.for_history(list(req.history or []), req.k)
+            key = (str(req.user_id), req.k)
+            slate = model.slates.get(key)
+            if slate is None:
+                recs = model.recommender.for_user(key[0], req.k)
+                slate = (tuple(r.item_id for r in recs), tuple(float(r.score) for r in recs))
+                if len(model.slates) < self.opts.user_cache:
+                    model.slates[key] = slate
+            return list(slate[0]), list(slate[1])
+        recs = model.recommender.for_history(list(req.history or []), req.k)
         return [r.item_id for r in recs], [float(r.score) for r in recs]
+
+    async def _score_async(
+        self, model: LoadedModel, arm: str, kind: str, req: RecommendRequest, timeout: float | None
+    ) -> tuple[list[str], list[float]]:
+        """:meth:`_score` from the event loop: a cached known-user slate (no fault injected) is returned
+        inline, an uncached champion one is computed inline (a FAISS search, well under a millisecond);
+        everything else (histories through the user model, the challenger under its timeout) runs in a
+        thread pool, so the loop keeps serving while the user tower runs."""
+        if kind == "user" and not self.faults:
+            slate = model.slates.get((str(req.user_id), req.k))
+            if slate is not None:
+                return list(slate[0]), list(slate[1])
+            if timeout is None:
+                return self._score(model, arm, kind, req)
+        pool = self._challenger_pool if arm == CHALLENGER else self._score_pool
+        fut = asyncio.wrap_future(pool.submit(self._score, model, arm, kind, req))
+        if timeout is None:
+            return await fut
+        return await asyncio.wait_for(fut, timeout)  # cancels the pool's future on timeout
 
     def _validate(self, st: PoolState, req: RecommendRequest) -> str:
         """'user' or 'history', or a RequestError naming the field."""
@@ -627,23 +684,41 @@ class Service:
             "unknown_user",
         )
 
-    def recommend(self, req: RecommendRequest) -> RecommendResponse:
-        t0 = time.perf_counter()
+    def _route(self, req: RecommendRequest) -> _Route:
         st = self.pool.state  # read once: this request is answered by this state only
         if st is None or self.logs is None:
             raise RequestError(503, ["service"], "not ready: the champion is not loaded yet", "not_ready")
         kind = self._validate(st, req)
         exp = st.experiment
-        a: Assignment | None = assign(exp, req.user_id) if exp is not None and req.user_id is not None else None
+        a: Assignment | None = None
+        if exp is not None and req.user_id is not None:
+            a = st.assignments.get(req.user_id)
+            if a is None:
+                a = assign(exp, req.user_id)
+                if len(st.assignments) < self.opts.user_cache:
+                    st.assignments[req.user_id] = a
         intended = a.arm if a is not None and self.opts.mode == "ab" else None
         served = CHALLENGER if intended == CHALLENGER and st.challenger is not None else CHAMPION
+        return _Route(st, kind, a, intended, served)
+
+    def _challenger_failed(self, st: PoolState, error: str, reason: str) -> None:
+        assert st.challenger is not None
+        log.warning("challenger v%s failed (%s); serving the champion", st.challenger.version, error)
+        self.metrics.error(CHALLENGER, reason)
+        self.metrics.fallback(reason)
+
+    def recommend(self, req: RecommendRequest) -> RecommendResponse:
+        """One request, answered in the calling thread (the app uses :meth:`recommend_async`)."""
+        t0 = time.perf_counter()
+        r = self._route(req)
+        st = r.state
         error: str | None = None
-        fallback = False
-        items: list[str]
-        scores: list[float]
+        items: list[str] = []
+        scores: list[float] = []
+        served = r.served
         if served == CHALLENGER:
             assert st.challenger is not None
-            fut = self._challenger_pool.submit(self._score, st.challenger, CHALLENGER, kind, req)
+            fut = self._challenger_pool.submit(self._score, st.challenger, CHALLENGER, r.kind, req)
             try:
                 items, scores = fut.result(timeout=self.opts.challenger_timeout_s)
             except FutureTimeout:
@@ -652,16 +727,68 @@ class Service:
             except Exception as e:
                 error, reason = f"{type(e).__name__}: {e}", "error"
             if error is not None:
-                log.warning("challenger v%s failed (%s); serving the champion", st.challenger.version, error)
-                self.metrics.error(CHALLENGER, reason)
-                self.metrics.fallback(reason)
-                fallback, served = True, CHAMPION
+                self._challenger_failed(st, error, reason)
+                served = CHAMPION
         if served == CHAMPION:
             try:
-                items, scores = self._score(st.champion, CHAMPION, kind, req)
+                items, scores = self._score(st.champion, CHAMPION, r.kind, req)
             except Exception:
                 self.metrics.error(CHAMPION, "error")
                 raise
+        return self._answer(t0, req, r, served, items, scores, error)
+
+    async def recommend_async(self, req: RecommendRequest) -> RecommendResponse:
+        """:meth:`recommend` on the event loop: the same route, fallback and record."""
+        t0 = time.perf_counter()
+        r = self._route(req)
+        st = r.state
+        error: str | None = None
+        items: list[str] = []
+        scores: list[float] = []
+        served = r.served
+        if served == CHALLENGER:
+            assert st.challenger is not None
+            try:
+                items, scores = await self._score_async(
+                    st.challenger, CHALLENGER, r.kind, req, self.opts.challenger_timeout_s
+                )
+            except TimeoutError:
+                error, reason = f"timeout after {self.opts.challenger_timeout_s * 1000:.0f} ms", "timeout"
+            except Exception as e:
+                error, reason = f"{type(e).__name__}: {e}", "error"
+            if error is not None:
+                self._challenger_failed(st, error, reason)
+                served = CHAMPION
+        if served == CHAMPION:
+            try:
+                items, scores = await self._score_async(st.champion, CHAMPION, r.kind, req, None)
+            except Exception:
+                self.metrics.error(CHAMPION, "error")
+                raise
+        return self._answer(t0, req, r, served, items, scores, error)
+
+    def _append(self, writer: ablogs.PartWriter, record: dict[str, Any]) -> None:
+        """Append a log record; the append that fills a part (a synchronous Parquet write, a PUT on S3)
+        is handed to a log thread, so no request waits for a flush."""
+        if writer.buffered + 1 >= writer.flush_every:
+            self._log_pool.submit(writer.append, record)
+        else:
+            writer.append(record)
+
+    def _answer(
+        self,
+        t0: float,
+        req: RecommendRequest,
+        r: _Route,
+        served: Arm,
+        items: list[str],
+        scores: list[float],
+        error: str | None,
+    ) -> RecommendResponse:
+        """The exposure record, the metrics and the response of an answered request."""
+        st, kind, a, intended = r.state, r.kind, r.assignment, r.intended
+        exp = st.experiment
+        fallback = error is not None
         model = st.model(served)
         latency = time.perf_counter() - t0
         exposure_id = uuid.uuid4().hex
@@ -691,6 +818,7 @@ class Service:
             "error": error,
             "mode": self.opts.mode,
         }
+        assert self.logs is not None
         with self._exp_lock:
             self._exposures[exposure_id] = (req.user_id, tuple(items))
             while len(self._exposures) > self.opts.exposure_cache:
@@ -698,7 +826,7 @@ class Service:
         if self.opts.mode == "shadow" and st.challenger is not None and self._rng.random() < self.opts.shadow_sample:
             self._shadow_pool.submit(self._shadow, st.challenger, kind, req, record)
         else:
-            self.logs.exposures.append(record)
+            self._append(self.logs.exposures, record)
         self.metrics.request("/recommend", served, 200, latency)
         return RecommendResponse(
             items=items,
@@ -738,7 +866,8 @@ class Service:
             unit_id = known[0] if known[0] is not None else unit_id
             if req.item_id in known[1]:
                 position = known[1].index(req.item_id)
-        self.logs.outcomes.append(
+        self._append(
+            self.logs.outcomes,
             {
                 "exposure_id": req.exposure_id,
                 "ts": ablogs.now(),
@@ -747,7 +876,7 @@ class Service:
                 "item_id": req.item_id,
                 "position": position,
                 "known_exposure": known is not None,
-            }
+            },
         )
         self.metrics.outcome(req.event, known is not None)
         return FeedbackResponse(exposure_id=req.exposure_id, known_exposure=known is not None, position=position)
@@ -807,10 +936,12 @@ def create_app(cfg: Config, options: ServeOptions | None = None, service: Servic
         svc.metrics.request(request.url.path, "none", 422)
         return await request_validation_exception_handler(request, exc)
 
+    # The handlers are coroutines and return a ready Response: no worker-thread hop per request and no
+    # second validation of the response model (it still documents the body in the OpenAPI schema).
     @app.post("/recommend", response_model=RecommendResponse)
-    def recommend(req: RecommendRequest) -> Any:
+    async def recommend(req: RecommendRequest) -> Any:
         try:
-            return svc.recommend(req)
+            out = await svc.recommend_async(req)
         except RequestError as e:
             svc.metrics.request("/recommend", "none", e.status)
             return e.response()
@@ -818,23 +949,24 @@ def create_app(cfg: Config, options: ServeOptions | None = None, service: Servic
             svc.metrics.request("/recommend", "champion", 500)
             log.exception("recommend failed")
             return JSONResponse(status_code=500, content={"detail": "internal error (logged)"})
+        return Response(out.model_dump_json(), media_type="application/json")
 
     @app.post("/feedback", status_code=202, response_model=FeedbackResponse)
-    def feedback(req: FeedbackRequest) -> Any:
+    async def feedback(req: FeedbackRequest) -> Any:
         try:
             out = svc.feedback(req)
         except RequestError as e:
             svc.metrics.request("/feedback", "none", e.status)
             return e.response()
         svc.metrics.request("/feedback", "none", 202)
-        return out
+        return Response(out.model_dump_json(), status_code=202, media_type="application/json")
 
     @app.get("/healthz")
-    def healthz() -> dict[str, Any]:
+    async def healthz() -> dict[str, Any]:
         return {"status": "ok", **svc.status()}
 
     @app.get("/readyz")
-    def readyz() -> Response:
+    async def readyz() -> Response:
         body = svc.status()
         return JSONResponse(status_code=200 if body["ready"] else 503, content=body)
 
