@@ -8,6 +8,7 @@ mean ± sample standard deviation over the seeds, and the training time.
 
     python benchmarks/quality.py ml-100k                  # the README table (3 seeds)
     python benchmarks/quality.py ml-100k --models sasrec pop --seeds 0
+    python benchmarks/quality.py ml-100k --protocol recbole --models sasrec pop --time-budget 1200
     python benchmarks/quality.py ml-100k --models hllm --work build/quality/ml-100k-gpu \
         --set train.device=cuda --set train.bf16=true --set train.epochs=5 ...   # a GPU recipe
 
@@ -15,6 +16,19 @@ Datasets:
     ml-100k   MovieLens-100K (943 users, 1,682 movies: title, year, genres) in
               RecBole's atomic format, read from the PyPI wheel recbole==1.2.1
               (``pip download recbole==1.2.1 --no-deps``; no hub, no account).
+
+Protocols (``--protocol``):
+    default   params.yaml's: 5-core users / 2-core items, L = 10, seen items masked, selection on
+              validation NDCG@200.
+    recbole   RecBole's sequential protocol, to compare with its models measured on the same split:
+              no k-core filtering, history length 50, seen items not masked, full ranking over every
+              item, leave-one-out in file order on ties, selection on validation NDCG@10. The ID
+              baseline trains as RecBole's SASRec does: every prefix with its full context
+              (``build.window_mode=sliding``) and a softmax over the whole catalogue
+              (``model.sasrec_loss=full``).
+
+``--time-budget S`` gives every training at most S seconds (``train.time_budget_s``: it then
+validates, keeps its best checkpoint, and the table says it was cut).
 
 Runs are resumable: a finished (model, seed) run under ``--work`` is reused.
 The configuration of each model is printed with the table and saved to
@@ -81,6 +95,34 @@ MODELS = {
     "pop": [],  # training interaction counts; nothing to optimise
 }
 
+# RecBole's sequential protocol (see the module docstring); the build is separate (no k-core).
+PROTOCOLS = {
+    "default": {"build": [], "common": [], "models": {}},
+    "recbole": {
+        "build": ["build.k_core_user=0", "build.k_core_item=0"],
+        "common": [
+            "build.max_seq_len=50",
+            "eval.protocol.max_history=50",
+            "eval.protocol.mask_history=false",
+            "eval.protocol.ks=[10,20,50,200]",
+            "eval.protocol.select_metric=ndcg@10",
+        ],
+        "models": {
+            "sasrec": [
+                "build.window_mode=sliding",
+                "model.sasrec_loss=full",
+                "train.epochs=200",
+                "train.patience=5",
+                "train.batch_size=256",
+                "model.sasrec_dropout=0.5",
+            ],  # fmt: skip
+            "hllm": ["build.window_mode=last"],
+        },
+    },
+}
+PROTOCOL = "default"
+TIME_BUDGET = 0.0
+
 WHEEL = "recbole==1.2.1"
 ML100K = ("recbole/dataset_example/ml-100k/ml-100k.inter", "recbole/dataset_example/ml-100k/ml-100k.item")
 
@@ -140,7 +182,9 @@ def prepare(dataset: str, work: Path) -> None:
     if dataset != "ml-100k":
         raise SystemExit(f"unknown dataset {dataset!r}; supported: ml-100k")
     work.mkdir(parents=True, exist_ok=True)
-    cfg = Config()
+    from hllm.config import apply_overrides, config_from_dict
+
+    cfg = config_from_dict(apply_overrides(Config().to_dict(), PROTOCOLS[PROTOCOL]["build"]))
     cfg.paths.raw_dir, cfg.paths.built_dir = "raw", "built"
     cfg.paths.reports_dir, cfg.paths.runs_dir, cfg.paths.export_dir = "reports", "runs", "exports"
     save_config(cfg, work / "params.yaml")
@@ -156,7 +200,11 @@ EXTRA: list[str] = []  # --set values, applied after COMMON and MODELS[model]
 
 def run_one(work: Path, model: str, seed: int) -> dict:
     name = f"{model}-seed{seed}"
-    sets = [*COMMON, *MODELS[model], *EXTRA, f"train.seed={seed}", f"train.run_name={name}"]
+    proto = PROTOCOLS[PROTOCOL]
+    sets = [*COMMON, *MODELS[model], *proto["common"], *proto["models"].get(model, []), *EXTRA]
+    if TIME_BUDGET > 0:
+        sets.append(f"train.time_budget_s={TIME_BUDGET}")
+    sets += [f"train.seed={seed}", f"train.run_name={name}"]
     flags = [x for s in sets for x in ("--set", s)]
     run_dir = work / "runs" / name
     result_file = run_dir / "result.json"
@@ -188,6 +236,7 @@ def run_one(work: Path, model: str, seed: int) -> dict:
         "model": model,
         "seed": seed,
         "train_seconds": result["seconds"],
+        "stopped_by_budget": bool(result.get("stopped_by_budget")),
         "steps": result["steps"],
         "best_step": result.get("best_step"),
         "metrics": m["metrics"],
@@ -215,7 +264,10 @@ def table(rows: list[dict], models: list[str]) -> str:
             return f"{fmt.format(v.mean())} ± {fmt.format(sd)}"
 
         cells = [cell([r["metrics"][k] for r in rs]) for k in METRICS]
-        cells.append(cell([r["train_seconds"] for r in rs], 1.0, "{:.0f}"))
+        cut = sum(r.get("stopped_by_budget", False) for r in rs)
+        cells.append(
+            cell([r["train_seconds"] for r in rs], 1.0, "{:.0f}") + (f" (cut by the budget: {cut})" if cut else "")
+        )
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -226,6 +278,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--work", type=Path, default=None, help="working folder (default: build/quality/<dataset>)")
+    ap.add_argument("--protocol", choices=list(PROTOCOLS), default="default", help="see the module docstring")
+    ap.add_argument("--time-budget", type=float, default=0.0, help="seconds of training per run (0: none)")
     ap.add_argument(
         "--threads",
         type=int,
@@ -245,10 +299,12 @@ def main() -> None:
         "use a separate --work per recipe, since finished runs there are reused",
     )
     args = ap.parse_args()
-    global THREADS
+    global THREADS, PROTOCOL, TIME_BUDGET
     THREADS = args.threads
+    PROTOCOL, TIME_BUDGET = args.protocol, args.time_budget
     EXTRA[:] = args.sets
-    work = (args.work or Path("build") / "quality" / args.dataset).resolve()
+    suffix = "" if PROTOCOL == "default" else f"-{PROTOCOL}"
+    work = (args.work or Path("build") / "quality" / f"{args.dataset}{suffix}").resolve()
     t0 = time.perf_counter()
     prepare(args.dataset, work)
     rows = []
@@ -269,13 +325,15 @@ def main() -> None:
     (work / "quality.json").write_text(json.dumps({"dataset": args.dataset, "runs": rows, "stats": stats}, indent=2))
     print(
         f"{args.dataset}: {stats['users']} users, {stats['items']} items, {stats['interactions']} interactions "
-        f"after k-core; test split, full ranking over all items, history masked; protocol {hashes.pop()}"
+        f"after the build; test split, full ranking over all items, protocol {PROTOCOL} {hashes.pop()}"
     )
     print(f"mean ± std over seeds {args.seeds}, percent; {args.threads} thread(s) per run\n")
     print(table(rows, args.models))
     print("\nconfigs (on top of params.yaml defaults):")
     for model in args.models:
-        print(f"  {model}: {' '.join(COMMON + MODELS[model] + EXTRA) or '-'}")
+        proto = PROTOCOLS[PROTOCOL]
+        sets = COMMON + MODELS[model] + proto["common"] + proto["models"].get(model, []) + EXTRA
+        print(f"  {model}: {' '.join(sets) or '-'}")
     print(f"\ntotal wall time {time.perf_counter() - t0:.0f}s")
 
 
