@@ -229,3 +229,22 @@ def tracking_download(run_id: str, path: str, dst: Path) -> str:
     import mlflow
 
     return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst))
+
+
+def test_the_import_line_of_registered_versions_stays_valid():
+    """Every registered version runs ``from hllm.serving import HLLMRecommenderModel`` (its bundled
+    models-from-code entry point, written by versions before and after the move of hllm/serving.py into
+    hllm/serving/pyfunc.py): the line must keep working, and importing the export code must not pull in
+    MLflow (training and export run without the tracking stack)."""
+    import subprocess
+    import sys
+
+    from hllm.serving import pyfunc
+
+    assert "from hllm.serving import HLLMRecommenderModel" in pyfunc._MODEL_CODE
+    code = (
+        "import sys; import hllm.serving.export; assert 'mlflow' not in sys.modules, 'export imported mlflow'; "
+        "from hllm.serving import HLLMRecommenderModel; from hllm.serving.pyfunc import HLLMRecommenderModel as P; "
+        "assert HLLMRecommenderModel is P; import mlflow.pyfunc; assert issubclass(P, mlflow.pyfunc.PythonModel)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
