@@ -352,3 +352,134 @@ def test_integration_suite_is_marked_and_run_by_ci():
     assert "make test-integration" in (REPO / ".ci" / "run").read_text()
     for path in (REPO / "tests" / "integration").glob("test_stack_*.py"):
         assert "pytest.mark.integration" in path.read_text().split("def test_", 1)[0], path.name
+
+
+# ------------------------------------------------------------------------ the A/B service
+
+
+def _serve_objects() -> dict[tuple[str, str], dict]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in k8s_docs("serve.yaml")}
+
+
+def _flag(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_every_manifest_is_in_the_kustomization():
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    not_applied = {"kustomization.yaml", "pytorchjob.yaml", "secrets.example.yaml"}  # template, never committed
+    assert set(kust["resources"]) == {p.name for p in K8S.glob("*.yaml")} - not_applied
+    assert "serve.yaml" in kust["resources"]
+
+
+def test_serve_deployment_runs_hllm_serve_with_flags_it_accepts():
+    from typer.testing import CliRunner
+
+    from hllm.cli import app
+
+    dep = _serve_objects()[("Deployment", "hllm-serve")]
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    cmd = c["command"]
+    assert cmd[:2] == ["hllm", "serve"] and c["image"] == "hllm:cpu"
+    usage = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"}).output
+    for flag in (a for a in cmd[2:] if a.startswith("--")):
+        assert flag in usage, f"serve.yaml passes {flag}, which `hllm serve` does not accept"
+    assert _flag(cmd, "--host") == "0.0.0.0"  # reachable from the Service, not loopback only
+    # one port everywhere: the command, the container, the Service, the probes and the scrape annotation
+    port = int(_flag(cmd, "--port"))
+    [cport] = c["ports"]
+    assert cport == {"name": "http", "containerPort": port}
+    svc = _serve_objects()[("Service", "hllm-serve")]
+    assert svc["spec"]["ports"][0]["targetPort"] == "http" and svc["spec"]["ports"][0]["port"] == port
+    assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+    # labels: the selector, the Service, the PDB and the pods agree
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    for sel in (
+        dep["spec"]["selector"]["matchLabels"],
+        svc["spec"]["selector"],
+        _serve_objects()[("PodDisruptionBudget", "hllm-serve")]["spec"]["selector"]["matchLabels"],
+    ):
+        assert sel.items() <= pod_labels.items(), sel
+
+
+def test_serve_probes_and_metrics_are_routes_of_the_app():
+    from hllm.abtest.service import ServeOptions, Service, create_app
+    from hllm.config import Config
+
+    svc = Service(Config(), ServeOptions())
+    try:
+        routes = {(r.path, m) for r in create_app(Config(), service=svc).routes for m in getattr(r, "methods", ())}
+    finally:
+        svc.close()
+    dep = _serve_objects()[("Deployment", "hllm-serve")]
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    scraped = dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"]
+    for path in ("/readyz", "/healthz", scraped):
+        assert (path, "GET") in routes, path
+    assert {("/recommend", "POST"), ("/feedback", "POST")} <= routes
+    # uvicorn drains for up to 30 s (hllm/cli/serve.py), then the logs flush: the pod must get that long
+    serve_src = (REPO / "hllm" / "cli" / "serve.py").read_text()
+    drain = int(re.search(r"timeout_graceful_shutdown=(\d+)", serve_src).group(1))
+    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain
+
+
+def test_serve_reads_the_registry_and_writes_logs_to_a_stack_bucket(compose):
+    dep = _serve_objects()[("Deployment", "hllm-serve")]
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert [r["secretRef"]["name"] for r in c["envFrom"]] == ["hllm-stack"]
+    stack = k8s_objects()[("Secret", "hllm-stack")]["stringData"]
+    # the registry (MLflow) and the S3 log writer (pyarrow reads AWS_* and AWS_ENDPOINT_URL)
+    needed = {"MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"}
+    assert needed | {"AWS_ENDPOINT_URL"} <= set(stack)
+    log_dir = _flag(c["command"], "--log-dir")
+    assert log_dir.startswith("s3://")
+    init = " ".join(compose["services"]["minio-init"]["command"])
+    assert log_dir.split("/")[2] in set(re.findall(r"s3/([a-z0-9-]+)", init)), log_dir  # a bucket the stacks create
+    assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
+
+
+def test_serve_autoscaler_targets_the_deployment():
+    objs = _serve_objects()
+    hpa = objs[("HorizontalPodAutoscaler", "hllm-serve")]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    ref = hpa["spec"]["scaleTargetRef"]
+    assert (ref["kind"], ref["name"]) in objs and ref["apiVersion"] == objs[(ref["kind"], ref["name"])]["apiVersion"]
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    [metric] = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu"  # utilisation of the request: the pod must request CPU
+    assert objs[("Deployment", "hllm-serve")]["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"][
+        "cpu"
+    ]
+
+
+def test_ab_analysis_deployment_in_the_readme_matches_prefect_yaml_and_the_service():
+    """The k8s recipe deploys the same flow, name and schedule as prefect.yaml, on the cluster's pool,
+    reading the logs where serve.yaml writes them."""
+    import ast
+
+    readme = (INFRA / "README.md").read_text()
+    section = readme[readme.index("### Serving the A/B test") : readme.index("## Training across machines")]
+    assert "serve.yaml" in section and "hllm-serve:8000" in section
+    code = re.search(r"```python\n(.*?)\n```", section, re.S).group(1)
+    [call] = [
+        n for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "deploy"
+    ]
+    source = call.func.value
+    entrypoint = next(k.value.value for k in source.keywords if k.arg == "entrypoint")
+    kw = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    prefect_yaml = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    [daily] = [d for d in prefect_yaml["deployments"] if d["entrypoint"] == entrypoint]
+    assert entrypoint == "flows/ab_analysis.py:ab_analysis"
+    assert kw["name"] == daily["name"] and kw["cron"] == daily["schedules"][0]["cron"]
+    assert kw["work_pool_name"] == k8s_objects()[("Secret", "hllm-stack")]["stringData"]["HLLM_WORK_POOL"]
+    assert kw["job_variables"]["image"].endswith(":cpu")  # required on the k8s pool (see above)
+    serve_cmd = _serve_objects()[("Deployment", "hllm-serve")]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert kw["parameters"]["log_dir"] == _flag(serve_cmd, "--log-dir")
+    import inspect
+
+    from flows.ab_analysis import ab_analysis
+
+    assert ab_analysis.name == "ab-analysis"
+    assert set(kw["parameters"]) <= set(inspect.signature(ab_analysis.fn).parameters)
