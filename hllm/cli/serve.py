@@ -55,4 +55,7 @@ def register(app: typer.Typer) -> None:
         except ValueError as e:
             fail(str(e), code=2)
         # one worker: the model pool and the log buffers live in this process
-        uvicorn.run(create_app(cfg, opts), host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
+        # no per-request access log: the exposure log already records every request, and formatting the line
+        # costs time on the request path
+        uvicorn.run(create_app(cfg, opts), host=host, port=port, log_level="info", access_log=False,
+                    timeout_graceful_shutdown=30)  # fmt: skip
