@@ -71,6 +71,8 @@ EXPOSURE_SCHEMA = pa.schema(
         pa.field("shadow_items", pa.list_(pa.string())),
         pa.field("shadow_overlap", pa.float64()),  # |served top-k ∩ shadow top-k| / k
         pa.field("shadow_latency_ms", pa.float64()),
+        pa.field("teams", pa.list_(pa.string())),  # interleave mode: the arm that placed each position
+        pa.field("interleave_version", pa.string()),  # interleave mode: the challenger version merged in
     ]
 )
 
@@ -83,6 +85,7 @@ OUTCOME_SCHEMA = pa.schema(
         pa.field("item_id", pa.string(), nullable=False),
         pa.field("position", pa.int32()),  # 0-based position in the served slate; null when not in it
         pa.field("known_exposure", pa.bool_(), nullable=False),  # the service had the exposure in memory
+        pa.field("credit", pa.string()),  # interleave mode: the team whose item it was (position's team)
     ]
 )
 

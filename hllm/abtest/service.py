@@ -45,7 +45,10 @@ exposure records ``intended_arm=challenger, served_arm=champion, fallback=true``
 
 Modes: ``ab`` (default) and ``shadow`` (everyone gets the champion; on a ``shadow_sample`` of requests
 the challenger is scored off the request path and the exposure records its slate, overlap@K and
-latency). Team-draft ``interleave`` is not implemented.
+latency), and team-draft ``interleave`` (Radlinski et al. 2008: a user in the experiment gets one slate
+merged from both arms: each round a coin seeded by the exposure decides which team picks first, each
+picks its best item not yet in the slate; the exposure records each position's team in ``teams`` and a
+click's outcome the team it credits in ``credit``; a challenger that fails leaves the champion's slate).
 
 Speed (``benchmarks/serve_load.py``; docs/results.md, "Serving"): the handlers are coroutines that return
 a ready ``Response`` (no worker-thread hop, no second validation of the response model). A known user's
@@ -78,7 +81,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import request_validation_exception_handler
@@ -98,7 +101,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODES = ("ab", "shadow")
+MODES = ("ab", "shadow", "interleave")
+INTERLEAVED: Literal["interleaved"] = "interleaved"  # the served_arm of a team-draft slate
+ServedArm = Literal["champion", "challenger", "interleaved"]
 DEFAULT_LAYER = "hllm-recommend"
 K_MAX = 100
 HISTORY_HARD_MAX = 10_000  # parse-time bound; ServeOptions.max_history is the served limit
@@ -110,7 +115,7 @@ class ServeOptions:
     """How ``hllm serve`` runs (none of it changes which user gets which arm)."""
 
     log_dir: str = "reports/ab/logs"  # local folder or URI (s3://bucket/prefix)
-    mode: str = "ab"  # ab | shadow
+    mode: str = "ab"  # ab | shadow | interleave
     poll_s: float = 5.0  # registry poll period
     flush_every: int = 1000  # log records per part file
     flush_s: float = 5.0  # at most this many seconds between flushes
@@ -124,7 +129,7 @@ class ServeOptions:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES} (interleave is not implemented), got {self.mode!r}")
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.poll_s <= 0 or self.challenger_timeout_s <= 0:
             raise ValueError("poll_s and challenger_timeout_s must be > 0")
         if not 1 <= self.max_history <= HISTORY_HARD_MAX:
@@ -173,6 +178,45 @@ class PoolState:
         if arm == CHALLENGER and self.challenger is not None:
             return self.challenger
         return self.champion
+
+
+def team_draft(a: Sequence[str], b: Sequence[str], k: int, seed: str) -> tuple[list[str], list[str]]:
+    """Team-draft interleaving of two rankings into one slate of ``k``: returns (items, teams) with
+    teams[i] = "champion" (list ``a``) or "challenger" (``b``). Each round both teams pick once, the
+    first pick decided by a coin flip from ``sha256(seed, round)``; a team picks its best item not in the
+    slate yet. Deterministic in ``seed`` (the exposure), so a replay gives the same slate."""
+    import hashlib
+
+    items: list[str] = []
+    teams: list[str] = []
+    taken: set[str] = set()
+    lists: dict[str, list[str]] = {CHAMPION: list(a), CHALLENGER: list(b)}
+    pos: dict[str, int] = {CHAMPION: 0, CHALLENGER: 0}
+
+    def pick(team: str) -> bool:
+        src = lists[team]
+        while pos[team] < len(src) and src[pos[team]] in taken:
+            pos[team] += 1
+        if pos[team] >= len(src):
+            return False
+        item = src[pos[team]]
+        items.append(item)
+        teams.append(team)
+        taken.add(item)
+        return True
+
+    rnd = 0
+    while len(items) < k:
+        coin = hashlib.sha256(f"{seed}\x1f{rnd}".encode()).digest()[0] & 1
+        order = (CHAMPION, CHALLENGER) if coin == 0 else (CHALLENGER, CHAMPION)
+        progressed = False
+        for team in order:
+            if len(items) < k and pick(team):
+                progressed = True
+        if not progressed:
+            break
+        rnd += 1
+    return items, teams
 
 
 def _round_share(x: float) -> float:
@@ -495,8 +539,9 @@ class RecommendResponse(BaseModel):
     items: list[str]
     scores: list[float]
     arm: Literal["champion", "challenger"] | None  # the assigned arm; null = not in the experiment
-    served_arm: Literal["champion", "challenger"]
+    served_arm: Literal["champion", "challenger", "interleaved"]
     model_version: str
+    teams: list[str] | None = None  # interleave mode: the arm that placed each position
     experiment_id: str | None
     exposure_id: str
     fallback: bool
@@ -542,7 +587,7 @@ class _Route:
     kind: str  # user | history
     assignment: Assignment | None
     intended: Arm | None
-    served: Arm
+    served: str  # an Arm, or INTERLEAVED
 
 
 # --------------------------------------------------------------------------- the service
@@ -559,7 +604,8 @@ class Service:
         self.metrics = Metrics()
         self.logs: ablogs.LogWriter | None = None
         self.faults: dict[str, Any] = {}  # test/chaos hook: arm -> "raise" | delay seconds
-        self._exposures: OrderedDict[str, tuple[str | None, tuple[str, ...]]] = OrderedDict()
+        # exposure id -> (user, slate, teams of an interleaved slate): what /feedback joins an outcome to
+        self._exposures: OrderedDict[str, tuple[str | None, tuple[str, ...], tuple[str, ...]]] = OrderedDict()
         self._exp_lock = threading.Lock()
         self._challenger_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hllm-challenger")
         self._score_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hllm-score")  # off the event loop
@@ -698,7 +744,9 @@ class Service:
                 if len(st.assignments) < self.opts.user_cache:
                     st.assignments[req.user_id] = a
         intended = a.arm if a is not None and self.opts.mode == "ab" else None
-        served = CHALLENGER if intended == CHALLENGER and st.challenger is not None else CHAMPION
+        served: str = CHALLENGER if intended == CHALLENGER and st.challenger is not None else CHAMPION
+        if self.opts.mode == "interleave" and a is not None and a.in_experiment and st.challenger is not None:
+            served = INTERLEAVED
         return _Route(st, kind, a, intended, served)
 
     def _challenger_failed(self, st: PoolState, error: str, reason: str) -> None:
@@ -709,6 +757,10 @@ class Service:
 
     def recommend(self, req: RecommendRequest) -> RecommendResponse:
         """One request, answered in the calling thread (the app uses :meth:`recommend_async`)."""
+        if self.opts.mode == "interleave":
+            import asyncio
+
+            return asyncio.run(self.recommend_async(req))  # both arms score: the async path runs them
         t0 = time.perf_counter()
         r = self._route(req)
         st = r.state
@@ -746,6 +798,26 @@ class Service:
         items: list[str] = []
         scores: list[float] = []
         served = r.served
+        teams: list[str] | None = None
+        if served == INTERLEAVED:
+            assert st.challenger is not None
+            champ_items, champ_scores = await self._score_async(st.champion, CHAMPION, r.kind, req, None)
+            try:
+                chall_items, _ = await self._score_async(
+                    st.challenger, CHALLENGER, r.kind, req, self.opts.challenger_timeout_s
+                )
+            except TimeoutError:
+                error, reason = f"timeout after {self.opts.challenger_timeout_s * 1000:.0f} ms", "timeout"
+            except Exception as e:
+                error, reason = f"{type(e).__name__}: {e}", "error"
+            if error is not None:
+                self._challenger_failed(st, error, reason)
+                served, items, scores = CHAMPION, champ_items, champ_scores
+            else:
+                exposure_seed = uuid.uuid4().hex
+                items, teams = team_draft(champ_items, chall_items, req.k, exposure_seed)
+                scores = [0.0] * len(items)  # scores of two models are not comparable: the order is the draft's
+            return self._answer(t0, req, r, served, items, scores, error, teams)
         if served == CHALLENGER:
             assert st.challenger is not None
             try:
@@ -780,16 +852,17 @@ class Service:
         t0: float,
         req: RecommendRequest,
         r: _Route,
-        served: Arm,
+        served: str,
         items: list[str],
         scores: list[float],
         error: str | None,
+        teams: list[str] | None = None,
     ) -> RecommendResponse:
         """The exposure record, the metrics and the response of an answered request."""
         st, kind, a, intended = r.state, r.kind, r.assignment, r.intended
         exp = st.experiment
         fallback = error is not None
-        model = st.model(served)
+        model = st.model(CHAMPION if served == INTERLEAVED else served)
         latency = time.perf_counter() - t0
         exposure_id = uuid.uuid4().hex
         record: dict[str, Any] = {
@@ -802,7 +875,7 @@ class Service:
             "layer_bucket": a.layer_bucket if a is not None else None,
             "exposure_bucket": a.exposure_bucket if a is not None else None,
             "arm_bucket": a.arm_bucket if a is not None else None,
-            "in_experiment": bool(a is not None and a.in_experiment and self.opts.mode == "ab"),
+            "in_experiment": bool(a is not None and a.in_experiment and self.opts.mode in ("ab", "interleave")),
             "intended_arm": intended,
             "served_arm": served,
             "model_name": self.cfg.registry.model_name,
@@ -817,10 +890,12 @@ class Service:
             "fallback": fallback,
             "error": error,
             "mode": self.opts.mode,
+            "teams": teams,
+            "interleave_version": st.challenger.version if teams is not None and st.challenger else None,
         }
         assert self.logs is not None
         with self._exp_lock:
-            self._exposures[exposure_id] = (req.user_id, tuple(items))
+            self._exposures[exposure_id] = (req.user_id, tuple(items), tuple(teams or ()))
             while len(self._exposures) > self.opts.exposure_cache:
                 self._exposures.popitem(last=False)
         if self.opts.mode == "shadow" and st.challenger is not None and self._rng.random() < self.opts.shadow_sample:
@@ -832,11 +907,12 @@ class Service:
             items=items,
             scores=scores,
             arm=intended,
-            served_arm=served,
+            served_arm=cast(ServedArm, served),
             model_version=model.version,
             experiment_id=record["experiment_id"],
             exposure_id=exposure_id,
             fallback=fallback,
+            teams=teams,
         )
 
     def _shadow(self, challenger: LoadedModel, kind: str, req: RecommendRequest, record: dict[str, Any]) -> None:
@@ -861,11 +937,13 @@ class Service:
         with self._exp_lock:
             known = self._exposures.get(req.exposure_id)
         position = None
+        credit = None
         unit_id = req.user_id
         if known is not None:
             unit_id = known[0] if known[0] is not None else unit_id
             if req.item_id in known[1]:
                 position = known[1].index(req.item_id)
+                credit = known[2][position] if len(known) > 2 and known[2] else None  # interleave: the team
         self._append(
             self.logs.outcomes,
             {
@@ -876,6 +954,7 @@ class Service:
                 "item_id": req.item_id,
                 "position": position,
                 "known_exposure": known is not None,
+                "credit": credit,
             },
         )
         self.metrics.outcome(req.event, known is not None)

@@ -23,7 +23,9 @@ def register(app: typer.Typer) -> None:
         log_dir: str = typer.Option(
             "reports/ab/logs", "--log-dir", help="exposure/outcome logs: a folder or a URI (s3://bucket/prefix)"
         ),
-        mode: str = typer.Option("ab", "--mode", help="ab | shadow (interleave is not implemented)"),
+        mode: str = typer.Option(
+            "ab", "--mode", help="ab | shadow | interleave (team-draft: one slate merged from both arms)"
+        ),
         poll_s: float = typer.Option(5.0, "--poll-s", min=0.1, help="seconds between registry polls"),
         flush_every: int = typer.Option(1000, "--flush-every", min=1, help="log records per part file"),
         flush_s: float = typer.Option(5.0, "--flush-s", min=0.1, help="max seconds between log flushes"),

@@ -492,3 +492,45 @@ def test_hllm_serve_command_serves_and_flushes_on_sigint(reg, tmp_path):
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out[-3000:]
     assert list(ablogs.read_exposures(tmp_path / "logs")["exposure_id"]) == [body["exposure_id"]]
+
+
+def test_team_draft_merges_two_rankings_fairly():
+    from hllm.abtest.service import team_draft
+
+    a, b = ["a1", "x", "a2", "a3"], ["x", "b1", "b2", "a1"]
+    items, teams = team_draft(a, b, 4, seed="e1")
+    assert len(items) == 4 and len(set(items)) == 4  # no duplicate: a picked item is taken
+    assert team_draft(a, b, 4, seed="e1") == (items, teams)  # deterministic in the seed
+    # each round both teams pick once: after every even position the teams are level
+    for n in (2, 4):
+        assert teams[:n].count("champion") == teams[:n].count("challenger")
+    for item, team in zip(items, teams):
+        assert item in (a if team == "champion" else b)  # every item came from its team's ranking
+    # the coin decides who picks first in a round: over many exposures both teams lead about half the time
+    first = [team_draft(a, b, 2, seed=f"e{i}")[1][0] for i in range(400)]
+    assert 150 < first.count("champion") < 250
+    items, teams = team_draft(["a"], ["a"], 5, seed="s")  # both lists exhausted: a short slate, no repeat
+    assert items == ["a"] and len(teams) == 1
+
+
+def test_interleave_mode_serves_one_merged_slate_and_credits_clicks(reg, tmp_path):
+    s = _serve(reg.cfg, tmp_path, mode="interleave", flush_s=3600)
+    try:
+        c = httpx.Client(base_url=s.url, timeout=10)
+        bodies = {u: c.post("/recommend", json={"user_id": u, "k": 6}).json() for u in reg.users[:20]}
+        merged = {u: b for u, b in bodies.items() if b["served_arm"] == "interleaved"}
+        assert merged, "no user of the experiment in the first 20"
+        u, b = next(iter(merged.items()))
+        assert len(b["items"]) == 6 == len(b["teams"]) and set(b["teams"]) == {"champion", "challenger"}
+        clicked = b["items"][1]
+        r = c.post("/feedback", json={"exposure_id": b["exposure_id"], "event": "click", "item_id": clicked})
+        assert r.status_code == 202
+        others = [x for x in bodies.values() if x["served_arm"] != "interleaved"]
+        assert all(x["served_arm"] == "champion" and x["teams"] is None for x in others)  # outside: the champion
+    finally:
+        s.stop()
+    ex = ablogs.read_exposures(tmp_path / "logs")
+    row = ex[ex["exposure_id"] == b["exposure_id"]].iloc[0]
+    assert row["mode"] == "interleave" and list(row["teams"]) == b["teams"] and row["interleave_version"] == reg.v2
+    out = ablogs.read_outcomes(tmp_path / "logs")
+    assert out.iloc[0]["position"] == 1 and out.iloc[0]["credit"] == b["teams"][1]
