@@ -17,7 +17,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export GX_ANALYTICS_ENABLED ?= false
 
-.PHONY: install run lint test test-integration test-all mlflow-ui bench clean
+.PHONY: install run lint test test-faults test-replay test-integration test-all mlflow-ui bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,12 +37,18 @@ lint: install  ## ruff (lint + format) and mypy on the library and the flows
 	$(BIN)/mypy
 
 test: install lint  ## lint, then unit + slow tests (no external services needed)
-	$(BIN)/python -m pytest -m "not integration" -q
+	$(BIN)/python -m pytest -m "not integration and not faults and not replay" -q
+
+test-faults: install  ## fault injection: SIGKILL/SIGTERM real nightly runs, the next run recovers
+	$(BIN)/python -m pytest -m faults -q
+
+test-replay: install  ## the A/B service under replayed traffic (hot swap under load, A/A and A/B replays)
+	$(BIN)/python -m pytest -m replay -q
 
 test-integration: install  ## local production stack (PostgreSQL, moto S3, mlflow/prefect servers)
 	$(BIN)/python -m pytest -m integration -q
 
-test-all: test test-integration
+test-all: test test-faults test-replay test-integration
 
 mlflow-ui: install  ## the MLflow UI over the local store, on http://127.0.0.1:5000 (MLFLOW_PORT=... to change)
 	MLFLOW=$(BIN)/mlflow mlflow/ui.sh

@@ -317,6 +317,7 @@ def test_cli_ab_analyze(cfg, tmp_path):  # noqa: F811
 
 
 @pytest.mark.slow
+@pytest.mark.replay  # make test-replay
 def test_replay_aa_keeps_running_and_planted_challenger_ships(store, tiny, tmp_path, monkeypatch):  # noqa: F811
     from tests.abtest.test_service import Server
     from tests.helpers.reghelpers import log_trained

@@ -350,6 +350,7 @@ def test_failing_or_slow_challenger_falls_back_to_the_champion(reg, srv):
 
 
 @pytest.mark.slow
+@pytest.mark.replay  # make test-replay
 def test_hot_swap_under_load_loses_nothing_and_logs_flush_on_shutdown(store, tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(store)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -446,6 +447,7 @@ def test_shadow_mode_serves_the_champion_and_logs_the_challenger(reg, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.replay  # make test-replay
 def test_hllm_serve_command_serves_and_flushes_on_sigint(reg, tmp_path):
     """`hllm serve` in its own process: ready, answers, and a Ctrl-C (SIGINT) writes the buffered logs."""
     import os

@@ -29,7 +29,7 @@ import pytest
 from flows.slot import CHECK_S, GRACE_S
 from tests.helpers.flowkit import make_project, registered_versions
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]  # make test-faults
 
 LIMIT = "hllm-nightly-retrain"
 START_S = 120  # a subprocess starts Python, the temporary Prefect API and the flow within this (2 shared cores)
