@@ -14,7 +14,7 @@ from hllm.cli import app
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
-FENCE = re.compile(r"```(?:bash|sh)?\n(.*?)```", re.S)
+FENCE = re.compile(r"```(?:bash|sh|console)\n(.*?)```", re.S)  # command blocks; untagged blocks are output
 
 
 def slug(heading: str) -> str:

@@ -402,6 +402,12 @@ def test_retrained_user_tower_does_not_re_encode_items(trained, tmp_path):
         key = next(k for k in sorted(sd) if k.startswith(prefix) and sd[k].is_floating_point() and sd[k].ndim == 2)
         sd[key] = sd[key] * 1.5
         save_file(sd, str(d / "model.safetensors"))
+        # a retrained checkpoint records the digest of its own weights, as save_checkpoint does
+        from hllm.data.dataset import file_digest
+
+        meta = json.loads((d / "meta.json").read_text())
+        meta.setdefault("files", {})["model.safetensors"] = file_digest(d / "model.safetensors")
+        (d / "meta.json").write_text(json.dumps(meta))
         return d
 
     with ItemForwards() as f:

@@ -29,7 +29,7 @@ def test_hllm_flows_run_nightly_prints_the_summary_and_the_hllm_run_holds_its_ev
     [summary] = (root / "reports" / "nightly").glob("*.json")
     rep = json.loads(summary.read_text())
     uri = f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     parent = client.get_run(rep["parent_run_id"])
     hllm_id, pop_id = rep["run_ids"]["HLLM"], rep["run_ids"]["popularity"]
 
@@ -49,6 +49,12 @@ def test_hllm_flows_run_nightly_prints_the_summary_and_the_hllm_run_holds_its_ev
         assert line.split()[-4:] == [
             f"{100 * m[f'test/{n}']:.2f}" for n in ("recall_at_5", "recall_at_10", "ndcg_at_5", "ndcg_at_10")
         ]
+    # the slices table: recall@10 per slice and model, the new-item slice first
+    assert out[7] == "by slice (recall@10 %, users; new items never occurred in training):"
+    assert out[8].split()[:5] == ["R@10", "by", "slice", "new", "items"]
+    for line, label in zip(out[9:11], ("HLLM (this run)", "popularity")):
+        assert line.strip().startswith(label)
+    out = out[4:]  # the rest as before the slices were added
     assert out[7].startswith("promotion: ") and "champion" in out[7]
     assert out[8] == f"MLflow store: {uri}"
     assert (

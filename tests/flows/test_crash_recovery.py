@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from flows.slot import CHECK_S, GRACE_S
-from tests.helpers.flowkit import make_project, registered_versions
+from tests.helpers.flowkit import make_project, registered_versions, store_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]  # make test-faults
 
@@ -102,9 +102,8 @@ def nightly(*sets: str) -> list[str]:
 
 
 def mlflow_runs(project: Path) -> list:
-    import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
+    client = store_client(project)
     exps = [e.experiment_id for e in client.search_experiments()]
     return client.search_runs(exps, max_results=1000) if exps else []
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.flowkit import dvc_md5, make_project, registered_versions, upload
+from tests.helpers.flowkit import dvc_md5, make_project, registered_versions, store_client, upload
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
@@ -58,9 +58,8 @@ def task_runs(flow_run_id) -> dict:
 
 
 def mlflow_runs(root: Path) -> list:
-    import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
+    client = store_client(root)
     exps = [e.experiment_id for e in client.search_experiments()]
     return client.search_runs(exps, max_results=1000)
 
@@ -148,9 +147,8 @@ def test_nightly_registers_a_champion_then_gates_a_challenger(project):
     assert champ_row["note"].startswith("re-evaluated on today's data")
     assert "no evaluation comparable" not in res3["promotion"] and "v1" in res3["promotion"]
     v1_run = next(v for v in registered_versions(project) if str(v.version) == "1").run_id
-    import mlflow
 
-    arts = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}").list_artifacts(
+    arts = store_client(project).list_artifacts(
         v1_run, f"eval/test/{res3['protocol_hash']}"
     )
     assert {Path(a.path).name for a in arts} == {res["data"]["data_version"], res3["data"]["data_version"]}
@@ -158,7 +156,7 @@ def test_nightly_registers_a_champion_then_gates_a_challenger(project):
     # the registry flows, as a user of the Prefect UI runs them
     from flows.registry import promote, rollback
 
-    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
+    client = store_client(project)
     challenger = client.get_model_version_by_alias("hllm-recommender", "challenger").version
     assert promote(to="champion")["action"] == "champion"  # the challenger wins its A/B test
     assert str(client.get_model_version_by_alias("hllm-recommender", "champion").version) == str(challenger)

@@ -87,10 +87,18 @@ def make_project(root: Path, item_model: Path, **overrides: Any) -> Path:
     return root
 
 
-def registered_versions(root: Path, model: str = "hllm-recommender") -> list[Any]:
+def store_client(root: Path) -> Any:
+    """A client of the project's own store, for runs *and* the registry: with a registry URI set
+    process-wide by an earlier in-process flow (``tracking.configure``), ``MlflowClient(uri)`` alone
+    would read another test's registry."""
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
+    uri = f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def registered_versions(root: Path, model: str = "hllm-recommender") -> list[Any]:
+    client = store_client(root)
     try:
         return list(client.search_model_versions(f"name='{model}'"))
     except Exception:  # noqa: BLE001 - no registered model yet

@@ -18,7 +18,7 @@ import yaml
 
 from hllm.config import ConfigError, load_config
 from tests.helpers.fakekube import FakeKube
-from tests.helpers.flowkit import evaluate_stage_files, make_project, registered_versions
+from tests.helpers.flowkit import evaluate_stage_files, make_project, registered_versions, store_client
 
 IMAGE = "registry.example.com/ml/hllm:cuda"
 ARGS = ["-m", "hllm.cli.worker", "--params", "/etc/hllm/params.yaml", "--resume", "--no-progress"]
@@ -179,9 +179,8 @@ def k8s_project(tmp_path, bert, monkeypatch, **k8s) -> Iterator[tuple[Path, Fake
 
 
 def _runs(root: Path) -> dict:
-    import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
+    client = store_client(root)
     exps = [e.experiment_id for e in client.search_experiments()]
     return client, {r.data.tags.get("hllm.kind"): r for r in client.search_runs(exps)}
 
