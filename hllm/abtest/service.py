@@ -789,6 +789,23 @@ class Service:
                 raise
         return self._answer(t0, req, r, served, items, scores, error)
 
+    async def _challenger_async(
+        self, st: PoolState, kind: str, req: RecommendRequest
+    ) -> tuple[list[str], list[float], str | None]:
+        """The challenger's slate under its timeout, or an error (recorded as a fallback to the champion)."""
+        assert st.challenger is not None
+        try:
+            items, scores = await self._score_async(
+                st.challenger, CHALLENGER, kind, req, self.opts.challenger_timeout_s
+            )
+            return items, scores, None
+        except TimeoutError:
+            error, reason = f"timeout after {self.opts.challenger_timeout_s * 1000:.0f} ms", "timeout"
+        except Exception as e:
+            error, reason = f"{type(e).__name__}: {e}", "error"
+        self._challenger_failed(st, error, reason)
+        return [], [], error
+
     async def recommend_async(self, req: RecommendRequest) -> RecommendResponse:
         """:meth:`recommend` on the event loop: the same route, fallback and record."""
         t0 = time.perf_counter()
@@ -802,16 +819,8 @@ class Service:
         if served == INTERLEAVED:
             assert st.challenger is not None
             champ_items, champ_scores = await self._score_async(st.champion, CHAMPION, r.kind, req, None)
-            try:
-                chall_items, _ = await self._score_async(
-                    st.challenger, CHALLENGER, r.kind, req, self.opts.challenger_timeout_s
-                )
-            except TimeoutError:
-                error, reason = f"timeout after {self.opts.challenger_timeout_s * 1000:.0f} ms", "timeout"
-            except Exception as e:
-                error, reason = f"{type(e).__name__}: {e}", "error"
+            chall_items, _, error = await self._challenger_async(st, r.kind, req)
             if error is not None:
-                self._challenger_failed(st, error, reason)
                 served, items, scores = CHAMPION, champ_items, champ_scores
             else:
                 exposure_seed = uuid.uuid4().hex
@@ -819,17 +828,8 @@ class Service:
                 scores = [0.0] * len(items)  # scores of two models are not comparable: the order is the draft's
             return self._answer(t0, req, r, served, items, scores, error, teams)
         if served == CHALLENGER:
-            assert st.challenger is not None
-            try:
-                items, scores = await self._score_async(
-                    st.challenger, CHALLENGER, r.kind, req, self.opts.challenger_timeout_s
-                )
-            except TimeoutError:
-                error, reason = f"timeout after {self.opts.challenger_timeout_s * 1000:.0f} ms", "timeout"
-            except Exception as e:
-                error, reason = f"{type(e).__name__}: {e}", "error"
+            items, scores, error = await self._challenger_async(st, r.kind, req)
             if error is not None:
-                self._challenger_failed(st, error, reason)
                 served = CHAMPION
         if served == CHAMPION:
             try:

@@ -313,6 +313,18 @@ def verify_file(path: str | Path, want: Mapping[str, Any]) -> None:
     _verified[key] = (st.st_size, st.st_mtime_ns, st.st_ino, want["sha256"])
 
 
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON sidecar (``meta.json``, an export manifest) that must be an object; a torn or foreign
+    file is a :class:`CorruptFileError` naming it, e.g. ``…/meta.json: unreadable meta.json (…)``."""
+    try:
+        obj = json.loads(path.read_text())
+    except ValueError as e:
+        raise CorruptFileError(f"{path}: unreadable {what} (truncated or corrupted: {e})") from e
+    if not isinstance(obj, dict):
+        raise CorruptFileError(f"{path}: the {what} is not a JSON object (corrupted)")
+    return obj
+
+
 def verify_files(root: str | Path, files: Mapping[str, Mapping[str, Any]], names: list[str] | None = None) -> None:
     """:func:`verify_file` for each recorded ``files`` entry (relative to ``root``), or only ``names``."""
     for name in names if names is not None else sorted(files):

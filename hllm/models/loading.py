@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 
-from hllm.data.dataset import CorruptFileError, verify_files
+from hllm.data.dataset import CorruptFileError, read_json_object, verify_files
 from hllm.data.versioning import content_hash
 
 log = logging.getLogger(__name__)
@@ -40,12 +39,7 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     p = Path(ckpt_dir) / "meta.json"
     if not p.exists():
         raise FileNotFoundError(f"{ckpt_dir}: not a checkpoint (no meta.json)")
-    try:
-        meta = json.loads(p.read_text())
-    except ValueError as e:
-        raise CorruptFileError(f"{p}: unreadable meta.json (truncated or corrupted: {e})") from e
-    if not isinstance(meta, dict):
-        raise CorruptFileError(f"{p}: meta.json is not a JSON object (corrupted)")
+    meta = read_json_object(p, "meta.json")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{p}: checkpoint format {meta.get('format')!r}, this code reads format {FORMAT}")
     if "data_version" in meta and "content_hash" not in meta:

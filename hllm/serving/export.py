@@ -50,7 +50,14 @@ import torch
 
 from hllm.config import Config, protocol_hash, stable_hash
 from hllm.data import versioning
-from hllm.data.dataset import PAD, BuiltData, CorruptFileError, digest_tree, left_pad_windows, verify_files
+from hllm.data.dataset import (
+    PAD,
+    BuiltData,
+    digest_tree,
+    left_pad_windows,
+    read_json_object,
+    verify_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -377,12 +384,7 @@ def verify_export(
         p = d / MANIFEST
         if not p.exists():
             raise FileNotFoundError(f"{d}: not an export (no {MANIFEST}); run `hllm export` first")
-        try:
-            manifest = json.loads(p.read_text())
-        except ValueError as e:
-            raise CorruptFileError(f"{p}: unreadable manifest (truncated or corrupted: {e})") from e
-        if not isinstance(manifest, dict):
-            raise CorruptFileError(f"{p}: the manifest is not a JSON object (corrupted)")
+        manifest = read_json_object(p, "manifest")
     files = manifest.get("files")
     if files:
         verify_files(d, files, names)
