@@ -238,6 +238,9 @@ class TrackingConfig:
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI or sqlite:///mlflow/mlflow.db
     experiment: str = "hllm"
     artifact_location: str = ""  # "" = mlflow/artifacts next to the db
+    # training metrics go out from a background buffer, so a tracking outage never stops training
+    metrics_buffer_rows: int = 10_000  # rows held while the server is unreachable; then the oldest are dropped
+    metrics_flush_s: float = 30.0  # at the end of training, wait this long for the buffer to drain
 
 
 @dataclass

@@ -44,6 +44,7 @@ from hllm.models import loading
 from hllm.models.base import SeqRecModel, eval_mode, unwrap
 from hllm.training import checkpoint as ckpt
 from hllm.training.batching import sample_negatives
+from hllm.training.metric_buffer import BackgroundMetrics
 from hllm.training.setup import TrainSetup, build_setup, describe
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,16 @@ def train(
             )
         setup = build_setup(cfg, info)
         log.info(describe(setup, cfg, info))
-        return _Trainer(cfg, info, setup, logger, progress).run(resume)
+        # a tracking outage must not end the run: rank 0's metrics go out from a background buffer
+        tc = cfg.tracking
+        sink = None
+        if logger is not None and info.is_main:
+            sink = BackgroundMetrics(logger, tc.metrics_buffer_rows, tc.metrics_flush_s)
+        try:
+            return _Trainer(cfg, info, setup, sink, progress).run(resume)
+        finally:
+            if sink is not None:
+                sink.close()
     finally:
         D.teardown(info)
 
