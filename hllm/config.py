@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,7 +44,10 @@ Pooling = Literal["item_token", "mean"]
 ItemLayout = Literal["padded", "packed"]  # padded (CPU) | one row per forward, positions restart per item (GPU)
 Projection = Literal["auto", "linear", "none"]
 Device = Literal["auto", "cpu", "cuda"]
-SplitProtocol = Literal["leave_one_out"]
+# leave-one-out per user | a global time cutoff (train on the past, test on what came after it)
+SplitProtocol = Literal["leave_one_out", "temporal"]
+CutoffUnit = Literal["quantile", "timestamp"]  # temporal cutoffs: quantiles of all timestamps | epoch seconds
+TemporalTarget = Literal["first"]  # the one post-cutoff interaction scored per user: the first
 Candidates = Literal["all"]
 FaissIndex = Literal["flat_ip", "hnsw"]
 SnapshotFormat = Literal["raw", "hllm", "amazon", "movielens", "recbole"]
@@ -199,6 +203,40 @@ class ProtocolConfig:
     ks: list[int] = field(default_factory=lambda: [5, 10, 50, 200])
     select_metric: str = "ndcg@200"  # on the validation split
     max_history: int = 10  # items fed to the user model at evaluation
+    # split: temporal (docs/evaluation-protocol.md): a global time cutoff. Training = interactions at or before
+    # valid_cutoff; validation target = a user's first interaction in (valid_cutoff, test_cutoff]; test target =
+    # the first after test_cutoff; history = everything before the target. Hashed only under split: temporal.
+    valid_cutoff: float = 0.8  # quantile of all interaction timestamps (cutoff_unit: quantile) or epoch seconds
+    test_cutoff: float = 0.9
+    cutoff_unit: CutoffUnit = "quantile"
+    target: TemporalTarget = "first"
+
+    def __post_init__(self) -> None:
+        check_cutoffs(self.valid_cutoff, self.test_cutoff, self.cutoff_unit)
+
+
+# ProtocolConfig fields that only the temporal split reads: left out of the hash under leave_one_out, so the
+# leave-one-out protocol (and every result recorded under it) keeps its hash
+TEMPORAL_FIELDS = ("valid_cutoff", "test_cutoff", "cutoff_unit", "target")
+
+
+def check_cutoffs(valid: float, test: float, unit: str) -> None:
+    """The temporal cutoffs; raises :class:`ConfigError` naming the ``eval.protocol`` field."""
+    for name, v in (("valid_cutoff", valid), ("test_cutoff", test)):
+        if not math.isfinite(v):
+            raise ConfigError(f"eval.protocol.{name}: expected a finite number, got {v!r}")
+        if unit == "quantile" and not 0.0 < v < 1.0:
+            raise ConfigError(
+                f"eval.protocol.{name}: a quantile of the interaction timestamps must be in (0, 1), got {v!r} "
+                "(for a time in epoch seconds set eval.protocol.cutoff_unit=timestamp)"
+            )
+        if unit == "timestamp" and v < 0:
+            raise ConfigError(f"eval.protocol.{name}: a timestamp in epoch seconds must be >= 0, got {v!r}")
+    if not valid < test:
+        raise ConfigError(
+            f"eval.protocol.valid_cutoff ({valid!r}) must be before eval.protocol.test_cutoff ({test!r}): "
+            "validation happens between the two cutoffs"
+        )
 
 
 @dataclass
@@ -355,7 +393,11 @@ def stable_hash(obj: Any, n: int = 12) -> str:
 
 
 def protocol_hash(protocol: ProtocolConfig) -> str:
-    return stable_hash(dataclasses.asdict(protocol))
+    d = dataclasses.asdict(protocol)
+    if protocol.split != "temporal":  # settings that cannot change a leave-one-out result
+        for k in TEMPORAL_FIELDS:
+            d.pop(k)
+    return stable_hash(d)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -148,6 +148,18 @@ def stats(
         f"split         {s['split']['train_windows']:,} training windows; {s['split']['valid_users']:,} valid / "
         f"{s['split']['test_users']:,} test users",
     ]
+    sp = s["split"]
+    if sp.get("split") == "temporal":  # eval.protocol.split at build time
+        import datetime as dt
+
+        def when(t: float) -> str:
+            return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+        lines.append(
+            f"temporal      cutoffs valid {when(sp['valid_cutoff_time'])} / test {when(sp['test_cutoff_time'])}: "
+            f"{sp['train_interactions']:,} training interactions; users with no history before their target "
+            f"(left out): {sp['valid_users_without_history']:,} valid / {sp['test_users_without_history']:,} test"
+        )
     typer.echo("\n".join(lines))
 
 

@@ -198,7 +198,7 @@ def build_dataset(
     np.cumsum(lengths, out=offsets[1:])
     same_ts = (u_sorted[1:] == u_sorted[:-1]) & (ts_sorted[1:] == ts_sorted[:-1])
     n_ties = int(same_ts.sum())
-    del ts_sorted, u_sorted, same_ts
+    del u_sorted, same_ts
     steps.update()
 
     parent = out.parent
@@ -219,19 +219,26 @@ def build_dataset(
         big = offsets[-1] >= 2**31
         list_type = pa.large_list(pa.int32()) if big else pa.list_(pa.int32())
         arr_cls = pa.LargeListArray if big else pa.ListArray
-        seqs = arr_cls.from_arrays(
-            pa.array(offsets.astype(np.int64 if big else np.int32)), pa.array(seq_items), type=list_type
+        list_offsets = pa.array(offsets.astype(np.int64 if big else np.int32))
+        seqs = arr_cls.from_arrays(list_offsets, pa.array(seq_items), type=list_type)
+        # each item's timestamp, aligned with items: the temporal split (eval.protocol.split) cuts on them
+        times = arr_cls.from_arrays(
+            list_offsets, pa.array(ts_sorted), type=pa.large_list(pa.int64()) if big else pa.list_(pa.int64())
         )
         _write(
-            pa.table({"user_idx": pa.array(np.arange(n_users, dtype=np.int32)), "items": seqs}),
+            pa.table({"user_idx": pa.array(np.arange(n_users, dtype=np.int32)), "items": seqs, "timestamps": times}),
             stage / "sequences.parquet",
         )
         steps.update()
         # ---- stats
-        from hllm.data.dataset import Sequences, eval_split, train_sequences, training_windows
+        from hllm.data.dataset import Sequences, eval_split, split_plan, train_sequences, training_windows
 
         s = Sequences(offsets, seq_items)
-        n_windows = len(training_windows(train_sequences(s), b.max_seq_len, b.window_mode))
+        # the split of eval.protocol: under temporal, training windows come only from interactions at or
+        # before the validation cutoff (training builds its windows with the same functions)
+        plan = split_plan(s, cfg.eval.protocol, ts_sorted)
+        train_part = train_sequences(s, plan)
+        n_windows = len(training_windows(train_part, b.max_seq_len, b.window_mode))
         n_items = len(item_ids)
         icount = np.bincount(seq_items, minlength=n_items + 1)[1:]
         stats: dict[str, Any] = {
@@ -256,10 +263,11 @@ def build_dataset(
                 "rows_removed": int(n_raw - offsets[-1]),
             },
             "split": {
-                "train_users": int((lengths > 2).sum()),
+                **plan.info,
+                "train_users": int((train_part.lengths > 0).sum()),
                 "train_windows": n_windows,
-                "valid_users": len(eval_split(s, "valid", 1).users),
-                "test_users": len(eval_split(s, "test", 1).users),
+                "valid_users": len(eval_split(s, "valid", 1, plan).users),
+                "test_users": len(eval_split(s, "test", 1, plan).users),
             },
             "build": {**asdict(b), "tokenize": tokenize},
             "raw_fingerprint": fingerprint(raw),

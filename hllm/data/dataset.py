@@ -13,10 +13,24 @@ Item index 0 is padding and never a real item. Everything downstream derives
 its splits from ``sequences.parquet`` with the pure functions below, so the
 split rule lives in one place.
 
-Split rule (leave-one-out, as in the HLLM paper):
+``sequences.parquet`` also holds ``timestamps`` (list<int64>, aligned with ``items``), which the
+temporal split reads; a dataset built before it had them can only be split leave-one-out.
+
+Split rules (``eval.protocol.split``; :func:`split_plan` turns either into per-user positions):
+
+leave_one_out (as in the HLLM paper):
     train      = all items but the last two
     validation = target items[-2], history items[:-2]
     test       = target items[-1], history items[:-1] (includes the validation item)
+
+temporal (a global time cutoff; cutoffs ``valid_cutoff`` < ``test_cutoff``, quantiles of every
+interaction's timestamp or epoch seconds; an interaction at or before a cutoff is the past):
+    train      = every interaction at or before the validation cutoff
+    validation = target: the user's first interaction after the validation cutoff and at or before the
+                 test cutoff; history: everything before it (= the user's training part)
+    test       = target: the user's first interaction after the test cutoff; history: everything before
+                 it (the training part and the validation period)
+    A user with no interaction before a target has nothing to read and is not evaluated on that split.
 """
 
 from __future__ import annotations
@@ -105,16 +119,108 @@ def left_pad_windows(seqs: Sequences, ends: np.ndarray, users: np.ndarray, width
     return out
 
 
-def train_sequences(seqs: Sequences) -> Sequences:
-    return seqs.truncate_tail(2)
+@dataclass
+class SplitPlan:
+    """Where each user's sequence splits: every split rule is a training prefix and at most one
+    validation and one test target per user, so both rules share one representation."""
+
+    train_len: np.ndarray  # int64 [U]: items of the training part, a prefix of the sequence
+    valid_pos: np.ndarray  # int64 [U]: flat index into Sequences.items of the validation target, -1 = none
+    test_pos: np.ndarray  # int64 [U]: the same for the test target
+    info: dict[str, Any]  # how it was made, for metrics.json: rule, resolved cutoff times, counts
 
 
-def eval_split(seqs: Sequences, which: str, max_history: int) -> EvalSplit:
-    """``which`` is "valid" (target = second-to-last) or "test" (target = last)."""
-    drop = {"valid": 2, "test": 1}[which]
+def leave_one_out_plan(seqs: Sequences) -> SplitPlan:
+    lengths, ends = seqs.lengths, seqs.offsets[1:]
+    return SplitPlan(
+        train_len=np.maximum(lengths - 2, 0),
+        valid_pos=np.where(lengths >= 3, ends - 2, -1),  # a target needs one history item before it
+        test_pos=np.where(lengths >= 2, ends - 1, -1),
+        info={"split": "leave_one_out"},
+    )
+
+
+def temporal_plan(seqs: Sequences, timestamps: np.ndarray, valid_cutoff: float, test_cutoff: float,
+                  cutoff_unit: str = "quantile") -> SplitPlan:  # fmt: skip
+    """The global temporal split of the module docstring. ``timestamps`` is aligned with
+    ``seqs.items`` and non-decreasing within each user (the build sorts by time). Quantile cutoffs are
+    ``numpy.quantile`` (linear interpolation) over every interaction's timestamp."""
+    from hllm.config import check_cutoffs
+
+    check_cutoffs(valid_cutoff, test_cutoff, cutoff_unit)
+    ts = np.asarray(timestamps, dtype=np.int64)
+    if ts.shape != seqs.items.shape:
+        raise ValueError(f"timestamps has {len(ts)} values for {len(seqs.items)} interactions")
+    if len(ts) == 0:
+        raise ValueError("a temporal split needs interactions; the dataset is empty")
     lengths = seqs.lengths
-    users = np.nonzero(lengths >= drop + 1)[0].astype(np.int32)  # needs at least one history item
-    target_pos = seqs.offsets[users + 1] - drop
+    owner = np.repeat(np.arange(seqs.n_users), lengths)
+    if ((np.diff(ts) < 0) & (owner[1:] == owner[:-1])).any():
+        raise ValueError("timestamps must be non-decreasing within each user's sequence (rebuild the dataset)")
+    if cutoff_unit == "quantile":
+        tv, tt = (float(np.quantile(ts, q)) for q in (valid_cutoff, test_cutoff))
+    else:
+        tv, tt = float(valid_cutoff), float(test_cutoff)
+    # sorted by time within a user, so "at or before a cutoff" is a prefix: count it per user
+    n_v = np.bincount(owner[ts <= tv], minlength=seqs.n_users).astype(np.int64)
+    n_t = np.bincount(owner[ts <= tt], minlength=seqs.n_users).astype(np.int64)
+    starts = seqs.offsets[:-1]
+    has_valid, has_test = n_t > n_v, lengths > n_t  # an interaction in (tv, tt] / after tt
+    plan = SplitPlan(
+        train_len=n_v,
+        valid_pos=np.where(has_valid & (n_v > 0), starts + n_v, -1),
+        test_pos=np.where(has_test & (n_t > 0), starts + n_t, -1),
+        info={
+            "split": "temporal",
+            "valid_cutoff_time": tv,
+            "test_cutoff_time": tt,
+            "train_interactions": int(n_v.sum()),
+            # users whose first interaction came after the cutoff: no history to read, not evaluated
+            "valid_users_without_history": int((has_valid & (n_v == 0)).sum()),
+            "test_users_without_history": int((has_test & (n_t == 0)).sum()),
+        },
+    )
+    if plan.info["train_interactions"] == 0:
+        raise ValueError(
+            f"eval.protocol.valid_cutoff: no interaction at or before it (time {tv:g}); "
+            "the temporal split has nothing to train on"
+        )
+    return plan
+
+
+def split_plan(seqs: Sequences, protocol, timestamps: np.ndarray | None = None) -> SplitPlan:
+    """The split ``protocol`` (an ``eval.protocol`` block) defines on ``seqs``."""
+    if protocol.split == "leave_one_out":
+        return leave_one_out_plan(seqs)
+    if protocol.split != "temporal":
+        raise ValueError(f"eval.protocol.split: unknown split {protocol.split!r}")
+    if timestamps is None:
+        raise ValueError(
+            "eval.protocol.split=temporal needs the interaction timestamps in sequences.parquet, and this "
+            "dataset was built without them; rebuild it (`hllm data build`)"
+        )
+    return temporal_plan(seqs, timestamps, protocol.valid_cutoff, protocol.test_cutoff, protocol.cutoff_unit)
+
+
+def train_sequences(seqs: Sequences, plan: SplitPlan | None = None) -> Sequences:
+    """Each user's training part: ``plan``'s prefix, or all but the last two items (leave-one-out)."""
+    if plan is None:
+        return seqs.truncate_tail(2)
+    keep = _ranges(seqs.offsets[:-1], plan.train_len)
+    offsets = np.zeros_like(seqs.offsets)
+    np.cumsum(plan.train_len, out=offsets[1:])
+    return Sequences(offsets, seqs.items[keep])
+
+
+def eval_split(seqs: Sequences, which: str, max_history: int, plan: SplitPlan | None = None) -> EvalSplit:
+    """``which`` is "valid" or "test": the targets of ``plan`` (default leave-one-out: the second-to-last
+    and the last item), with everything before each target as its history."""
+    if which not in ("valid", "test"):
+        raise ValueError(f"split must be 'valid' or 'test', got {which!r}")
+    plan = plan if plan is not None else leave_one_out_plan(seqs)
+    pos = plan.valid_pos if which == "valid" else plan.test_pos
+    users = np.nonzero((pos >= 0) & (pos > seqs.offsets[:-1]))[0].astype(np.int32)  # one history item at least
+    target_pos = pos[users]
     history = left_pad_windows(seqs, target_pos, users, max_history)
     hist_len = target_pos - seqs.offsets[users]
     full = Sequences(
@@ -181,6 +287,11 @@ class BuiltData:
     user_ids: np.ndarray  # object array of original ids, index = user idx
     sequences: Sequences
     stats: dict
+    timestamps: np.ndarray | None = None  # int64, aligned with sequences.items; None: built without them
+
+    def split_plan(self, protocol) -> SplitPlan:
+        """The split ``protocol`` defines on this dataset (see :func:`split_plan`)."""
+        return split_plan(self.sequences, protocol, self.timestamps)
 
     @property
     def n_items(self) -> int:
@@ -216,7 +327,14 @@ def load_built(built_dir: str | Path) -> BuiltData:
     item_ids = items.sort_values("idx")["item_id"].to_numpy(dtype=object)
     user_ids = users.sort_values("idx")["user_id"].to_numpy(dtype=object)
     stats = json.loads((d / "stats.json").read_text()) if (d / "stats.json").exists() else {}
-    return BuiltData(d, item_ids, user_ids, Sequences(offsets - offsets[0], flat), stats)
+    timestamps = None
+    if "timestamps" in seq.column_names:
+        tcol = seq.column("timestamps").combine_chunks()
+        toffs = tcol.offsets.to_numpy().astype(np.int64)
+        if not np.array_equal(toffs - toffs[0], offsets - offsets[0]):
+            raise ValueError(f"{d / 'sequences.parquet'}: timestamps are not aligned with items")
+        timestamps = tcol.flatten().to_numpy().astype(np.int64)
+    return BuiltData(d, item_ids, user_ids, Sequences(offsets - offsets[0], flat), stats, timestamps)
 
 
 def tokens_sidecar(path: str | Path) -> Path:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hllm.config import Config, ProtocolConfig, protocol_hash
+from hllm.config import Config, ConfigError, ProtocolConfig, SplitProtocol, check_cutoffs, protocol_hash
 from hllm.data.dataset import PAD, BuiltData, Sequences, eval_split
 from hllm.distributed import rank_world
 from hllm.evaluation import metrics as M
@@ -61,19 +62,21 @@ log = logging.getLogger(__name__)
 
 
 def check_protocol(p: ProtocolConfig) -> None:
-    if p.split != "leave_one_out":
-        raise ValueError(f"eval.protocol.split: only 'leave_one_out' is implemented, got {p.split!r}")
+    """Raises :class:`ConfigError` (a ``ValueError``) naming the first bad ``eval.protocol`` field."""
+    if p.split not in typing.get_args(SplitProtocol):
+        raise ConfigError(f"eval.protocol.split: expected one of {typing.get_args(SplitProtocol)}, got {p.split!r}")
+    check_cutoffs(p.valid_cutoff, p.test_cutoff, p.cutoff_unit)  # also checked on load; a hand-edited object here
     if p.candidates != "all":
-        raise ValueError(f"eval.protocol.candidates: only 'all' (full ranking) is implemented, got {p.candidates!r}")
+        raise ConfigError(f"eval.protocol.candidates: only 'all' (full ranking) is implemented, got {p.candidates!r}")
     if not p.ks or any(k <= 0 for k in p.ks):
-        raise ValueError(f"eval.protocol.ks must be positive integers, got {p.ks}")
+        raise ConfigError(f"eval.protocol.ks must be positive integers, got {p.ks}")
     name, _, kk = p.select_metric.partition("@")
     if name not in ("recall", "ndcg") or not kk.isdigit() or int(kk) not in p.ks:
-        raise ValueError(
+        raise ConfigError(
             f"eval.protocol.select_metric {p.select_metric!r} must be recall@K or ndcg@K with K in ks {p.ks}"
         )
     if p.max_history < 1:
-        raise ValueError(f"eval.protocol.max_history must be >= 1, got {p.max_history}")
+        raise ConfigError(f"eval.protocol.max_history must be >= 1, got {p.max_history}")
 
 
 def user_embedding_fn(model, item_table: torch.Tensor, history: np.ndarray) -> Callable[[int, int], torch.Tensor]:
@@ -110,9 +113,10 @@ def evaluate(
     p = cfg.eval.protocol
     check_protocol(p)
     t0 = time.perf_counter()
-    es = eval_split(built.sequences, split, p.max_history)
+    plan = built.split_plan(p)
+    es = eval_split(built.sequences, split, p.max_history, plan)
     if len(es.users) == 0:
-        raise ValueError(f"{built.dir}: no user has enough items for a {split} target")
+        raise ValueError(f"{built.dir}: no user has enough items for a {split} target ({plan.info})")
     m = unwrap(model)
     was_training = m.training
     m.eval()
@@ -126,7 +130,7 @@ def evaluate(
             if item_table.shape[0] != built.n_items:
                 raise ValueError(f"item table has {item_table.shape[0]} rows, dataset has {built.n_items} item slots")
             items = torch.nn.functional.normalize(item_table, dim=-1) if m.normalize else item_table
-            counts = S.item_train_counts(built.sequences, built.n_items)
+            counts = S.item_train_counts(built.sequences, built.n_items, plan)
             # an ID model's rows of items that never occurred in training are untrained: no candidates, misses
             unseen = None if m.scores_unseen_items else (counts == 0)
             users, ranks = _rank_split(model, item_table, items, es, cfg, progress, unseen)
@@ -152,6 +156,7 @@ def evaluate(
         seconds=time.perf_counter() - t0,
         checkpoint=str(checkpoint_dir) if checkpoint_dir is not None else None,
         slices=S.slice_metrics(per_user, masks),
+        split_info=plan.info,
     )
     log.info("%s: %s (%d users, %.1fs)", split, _fmt(res.metrics), res.n_users, res.seconds)
     return res
@@ -234,6 +239,24 @@ def default_checkpoint(cfg: Config) -> Path:
     return latest
 
 
+def check_same_training_part(trained: ProtocolConfig, now: ProtocolConfig, ckpt_dir: str | Path) -> None:
+    """Refuse to score a checkpoint under a split whose training part differs from the one it trained on:
+    a model trained leave-one-out has seen interactions after a temporal cutoff (and one trained on a
+    temporal split has not seen a leave-one-out training part), so its numbers would mean nothing."""
+
+    def part(p: ProtocolConfig) -> tuple:
+        return (p.split,) if p.split == "leave_one_out" else (p.split, p.valid_cutoff, p.cutoff_unit)
+
+    if part(trained) != part(now):
+        raise ConfigError(
+            f"{ckpt_dir}: trained with eval.protocol.split={trained.split}"
+            + (f" (valid_cutoff={trained.valid_cutoff} {trained.cutoff_unit})" if trained.split == "temporal" else "")
+            + f", evaluated with split={now.split}"
+            + (f" (valid_cutoff={now.valid_cutoff} {now.cutoff_unit})" if now.split == "temporal" else "")
+            + ": the training parts differ (the model may have trained on the targets); retrain under this split"
+        )
+
+
 def load_for_eval(ckpt_dir: str | Path, cfg: Config | None = None, built_dir: str | Path | None = None):
     """``load_model`` with the *current* ``eval``/``export`` sections (and paths
     for outputs) applied: every model is evaluated under today's protocol, not
@@ -243,6 +266,7 @@ def load_for_eval(ckpt_dir: str | Path, cfg: Config | None = None, built_dir: st
 
     model, ckpt_cfg, built = load_model(ckpt_dir, built_dir=built_dir)
     if cfg is not None:
+        check_same_training_part(ckpt_cfg.eval.protocol, cfg.eval.protocol, ckpt_dir)
         ckpt_cfg.eval = cfg.eval
         ckpt_cfg.export = cfg.export
         ckpt_cfg.paths.reports_dir = cfg.paths.reports_dir

@@ -4,7 +4,8 @@ A result is a folder with two files::
 
     metrics.json   {"split", "metrics" (fractions), "protocol_hash", "protocol", "data_version",
                     "n_users", "n_items", "n_masked_targets", "seconds", "checkpoint",
-                    "slices" ({slice: {"n": users, metric: value}}, hllm.evaluation.slices)}
+                    "slices" ({slice: {"n": users, metric: value}}, hllm.evaluation.slices),
+                    "split_info" (the split rule; temporal: resolved cutoff times, users without history)}
     per_user.npz   "users" (int32 user idx) + one array per metric, aligned (the gate bootstraps them)
 
 ``hllm evaluate`` writes it under ``reports/eval/<run>/<split>/``; in MLflow it lives under
@@ -43,6 +44,9 @@ class EvalResult:
     checkpoint: str | None = None
     data_version: str | None = None  # d<dvc md5>-s<sequences md5> (hllm.data.versioning)
     slices: dict[str, dict[str, float]] = field(default_factory=dict)  # {slice: {"n", metric}}: evaluation.slices
+    # how the split was made (hllm.data.dataset.SplitPlan.info): the rule and, for the temporal split, the
+    # resolved cutoff times and the users left out for having no history before their target
+    split_info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.users)
@@ -79,6 +83,7 @@ class EvalResult:
             "checkpoint": self.checkpoint,
             "data_version": self.data_version,
             "slices": self.slices,
+            "split_info": self.split_info,
         }
 
     def save(self, out_dir: str | Path) -> Path:
@@ -127,6 +132,7 @@ class EvalResult:
             checkpoint=s.get("checkpoint"),
             data_version=s.get("data_version"),
             slices=s.get("slices", {}),
+            split_info=s.get("split_info", {}),
         )
 
 

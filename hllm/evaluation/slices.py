@@ -2,7 +2,8 @@
 
 Each test (or validation) user falls into slices by its target item and by its history:
 
-- ``new_items``: the target never occurred in the training part of any sequence: a cold-start item.
+- ``new_items``: the target never occurred in the training part of any sequence: a cold-start item
+  (under the temporal split: an item whose first interaction came after the validation cutoff).
   Text-based item towers (HLLM) embed it from its text; an ID model cannot score it at all, so for
   ID models these targets are misses and these items are no candidates (``evaluate`` makes sure),
   never a lucky rank from an untrained embedding row.
@@ -21,14 +22,15 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from hllm.data.dataset import Sequences, train_sequences
+from hllm.data.dataset import Sequences, SplitPlan, train_sequences
 
 SLICES = ("new_items", "head_items", "tail_items", "short_history", "long_history")
 
 
-def item_train_counts(sequences: Sequences, n_items: int) -> np.ndarray:
-    """Interactions per item idx in the training part of every sequence (all but the last two)."""
-    train = train_sequences(sequences)
+def item_train_counts(sequences: Sequences, n_items: int, plan: SplitPlan | None = None) -> np.ndarray:
+    """Interactions per item idx in the training part of every sequence: ``plan``'s (the temporal split's
+    interactions up to the validation cutoff), by default leave-one-out's (all but the last two)."""
+    train = train_sequences(sequences, plan)
     return np.bincount(train.items.astype(np.int64), minlength=n_items)[:n_items]
 
 

@@ -5,7 +5,7 @@ It implements :class:`SeqRecModel` so that it goes through the same training
 export paths as HLLM. Scores are raw training interaction counts
 (``normalize = False``): the item "embedding" is its count, the user
 "embedding" the constant 1, so ``user . item = count``. Counts come only from
-the training part of each sequence (leave-one-out), so validation and test
+the training part of each sequence (``eval.protocol.split``), so validation and test
 targets never leak into the scores. Many items share a count; the evaluator's
 pessimistic tie rule ranks a target after every item with the same count.
 """
@@ -48,11 +48,13 @@ class Popularity(SeqRecModel):
         return torch.ones(history_emb.shape[0], 1, dtype=torch.float32, device=history_emb.device)
 
 
-def train_counts(built: BuiltData) -> np.ndarray:
-    """Interactions per item idx in the training part of every sequence."""
-    return np.bincount(train_sequences(built.sequences).items, minlength=built.n_items).astype(np.float32)
+def train_counts(built: BuiltData, protocol=None) -> np.ndarray:
+    """Interactions per item idx in the training part of every sequence, under the split of ``protocol``
+    (an ``eval.protocol`` block; default leave-one-out)."""
+    plan = built.split_plan(protocol) if protocol is not None else None
+    return np.bincount(train_sequences(built.sequences, plan).items, minlength=built.n_items).astype(np.float32)
 
 
 def build(cfg, built: BuiltData, tokens=None) -> Popularity:
     """Registered under ``model.kind = "pop"`` in :func:`hllm.models.build_model`."""
-    return Popularity(train_counts(built))
+    return Popularity(train_counts(built, cfg.eval.protocol))

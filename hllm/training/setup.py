@@ -196,7 +196,9 @@ def build_setup(cfg: Config, info: D.DistInfo) -> TrainSetup:
     trainable = any(p.requires_grad for p in model.parameters())
     if t.gradient_checkpointing:
         log.info("gradient checkpointing on %d backbone(s)", _enable_gradient_checkpointing(model))
-    windows = training_windows(train_sequences(built.sequences), cfg.build.max_seq_len, cfg.build.window_mode)
+    # the training part of eval.protocol's split (temporal: only interactions up to the validation cutoff)
+    train_part = train_sequences(built.sequences, built.split_plan(cfg.eval.protocol))
+    windows = training_windows(train_part, cfg.build.max_seq_len, cfg.build.window_mode)
     batches = GlobalBatches(len(windows), t.batch_size, info.world_size, t.grad_accum, t.seed)
     spe = batches.steps_per_epoch
     total_steps = t.epochs * spe if t.max_steps <= 0 else min(t.max_steps, t.epochs * spe)

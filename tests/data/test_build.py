@@ -85,7 +85,7 @@ def test_split_rules_on_the_built_fixture(tmp_path):
     assert te.full_history.of(0).tolist() == [4, 1, 2]
     w = training_windows(tr, max_seq_len=1, mode="split")  # windows of 2, newest first per user
     assert w.tolist() == [[4, 1], [3, 1], [2, 3]]
-    assert b.stats["split"] == {"train_users": 6, "train_windows": 3, "valid_users": 6, "test_users": 6}
+    assert b.stats["split"] == {"split": "leave_one_out", "train_users": 6, "train_windows": 3, "valid_users": 6, "test_users": 6}
     # sliding: one window ending at every training position after the first, full left context
     long = Sequences.from_lists([[4, 1, 2, 3], [7], [5, 6, 8]])
     assert training_windows(long, max_seq_len=2, mode="sliding").tolist() == [

@@ -46,9 +46,16 @@ class TableModel(SeqRecModel):
         return LossOutput(loss=torch.zeros(()))
 
 
-def make_built(tmp: Path, sequences: list[list[int]], n_items: int, titles: list[str] | None = None) -> BuiltData:
+def make_built(
+    tmp: Path,
+    sequences: list[list[int]],
+    n_items: int,
+    titles: list[str] | None = None,
+    timestamps: list[list[int]] | None = None,
+) -> BuiltData:
     """A BuiltData on disk (items/users/sequences parquet) with original ids
-    ``i<idx>`` / ``u<idx>``; item idx 0 is padding."""
+    ``i<idx>`` / ``u<idx>``; item idx 0 is padding. ``timestamps`` (per item, like ``sequences``) allow the
+    temporal split."""
     tmp.mkdir(parents=True, exist_ok=True)
     item_ids = np.array(["<pad>"] + [f"i{j}" for j in range(1, n_items)], dtype=object)
     user_ids = np.array([f"u{j}" for j in range(len(sequences))], dtype=object)
@@ -62,16 +69,16 @@ def make_built(tmp: Path, sequences: list[list[int]], n_items: int, titles: list
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(
-        pa.table(
-            {
-                "user_idx": pa.array(np.arange(len(sequences), dtype=np.int32)),
-                "items": pa.array(sequences, type=pa.list_(pa.int32())),
-            }
-        ),
-        tmp / "sequences.parquet",
-    )
-    return BuiltData(tmp, item_ids, user_ids, Sequences.from_lists(sequences), {})
+    cols = {
+        "user_idx": pa.array(np.arange(len(sequences), dtype=np.int32)),
+        "items": pa.array(sequences, type=pa.list_(pa.int32())),
+    }
+    flat_ts = None
+    if timestamps is not None:
+        cols["timestamps"] = pa.array(timestamps, type=pa.list_(pa.int64()))
+        flat_ts = np.array([t for ts in timestamps for t in ts], dtype=np.int64)
+    pq.write_table(pa.table(cols), tmp / "sequences.parquet")
+    return BuiltData(tmp, item_ids, user_ids, Sequences.from_lists(sequences), {}, flat_ts)
 
 
 def small_cfg(ks=(1, 2, 5), **eval_kw) -> Config:
