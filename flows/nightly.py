@@ -38,6 +38,7 @@ from prefect import flow
 from flows import tasks as T
 from flows.report import MODEL_LABELS, ModelRow, RunReport
 from flows.slot import SlotBusy, SlotUnavailable
+from hllm import faults
 from hllm.config import Config
 
 __all__ = ["FLOW_NAME", "SlotBusy", "SlotUnavailable", "nightly_retrain", "nightly_slot"]
@@ -86,8 +87,10 @@ class _Stages:
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
+        faults.point(f"{name}:start")  # the fault-injection suite kills the run at every stage boundary
         try:
             yield
+            faults.point(f"{name}:end")
         except BaseException:
             if not self.report.failed_stage:
                 self.report.failed_stage = name
@@ -183,6 +186,8 @@ def nightly_retrain(
         with stop, nightly_slot(fc.concurrency_limit, fc.slot_timeout_s, run_id, report.flow_run_name, cfg):
             report.stage_seconds["wait-for-slot"] = round(time.perf_counter() - t_wait, 1)
             report.experiment_id = tracking.configure(cfg)
+            with n.stage("recover"):  # what a killed run left half-done: data, exports, registry
+                report.recovered = T.recover(cfg)
             _open_parent(n, source)
             vreport = _data(n, source, snapshot_format or fc.snapshot_format)  # nothing below runs unless it passes
             champion = T.current_champion.with_options(**n.io)(cfg)  # before this run changes anything
@@ -240,28 +245,38 @@ def _open_parent(n: _Night, source: str) -> None:
 
 def _data(n: _Night, source: str, fmt: str) -> Any:
     """snapshot -> validate -> publish -> DVC add + push -> build; returns the validation report."""
+    from hllm.data import journal
     from hllm.ops import tracking
 
     cfg, report = n.cfg, n.report
-    with n.stage("snapshot"):
-        snap = T.stage_snapshot.with_options(**n.io)(cfg, source, fmt)
-        staged, report.snapshot = snap["staged"], snap["source"]  # "dir/" -> its newest dated child
-    with n.stage("validate"):
-        try:
-            vreport = T.validate_snapshot(cfg, staged, report.snapshot)
-        except Exception as e:
-            rep = getattr(e, "report", None)
-            report.validation = rep.summary() if rep is not None else ""
-            if rep is not None and n.parent:
-                parent = n.parent
-                _try(lambda: tracking.attach(parent, cfg).log_validation_report(rep.report_path))
-            raise
-        report.validation = vreport.summary()
+    # until the push succeeds, a pending marker tells the next run to roll data/raw back to what
+    # data.dvc names and push it (hllm.data.journal): a crash in between never leaves a mix
+    journal.begin(cfg, n.run_id)
+    try:
+        with n.stage("snapshot"):
+            snap = T.stage_snapshot.with_options(**n.io)(cfg, source, fmt)
+            staged, report.snapshot = snap["staged"], snap["source"]  # "dir/" -> its newest dated child
+            journal.note(cfg, staged=staged)
+        with n.stage("validate"):
+            try:
+                vreport = T.validate_snapshot(cfg, staged, report.snapshot)
+            except Exception as e:
+                rep = getattr(e, "report", None)
+                report.validation = rep.summary() if rep is not None else ""
+                if rep is not None and n.parent:
+                    parent = n.parent
+                    _try(lambda: tracking.attach(parent, cfg).log_validation_report(rep.report_path))
+                raise
+            report.validation = vreport.summary()
+    except Exception:
+        journal.finish(cfg)  # nothing was published (the staged copy is gone): nothing to recover
+        raise
     with n.stage("publish"):
         T.publish_snapshot(cfg, staged, vreport)
     with n.stage("dvc"):
         report.data["dvc_md5"] = T.dvc_add(cfg)["md5"]
         report.data["pushed_to"] = T.dvc_push.with_options(**n.io)(cfg)
+    journal.finish(cfg)
     with n.stage("build"):
         built = T.build(cfg)
         report.data["stats"] = built["stats"]

@@ -55,6 +55,7 @@ class RunReport:
     paths: dict[str, str] = field(default_factory=dict)  # checkpoint, export, eval folders
     stage_seconds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    recovered: list[str] = field(default_factory=list)  # what crash recovery put back at the start
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -268,6 +269,9 @@ class RunReport:
             md += ["| " + " | ".join(r) + " |" for r in slices[1:]] + [""]
         if self.status == "FAILED" and self.error:
             md += ["## Error", "", "```", self.error[-4000:], "```", ""]
+        if self.recovered:
+            md += ["## Crash recovery (what a killed earlier run left, put back first)", ""]
+            md += [f"- {line}" for line in self.recovered] + [""]
         md += ["## MLflow", "", f"- tracking store: `{self.tracking_uri}`"]
         if self.parent_run_id:
             md.append(f"- flow run: [{self.parent_run_id}]({self.run_url(self.parent_run_id)})")

@@ -62,6 +62,17 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
     return not isinstance(exc, (DataError, ConfigError))
 
 
+# --------------------------------------------------------------------------- crash recovery
+
+
+@task(name="recover", cache_policy=NO_CACHE)
+def recover(cfg: Config) -> list[str]:
+    """Put back what a killed run left half-done: data, exports, registry (:func:`hllm.ops.recovery.recover`)."""
+    from hllm.ops.recovery import recover
+
+    return recover(cfg)
+
+
 # --------------------------------------------------------------------------- data
 
 

@@ -17,6 +17,17 @@ from hllm.cli.common import ParamsOpt, SetOpt, fail, load
 
 app = typer.Typer(no_args_is_help=True)
 
+
+def _load(params: Path, sets: list[str] | None):
+    """The config, after putting back a ``paths.raw_dir`` that a crash left half-replaced
+    (:func:`hllm.data.raw.recover_dir`): every command below reads or writes it."""
+    from hllm.data.raw import recover_dir
+
+    cfg = load(params, sets)
+    recover_dir(cfg.paths.raw_dir)
+    return cfg
+
+
 RawOpt = Annotated[Path | None, typer.Option("--raw", help="raw data folder (default: paths.raw_dir)")]
 
 
@@ -37,7 +48,7 @@ def import_(
     from hllm.data.ingest import FORMATS, import_dataset
     from hllm.data.validate import ValidationFailed
 
-    cfg = load(params, sets)
+    cfg = _load(params, sets)
     if fmt not in FORMATS:
         fail(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}", code=2)
     try:
@@ -62,7 +73,7 @@ def synth(
     """Generate the embedded synthetic dataset (deterministic from synth.seed)."""
     from hllm.data.synth import synthesize
 
-    cfg = load(params, sets)
+    cfg = _load(params, sets)
     try:
         path = synthesize(cfg, out)
     except ValueError as e:
@@ -83,7 +94,7 @@ def validate(
     from hllm.data.errors import DataError
     from hllm.data.validate import validate_raw
 
-    cfg = load(params, sets)
+    cfg = _load(params, sets)
     try:
         report = validate_raw(cfg, raw_dir=raw, data_docs=False if no_docs else None)
     except DataError as e:
@@ -104,7 +115,7 @@ def build(
     from hllm.data.build import build_dataset, load_stats
     from hllm.data.errors import DataError
 
-    cfg = load(params, sets)
+    cfg = _load(params, sets)
     try:
         path = build_dataset(cfg, raw_dir=raw, built_dir=out)
     except (DataError, ValueError, FileNotFoundError) as e:
@@ -126,7 +137,7 @@ def stats(
     from hllm.data.build import load_stats
     from hllm.data.errors import DataError
 
-    cfg = load(params, sets)
+    cfg = _load(params, sets)
     try:
         s = load_stats(cfg)
     except DataError as e:
@@ -181,7 +192,7 @@ def push(
     from hllm.data.errors import DataError
     from hllm.data.versioning import VersioningError, add_and_push, choose_remote
 
-    cfg = load(params, sets)
+    cfg = _load(params, sets)
     try:
         v = add_and_push(raw or cfg.paths.raw_dir, remote=choose_remote(remote or ""))
     except (DataError, VersioningError) as e:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -26,7 +27,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hllm import faults
 from hllm.data.errors import DataError
+
+log = logging.getLogger(__name__)
 
 INTERACTIONS = "interactions.parquet"
 ITEMS = "items.parquet"
@@ -87,13 +91,45 @@ def write_staged(tables: RawTables, parent: str | Path) -> Path:
 
 
 def replace_dir(new: Path, target: Path) -> None:
-    """Swap ``new`` into ``target`` (both on one filesystem); the old contents go only after the swap."""
+    """Swap ``new`` into ``target`` (both on one filesystem); the old contents go only after the swap.
+
+    Two renames, so a crash between them leaves no ``target``, only ``.<name>-old-*``:
+    :func:`recover_dir` (run by the next nightly run and by every ``hllm data`` command) puts it back.
+    """
     target = Path(target)
-    old = target.with_name(f".{target.name}-old-{uuid.uuid4().hex[:8]}")
+    old = target.with_name(f"{OLD_PREFIX.format(name=target.name)}{uuid.uuid4().hex[:8]}")
     if target.exists():
         target.rename(old)
+    faults.point("publish:between-renames")
     new.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+OLD_PREFIX = ".{name}-old-"
+
+
+def recover_dir(target: str | Path) -> str | None:
+    """Undo or finish a :func:`replace_dir` that a crash interrupted; returns what was done, or None.
+
+    - no ``target`` but ``.<name>-old-*`` folders: the crash came between the two renames; the
+      newest old folder is renamed back (the swap is undone: the new data was never published);
+    - ``target`` and old folders: the swap completed, only the cleanup was lost; they are deleted.
+    """
+    target = Path(target)
+    olds = sorted(target.parent.glob(OLD_PREFIX.format(name=target.name) + "*"), key=lambda p: p.stat().st_mtime)
+    olds = [p for p in olds if p.is_dir()]
+    if not olds:
+        return None
+    if target.exists():
+        what = f"{target}: removed {len(olds)} old folder(s) a crash left after a completed swap"
+    else:
+        olds[-1].rename(target)
+        what = f"{target}: restored from {olds[-1].name} (a crash interrupted its replacement)"
+        olds = olds[:-1]
+    for p in olds:
+        shutil.rmtree(p, ignore_errors=True)
+    log.warning("%s", what)
+    return what
 
 
 def read_raw(raw_dir: str | Path, columns: dict[str, list[str] | None] | None = None) -> RawTables:

@@ -46,7 +46,10 @@ class DvcRecord:
 
 def dvc(*args: str, repo: str | Path = ".", check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "ITERATIVE_DO_NOT_TRACK": "1"}
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, text=True, capture_output=True)
+    # through hllm.data.dvc_child: the DVC process dies with this one (a SIGKILLed flow leaves no
+    # DVC writer behind), and it carries the failpoints inside DVC (hllm.faults)
+    cmd = [sys.executable, "-m", "hllm.data.dvc_child", *args]
+    proc = subprocess.run(cmd, cwd=repo, env=env, text=True, capture_output=True)
     if check and proc.returncode != 0:
         out = (proc.stderr or proc.stdout).strip()[-2000:]
         raise VersioningError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}) in {repo}:\n{out}")

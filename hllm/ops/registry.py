@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hllm import faults
 from hllm.config import Config
 from hllm.data import versioning
 from hllm.ops import tracking
@@ -51,6 +52,8 @@ HISTORY_TAG = "hllm.champion_history"  # registered-model tag: JSON list of cham
 AUDIT_RUN = "registry-audit"
 TAG_REFUSED = "hllm.gate.refused"  # version tag: why the last promotion of this version was refused
 TAG_REFUSED_AT = "hllm.gate.refused_at"
+TAG_INCOMPLETE = "hllm.incomplete"  # version tag: registered by a flow run that died before its promotion gate
+RECOVERY_ACTOR = "recovery"  # the actor of the audit events that crash recovery writes
 _HISTORY_MAX = 100
 _DESC_MAX = 5000  # MLflow's limit on a model version description (SQL column)
 _DESC_HISTORY = "**History**"
@@ -217,10 +220,14 @@ def _audit_run_id(cfg: Config, client: "MlflowClient", create: bool) -> str | No
         order_by=["attributes.start_time ASC"],
     )
     if runs:
+        if runs[0].info.status == "RUNNING" and create:  # made by an older version of this code
+            client.set_terminated(runs[0].info.run_id, "FINISHED")
         return runs[0].info.run_id
     if not create:
         return None
     run = client.create_run(exp_id, run_name=AUDIT_RUN, tags={tracking.TAG_KIND: "audit"})
+    # a log, not a job: FINISHED at once (artifacts can still be added), so no UI shows it running forever
+    client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 
 
@@ -269,6 +276,7 @@ def _move(
     name = cfg.registry.model_name
     now = _now()
     client.set_registered_model_alias(name, alias, version)
+    faults.point("promote:alias-set")  # a crash here: alias moved, no tags, no audit record (see recover)
     for k, v in {
         "set_by": actor,
         "set_at": now,
@@ -384,6 +392,7 @@ def register_model(
         model_dir = Path(tmp) / MODEL_ARTIFACT
         serving.save_pyfunc(model_dir, export_dir, checkpoint_dir)
         client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
+    faults.point("register:artifacts-logged")  # a crash here: artifacts in the run, no version (a FAILED run)
     return register_version(cfg, run_id, tags=tags)
 
 
@@ -675,6 +684,112 @@ def rollback(
         previous=str(champion.version),
         events=[ev],
     )
+
+
+# --------------------------------------------------------------------------- crash recovery
+
+
+def _audited_aliases(cfg: Config, events: list[dict[str, Any]]) -> dict[str, str | None]:
+    """Where the audit log says each alias points: the last event that moved or removed it."""
+    state: dict[str, str | None] = {}
+    for e in events:
+        if e.get("model", cfg.registry.model_name) != cfg.registry.model_name or not e.get("alias"):
+            continue
+        if e.get("action") == "refused":  # a refusal moves nothing
+            continue
+        state[e["alias"]] = str(e["version"]) if e.get("version") else None
+    return state
+
+
+def _promotion_ran(mv: "ModelVersion", aliases: dict[str, str]) -> bool:
+    t = mv.tags or {}
+    return (
+        str(mv.version) in aliases.values()
+        or TAG_REFUSED in t
+        or any(k.startswith("alias.") and k.endswith(".set_at") for k in t)
+    )
+
+
+def recover(cfg: Config) -> list[str]:
+    """Make the registry consistent after a crash of a flow run (or of a hand-run ``hllm registry``
+    command); returns what was done. Called by the nightly flow at its start, while it holds the slot
+    and after the dead runs were closed FAILED (:func:`flows.slot.fail_orphans`).
+
+    - An alias that points elsewhere than the audit log says (a crash in :func:`_move` between the
+      alias and its record) gets its tags completed and a ``recovered`` audit event with actor
+      :data:`RECOVERY_ACTOR`; a champion missing from the champion history is appended to it; a
+      challenger left on the champion (a crash while the A/B test ended) is removed.
+    - A version registered by a flow run that then died (its MLflow parent run ended, not
+      FINISHED) before the promotion gate ran is tagged :data:`TAG_INCOMPLETE`, so that users see
+      it was never gated; it keeps no alias and the rerun gates its own version. Why not promote it
+      in the rerun: the rerun trains a version of its own on the night's data and gates that one;
+      gating two candidates in one night would make the A/B state depend on the order of crashes.
+
+    Registration itself needs no repair: artifacts are logged before the version is created and
+    :func:`register_model` never registers a run twice; a crash between the two leaves a FAILED
+    run with artifacts and no version.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _client(cfg)
+    name = cfg.registry.model_name
+    try:
+        aliases = {a: str(v) for a, v in (client.get_registered_model(name).aliases or {}).items()}
+    except MlflowException:
+        return []  # nothing registered yet
+    done: list[str] = []
+    audited = _audited_aliases(cfg, audit_log(cfg))
+    for alias in sorted(set(aliases) | {a for a, v in audited.items() if v}):
+        have, logged = aliases.get(alias), audited.get(alias)
+        if have == logged:
+            continue
+        now = _now()
+        if have is not None:
+            t = client.get_model_version(name, have).tags or {}
+            if not t.get(f"alias.{alias}.set_at"):
+                tags = {"set_by": RECOVERY_ACTOR, "set_at": now, "set_action": "recovered", "set_from": logged or "",
+                        "reason": "alias found moved without its audit record (crash during the move)"}  # fmt: skip
+                for k, v in tags.items():
+                    client.set_model_version_tag(name, have, f"alias.{alias}.{k}", v)
+            if alias == CHAMPION:
+                history = _history(client, name)
+                if not history or history[-1] != have:
+                    _set_history(client, name, [*history, have])
+        reason = (
+            f"alias {alias!r} points at {f'v{have}' if have else 'no version'} but the audit log's last "
+            f"move of it says {f'v{logged}' if logged else 'nothing'}: the move's record was lost in a crash; "
+            "recorded now"
+        )
+        record(cfg, {"action": "recovered", "alias": alias, "version": have, "previous": logged,
+                     "actor": RECOVERY_ACTOR, "reason": reason}, client)  # fmt: skip
+        done.append(reason)
+    if aliases.get(CHALLENGER) and aliases.get(CHALLENGER) == aliases.get(CHAMPION):
+        v = aliases[CHALLENGER]
+        _unset(cfg, client, CHALLENGER, v, actor=RECOVERY_ACTOR, action="recovered",
+               reason=f"v{v} became champion; a crash left it challenger too")  # fmt: skip
+        aliases.pop(CHALLENGER)
+        done.append(f"removed alias challenger from champion v{v} (a crash ended the A/B test half-way)")
+    for mv in _versions(client, name):
+        t = mv.tags or {}
+        flow_run = t.get(tracking.TAG_FLOW_RUN)
+        if not flow_run or not mv.run_id or t.get(TAG_INCOMPLETE) or _promotion_ran(mv, aliases):
+            continue
+        try:
+            parent_id = client.get_run(mv.run_id).data.tags.get("mlflow.parentRunId")
+            status = client.get_run(parent_id).info.status if parent_id else None
+        except MlflowException:
+            continue
+        if status in (None, "FINISHED", "RUNNING"):  # a clean run (promote=false), or a live one
+            continue
+        why = f"flow run {flow_run} ended {status} after registering v{mv.version}, before its promotion gate ran"
+        client.set_model_version_tag(name, str(mv.version), TAG_INCOMPLETE, f"{why}: never gated; no alias")
+        if t.get("ab.status") == "running":  # the gate had started writing the A/B tags
+            client.set_model_version_tag(name, str(mv.version), "ab.status", "never started (crash)")
+        _describe(client, name, str(mv.version), f"{_today()}: **incomplete**: {why}")
+        done.append(f"v{mv.version} tagged {TAG_INCOMPLETE}: {why}")
+    for line in done:
+        log.warning("crash recovery: %s", line)
+    return done
 
 
 # --------------------------------------------------------------------------- listing

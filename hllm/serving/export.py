@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hllm import faults
 from hllm.config import Config, protocol_hash, stable_hash
 from hllm.data import versioning
 from hllm.data.dataset import (
@@ -255,6 +256,7 @@ def export_model(
         write_index(item_vecs, bool(m.normalize), cfg, tmp / "items.faiss")
         # one streamed read of what was just written (~0.5-2 s per GB: the user table dominates)
         manifest["files"] = digest_tree(tmp, skip=(MANIFEST,))
+        faults.point("export:files-written")  # a crash here: a .tmp- folder without manifest, no export
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
     atomic_dir(out, write)
@@ -421,3 +423,32 @@ def atomic_dir(out: Path, write) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_partial(parent: str | Path) -> list[str]:
+    """Remove what a crash inside :func:`atomic_dir` left under ``parent`` (e.g. ``paths.export_dir``):
+    ``.<name>.tmp-*`` folders (never complete: no manifest, never registered) are deleted; an
+    ``.<name>.old-*`` folder goes back to ``<name>`` when the swap was cut between its renames, and is
+    deleted when the swap completed. Call it only while no export is being written (the nightly
+    flow holds its slot). Returns what was done."""
+    parent = Path(parent)
+    done: list[str] = []
+    if not parent.is_dir():
+        return done
+    for p in sorted(parent.glob(".*.tmp-*")):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"deleted the half-written export {p}")
+    for p in sorted(parent.glob(".*.old-*")):
+        if not p.is_dir():
+            continue
+        out = parent / p.name[1:].rsplit(".old-", 1)[0]
+        if out.exists():
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"deleted {p} (its swap had completed)")
+        else:
+            os.rename(p, out)
+            done.append(f"restored {out} from {p.name} (a crash interrupted its replacement)")
+    for line in done:
+        log.warning("crash recovery: %s", line)
+    return done

@@ -15,7 +15,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYERS = ["core", "data", "models", "evaluation", "training", "serving", "ops", "abtest", "flows", "cli"]
-CORE = {"hllm", "hllm.config", "hllm.logs", "hllm.distributed", "hllm.lineage", "hllm.pretrained", "hllm.testing"}
+CORE = {
+    "hllm",
+    "hllm.config",
+    "hllm.logs",
+    "hllm.distributed",
+    "hllm.lineage",
+    "hllm.pretrained",
+    "hllm.testing",
+    "hllm.faults",
+}
 # beyond the order: MLflow stays out of training and the export (a training job must run with the
 # tracking server down), and orchestration never reaches up into the CLI
 FORBIDDEN = {
