@@ -43,6 +43,13 @@ WindowMode = Literal["split", "last", "sliding"]
 Pooling = Literal["item_token", "mean"]
 ItemLayout = Literal["padded", "packed"]  # padded (CPU) | one row per forward, positions restart per item (GPU)
 Projection = Literal["auto", "linear", "none"]
+# how the Item LLM trains: every weight | not at all (a cached table) | the top tune_layers blocks + [ITEM] over
+# cached lower-layer states | LoRA adapters (peft) on its attention/FFN projections
+ItemTune = Literal["full", "frozen", "top", "lora"]
+Adaptor = Literal["none", "linear", "mlp"]  # trainable map on top of the Item LLM output (UniSRec style)
+# HLLM negatives: sampled items re-encoded with gradients | sampled rows of the cached item table (a memory bank
+# of stale embeddings) | every item of the catalogue from the table (a full softmax)
+HllmLoss = Literal["sampled", "bank", "full"]
 Device = Literal["auto", "cpu", "cuda"]
 # leave-one-out per user | a global time cutoff (train on the past, test on what came after it)
 SplitProtocol = Literal["leave_one_out", "temporal"]
@@ -115,6 +122,17 @@ class ItemLLMConfig:
         "padded"  # "padded" (CPU) | "packed": one row per forward, positions restart per item (GPU varlen)
     )
     max_tokens_per_forward: int = 2048  # padded tokens per Item-LLM forward (items grouped by length); raise on GPU
+    # "full" (every weight, the paper) | "frozen" (no gradient: the catalogue is encoded once into a table and the
+    # user model trains over lookups + the adaptor) | "top" (the top `tune_layers` blocks + [ITEM], lower blocks
+    # frozen, their outputs cached) | "lora" (peft LoRA of rank `lora_r` on every block; base weights frozen)
+    tune: ItemTune = "full"
+    tune_layers: int = 1  # "top": blocks trained, counted from the last
+    lora_r: int = 8  # "lora": adapter rank (alpha = 2 r, dropout 0)
+    # "top": memory cap of the cached lower-block token states (float32); over it they are recomputed every step
+    # (without gradients) instead of cached
+    hidden_cache_mb: int = 1024
+    adaptor: Adaptor = "none"  # "linear": Linear + LayerNorm; "mlp": Linear-GELU-Linear + LayerNorm; to user size
+    adaptor_dropout: float = 0.0  # dropout on the adaptor's input during training
 
 
 @dataclass
@@ -189,6 +207,17 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest step checkpoints kept (best/ is kept separately)
     log_every: int = 10
     run_name: str = "default"
+    # HLLM negatives: "sampled" (num_negatives items re-encoded with gradients, the paper) | "bank" (num_negatives
+    # rows of the cached item table: stale, no Item-LLM gradient) | "full" (every item from the table: a softmax
+    # over the catalogue; scores batch x window x catalogue, for catalogues up to ~50k items)
+    hllm_loss: HllmLoss = "sampled"
+    # steps between refreshes of the cached item table (re-encoding the catalogue with the current Item LLM);
+    # 0 = at the start of every epoch (Recformer). A frozen Item LLM is encoded once whatever this says
+    item_table_refresh: int = 0
+    item_table_batch: int = 256  # items per no-grad Item-LLM forward when (re)encoding the table
+    # staged training: share of the run (of train.time_budget_s when set, else of the steps) spent with the Item
+    # LLM frozen (table lookups only), then model.item.tune trains it with what is left; 0 = no frozen stage
+    frozen_share: float = 0.0
 
 
 @dataclass

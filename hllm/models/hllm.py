@@ -13,7 +13,19 @@ One training step (``train_loss``):
 
 When the Item and User LLM hidden sizes differ, a Linear projection maps item
 embeddings into the user space; that projected space is the one shared by
-items and users for scoring, export and serving.
+items and users for scoring, export and serving. ``model.item.adaptor`` puts a
+small trainable map (Linear or MLP + LayerNorm, UniSRec style) there instead.
+
+Cheap item-tower recipes (docs/training.md, "Cheap item towers"): the model can
+hold an **item table**, the Item LLM's output for every item of the catalogue,
+encoded without gradients in chunks (``refresh_table``; the trainer refreshes
+it on ``train.item_table_refresh``'s schedule). While the Item LLM is frozen
+(``model.item.tune=frozen``, or the frozen stage of ``train.frozen_share``) a
+step reads every item from the table and nothing goes through the Item LLM;
+otherwise only the step's history and target items do, with gradients, and
+``train.hllm_loss=bank|full`` scores against table rows (stale negatives, a
+memory bank) instead of re-encoding negatives. The table is a buffer of the
+state dict, so a resumed run continues with the very table it had.
 """
 
 from __future__ import annotations
@@ -43,8 +55,12 @@ PROJECTIONS = ("auto", "linear", "none")
 class HLLM(SeqRecModel):
     normalize = True
     scores_unseen_items = True  # every item is embedded from its text, seen in training or not
-    # item embeddings depend on the Item LLM (+ [ITEM] vector) and the projection only
-    item_state_prefixes = ("item.", "proj.")
+    # item embeddings depend on the Item LLM (+ [ITEM] vector), the projection or adaptor, and the item table
+    item_state_prefixes = ("item.", "proj.", "adaptor.", "item_table", "frozen_now")
+    # buffers, registered only when a recipe reads the table (``uses_table``)
+    item_table: torch.Tensor
+    table_step: torch.Tensor
+    frozen_now: torch.Tensor
 
     def __init__(
         self,
@@ -56,6 +72,11 @@ class HLLM(SeqRecModel):
         scale_max: float = 100.0,
         nce_threshold: float = 0.99,
         dedup: bool = True,
+        adaptor: str = "none",
+        adaptor_dropout: float = 0.0,
+        loss: str = "sampled",
+        frozen_stage: bool = False,
+        table_batch: int = 256,
     ):
         super().__init__()
         if projection not in PROJECTIONS:
@@ -66,10 +87,25 @@ class HLLM(SeqRecModel):
                 f"Item LLM hidden size {d_item} != User LLM hidden size {d_user} and model.user.projection=none: "
                 "set model.user.projection=auto (adds a Linear projection) or make the sizes equal"
             )
+        if loss not in LOSSES:
+            raise ValueError(f"train.hllm_loss must be one of {LOSSES}, got {loss!r}")
+        if adaptor not in ADAPTORS:
+            raise ValueError(f"model.item.adaptor must be one of {ADAPTORS}, got {adaptor!r}")
         self.item = item
         self.user = user
-        use_proj = projection == "linear" or (projection == "auto" and d_item != d_user)
+        self.adaptor = _adaptor(adaptor, d_item, d_user)
+        self.adaptor_drop = nn.Dropout(adaptor_dropout)
+        use_proj = self.adaptor is None and (projection == "linear" or (projection == "auto" and d_item != d_user))
         self.proj = nn.Linear(d_item, d_user) if use_proj else None
+        self.loss_kind = loss
+        self.table_batch = table_batch
+        # The item table exists when a recipe reads it; the default (full tuning, sampled negatives) has none.
+        self.uses_table = item.tune == "frozen" or loss != "sampled" or frozen_stage
+        if self.uses_table:
+            self.register_buffer("item_table", torch.zeros(item.n_items, d_item))  # row 0 (padding) stays 0
+            self.register_buffer("table_step", torch.tensor(-1, dtype=torch.long))  # step of its last refresh
+            # 1 while the Item LLM is frozen: always under tune=frozen, until the stage switch under frozen_share
+            self.register_buffer("frozen_now", torch.tensor(int(item.tune == "frozen" or frozen_stage)))
         self.scale = LogitScale(scale_init, scale_max)
         self.nce_threshold = nce_threshold
         self.dedup = dedup
@@ -80,12 +116,21 @@ class HLLM(SeqRecModel):
 
     # ------------------------------------------------------------------ towers
 
+    def to_shared(self, raw: torch.Tensor) -> torch.Tensor:
+        """Item-LLM output [n, d_item] -> the shared space: adaptor, projection or identity."""
+        if self.adaptor is not None:
+            return self.adaptor(self.adaptor_drop(raw))
+        return self.proj(raw) if self.proj is not None else raw
+
     def encode_items(self, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, int]]:
         """Embeddings in the shared space for item idx [n] (all > 0), with token counts."""
         emb, counts = self.item(idx)
-        if self.proj is not None:
-            emb = self.proj(emb)
-        return emb, counts
+        return self.to_shared(emb), counts
+
+    @property
+    def item_frozen(self) -> bool:
+        """Whether the Item LLM is frozen now (then the table is exact and every lookup reads it)."""
+        return self.uses_table and bool(self.frozen_now)
 
     def item_embeddings(self, idx: torch.Tensor) -> torch.Tensor:
         """[n, d] float32; padding idx 0 maps to a zero vector."""
@@ -93,9 +138,49 @@ class HLLM(SeqRecModel):
         out = torch.zeros(len(idx), self.dim, device=self.scale.log_scale.device)
         real = idx > 0
         if real.any():
-            emb, _ = self.encode_items(idx[real])
+            if self.item_frozen and int(self.table_step) >= 0:
+                emb = self.to_shared(self.item_table[idx[real].to(self.item_table.device)])
+            else:
+                emb, _ = self.encode_items(idx[real])
             out[real.to(out.device)] = emb.float()
         return out
+
+    # ------------------------------------------------------------------ the item table
+
+    @torch.no_grad()
+    def refresh_table(self, step: int, progress: bool = False) -> float:
+        """Re-encode the whole catalogue with the current Item LLM (no gradient, eval mode, chunks of
+        ``train.item_table_batch`` items, so memory stays bounded); returns the seconds it took."""
+        import time
+
+        from tqdm.auto import tqdm
+
+        t0 = time.perf_counter()
+        n = self.item.n_items
+        was = self.item.training
+        self.item.eval()
+        try:
+            for start in tqdm(range(1, n, self.table_batch), desc="item table", unit="chunk", leave=False,
+                              disable=not progress):  # fmt: skip
+                idx = torch.arange(start, min(start + self.table_batch, n))
+                emb, _ = self.item(idx)
+                self.item_table[start : start + len(idx)] = emb.float().to(self.item_table.device)
+        finally:
+            self.item.train(was)
+        self.table_step.fill_(step)
+        seconds = time.perf_counter() - t0
+        log.info("item table: %d items encoded at step %d in %.1fs", n - 1, step, seconds)
+        return seconds
+
+    def unfreeze_item(self) -> None:
+        """End of the frozen stage (train.frozen_share): from now on items go through the Item LLM."""
+        self.frozen_now.fill_(0)
+
+    def _table_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Shared-space embeddings of table rows (padding 0 -> zeros), with gradients into the adaptor."""
+        flat = idx.reshape(-1)
+        emb = self.to_shared(self.item_table[flat])
+        return emb * (flat > 0).to(emb.dtype)[:, None]
 
     def item_inputs_fingerprint(self) -> str:
         """Hash of the token cache the Item LLM reads (row = item idx of the built data)."""
@@ -134,10 +219,27 @@ class HLLM(SeqRecModel):
 
     def train_loss(self, windows: torch.Tensor, negatives: torch.Tensor) -> LossOutput:
         B, W = windows.shape
-        flat = torch.cat([windows.reshape(-1), negatives.reshape(-1)]).long()
-        emb, counts = self._step_embeddings(flat)
-        win = emb[: B * W].view(B, W, -1)
-        pool = gather_with_grad(emb[B * W :])
+        windows, negatives = windows.long(), negatives.long()
+        pool_ids: torch.Tensor | None = None  # negatives' item idx, when they come from the (stale) table
+        if not self.uses_table or (self.loss_kind == "sampled" and not self.item_frozen):
+            flat = torch.cat([windows.reshape(-1), negatives.reshape(-1)])
+            emb, counts = self._step_embeddings(flat)
+            win = emb[: B * W].view(B, W, -1)
+            pool = gather_with_grad(emb[B * W :])
+        else:
+            flat = windows.reshape(-1)
+            if self.item_frozen:  # table lookups only: nothing goes through the Item LLM
+                win = self._table_rows(flat).view(B, W, -1)
+                counts = {"items": 0, "item_tokens": 0, "padded_tokens": 0}
+            else:  # only the step's history and targets need gradients
+                emb, counts = self._step_embeddings(flat)
+                win = emb.view(B, W, -1)
+            if self.loss_kind == "full":  # every item of the catalogue, one shared pool on every rank
+                pool_ids = torch.arange(1, self.item.n_items, device=windows.device)
+                pool = self._table_rows(pool_ids)
+            else:  # "bank", or "sampled" while frozen: the sampled negatives' table rows
+                pool = gather_with_grad(self._table_rows(negatives))
+                pool_ids = _gather_ids(negatives)
         in_mask = windows[:, :-1] != 0
         pred = self.user(win[:, :-1], in_mask)
         tmask = target_mask(windows)
@@ -147,17 +249,48 @@ class HLLM(SeqRecModel):
             loss = pred.sum() * 0.0 + scale * 0.0
             stats = {"scale": float(scale), "negatives": 0.0}
         else:
-            loss, stats = infonce(pred[tmask], win[:, 1:][tmask], pool, scale, self.nce_threshold)
+            # a stale table row of the target itself is no negative, even when its cosine fell below the threshold
+            pos_ids = windows[:, 1:][tmask] if pool_ids is not None else None
+            loss, stats = infonce(pred[tmask], win[:, 1:][tmask], pool, scale, self.nce_threshold,
+                                  pos_ids=pos_ids, neg_ids=pool_ids)  # fmt: skip
         stats.update({k: float(v) for k, v in counts.items()})
         stats["targets"] = float(tmask.sum())
         stats["slots"] = float(int((flat > 0).sum()))  # item slots before deduplication
         return LossOutput(loss=loss, stats=stats)
+
+    def trainable_item_llm(self) -> bool:
+        return self.item.trainable() and not self.item_frozen
 
     def new_parameter_prefixes(self) -> list[str]:
         return list(self._new_prefixes)
 
     def no_weight_decay(self) -> set[str]:
         return {"item.item_token", "scale.log_scale"}
+
+
+LOSSES = ("sampled", "bank", "full")
+ADAPTORS = ("none", "linear", "mlp")
+
+
+def _adaptor(kind: str, d_in: int, d_out: int) -> nn.Module | None:
+    """UniSRec-style map from (frozen) text embeddings into the shared space; LayerNorm keeps the scale of
+    adapted vectors steady whatever the pooled Item-LLM output's norm."""
+    if kind == "none":
+        return None
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(d_in, d_out), nn.LayerNorm(d_out))
+    return nn.Sequential(nn.Linear(d_in, 2 * d_out), nn.GELU(), nn.Linear(2 * d_out, d_out), nn.LayerNorm(d_out))
+
+
+def _gather_ids(ids: torch.Tensor) -> torch.Tensor:
+    """All ranks' negative idx in rank order (no gradient: ids), matching ``gather_with_grad``'s rows."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return ids
+    out = [torch.empty_like(ids) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, ids.contiguous())
+    return torch.cat(out)
 
     def forward(self, windows: torch.Tensor, negatives: torch.Tensor) -> LossOutput:
         return self.train_loss(windows, negatives)
@@ -196,6 +329,10 @@ def build(cfg: "Config", built: "BuiltData", tokens: "TokenCache | None" = None)
         layout=icfg.layout,
         max_tokens_per_forward=icfg.max_tokens_per_forward,
         pad_id=int(pad_id) if pad_id is not None else 0,
+        tune=icfg.tune,
+        tune_layers=icfg.tune_layers,
+        lora_r=icfg.lora_r,
+        hidden_cache_mb=icfg.hidden_cache_mb,
     )
     user_bb = load_backbone(
         ucfg.path,
@@ -213,7 +350,14 @@ def build(cfg: "Config", built: "BuiltData", tokens: "TokenCache | None" = None)
         scale_max=tcfg.scale_max,
         nce_threshold=tcfg.nce_threshold,
         dedup=tcfg.dedup_items,
+        adaptor=icfg.adaptor,
+        adaptor_dropout=icfg.adaptor_dropout,
+        loss=tcfg.hllm_loss,
+        frozen_stage=tcfg.frozen_share > 0 and icfg.tune != "frozen",
+        table_batch=tcfg.item_table_batch,
     )
+    if model.adaptor is not None:
+        model._new_prefixes.append("adaptor")
     if icfg.path is None or icfg.from_scratch:
         model._new_prefixes.append("item.backbone")
     if ucfg.path is None or ucfg.from_scratch:

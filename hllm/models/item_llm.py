@@ -15,11 +15,20 @@ Two input layouts give the same embeddings (tested):
   no padding at all. Decoders rely on HF's packed-sequence support (varlen
   kernels under ``flash_attention_2``, a block-causal mask under sdpa);
   encoders get an explicit block-diagonal mask (sdpa/eager only).
+
+How it trains (``tune``): ``full`` (every weight, the paper), ``frozen`` (no
+gradient at all; HLLM then encodes the catalogue once into a table), ``top``
+(only the top ``tune_layers`` blocks and [ITEM]; encoders only) or ``lora``
+(peft LoRA adapters on every linear layer of the blocks, base weights frozen).
+Under ``top`` the frozen lower blocks run once per item over the text alone and
+their token states are cached (bounded by ``hidden_cache_mb``); the [ITEM]
+vector then enters at the first tuned block, so a step pays for k blocks, not
+all of them, forward and backward.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -34,6 +43,7 @@ if TYPE_CHECKING:
 
 POOLINGS = ("item_token", "mean")
 LAYOUTS = ("padded", "packed")
+TUNES = ("full", "frozen", "top", "lora")
 
 
 class ItemLLM(nn.Module):
@@ -46,8 +56,14 @@ class ItemLLM(nn.Module):
         layout: str = "padded",
         max_tokens_per_forward: int = 8192,
         pad_id: int = 0,
+        tune: str = "full",
+        tune_layers: int = 1,
+        lora_r: int = 8,
+        hidden_cache_mb: int = 1024,
     ):
         super().__init__()
+        if tune not in TUNES:
+            raise ValueError(f"model.item.tune must be one of {TUNES}, got {tune!r}")
         if pooling not in POOLINGS:
             raise ValueError(f"model.item.pooling must be one of {POOLINGS}, got {pooling!r}")
         if layout not in LAYOUTS:
@@ -63,6 +79,60 @@ class ItemLLM(nn.Module):
         self.item_token = nn.Parameter(torch.randn(self.hidden_size) * 0.02) if pooling == "item_token" else None
         if layout == "packed" and self.encoder and backbone.config._attn_implementation not in ("sdpa", "eager"):
             raise ValueError("model.item.layout=packed with an encoder needs attn_implementation sdpa or eager")
+        self.tune = tune
+        self.hidden_cache_mb = hidden_cache_mb
+        self._lower: tuple[torch.Tensor, np.ndarray] | None = None  # "top": cached lower-block token states
+        self._n_lower = 0
+        if tune == "lora":
+            self._add_lora(lora_r)
+        elif tune == "top":
+            self._n_lower = self._split_blocks(tune_layers)
+        self._freeze()
+
+    # ------------------------------------------------------------------ tuning
+
+    def _blocks(self) -> nn.ModuleList:
+        enc = getattr(self.backbone, "encoder", None)
+        layers = getattr(enc, "layer", None)
+        if not self.encoder or not isinstance(layers, nn.ModuleList) or not hasattr(self.backbone, "embeddings"):
+            raise ValueError(
+                "model.item.tune=top caches lower-block states of BERT-style encoders (embeddings + encoder.layer); "
+                f"{self.backbone.config.model_type!r} is not one: use model.item.tune=lora or full"
+            )
+        return layers
+
+    def _split_blocks(self, k: int) -> int:
+        n = len(self._blocks())
+        if not 1 <= k <= n:
+            raise ValueError(f"model.item.tune_layers must lie in [1, {n}] for this Item LLM, got {k}")
+        if self.layout != "padded":
+            raise ValueError("model.item.tune=top needs model.item.layout=padded")
+        return n - k
+
+    def _add_lora(self, r: int) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        # every linear layer inside the transformer blocks (attention and FFN), in place, so state-dict keys
+        # stay under item.backbone.* and a checkpoint rebuilds by applying the same config before loading
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in self.backbone.named_modules()
+                        if isinstance(m, nn.Linear) and ("layer" in n or "layers" in n)})  # fmt: skip
+        inject_adapter_in_model(LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=names),
+                                self.backbone)  # fmt: skip
+
+    def _freeze(self) -> None:
+        """requires_grad per ``tune``; what is frozen never gets a gradient (tested)."""
+        if self.tune == "full":
+            return
+        for name, p in self.backbone.named_parameters():
+            p.requires_grad_(self.tune == "lora" and "lora_" in name)
+        if self.tune == "top":
+            for p in self._blocks()[self._n_lower :].parameters():
+                p.requires_grad_(True)
+        if self.item_token is not None:
+            self.item_token.requires_grad_(self.tune != "frozen")
+
+    def trainable(self) -> bool:
+        return any(p.requires_grad for p in self.parameters())
 
     @property
     def n_items(self) -> int:
@@ -86,7 +156,7 @@ class ItemLLM(nn.Module):
             batch = self._make_batch(idx_np[g])
             counts["item_tokens"] += batch.n_tokens
             counts["padded_tokens"] += batch.n_padded
-            outs.append(self._encode(batch))
+            outs.append(self._encode_top(idx_np[g], batch) if self._n_lower else self._encode(batch))
         emb = torch.cat(outs)
         order = np.concatenate(groups)
         inverse = np.empty_like(order)
@@ -143,3 +213,83 @@ class ItemLLM(nn.Module):
         mask = torch.zeros(same.shape, dtype=dtype, device=seq_id.device)
         mask.masked_fill_(~same, torch.finfo(dtype).min)
         return mask[None, None]
+
+    # ------------------------------------------------------------------ "top": cached lower blocks
+
+    def _lower_states(self, b: ItemBatch) -> torch.Tensor:
+        """Token states [n, T, d] after the frozen lower blocks, text only (no [ITEM]), no gradient."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        dev = self._device()
+        text = b.text_mask.to(dev)
+        att = text.long()
+        att[text.sum(1) == 0, 0] = 1  # an empty text still needs one attended position
+        embeddings = cast(nn.Module, self.backbone.embeddings)
+        lower = [embeddings, *self._blocks()[: self._n_lower]]
+        modes = [m.training for m in lower]
+        try:  # frozen blocks run without dropout, so the cache is one fixed function of the weights
+            for m in lower:
+                m.eval()
+            with torch.no_grad():
+                h = embeddings(input_ids=b.input_ids.to(dev))
+                mask = create_bidirectional_mask(config=self.backbone.config, inputs_embeds=h, attention_mask=att)
+                for blk in lower[1:]:
+                    h = blk(h, mask)
+        finally:
+            for m, was in zip(lower, modes):
+                m.train(was)
+        return h
+
+    def _lower_cache(self) -> tuple[torch.Tensor, np.ndarray] | None:
+        """Every item's lower-block token states, flat [total tokens, d] + offsets (the token cache's rows),
+        computed once (the lower blocks never change); None when over ``hidden_cache_mb``."""
+        if self._lower is not None:
+            return self._lower
+        offsets = self.tokens.offsets.astype(np.int64)
+        mb = int(offsets[-1]) * self.hidden_size * 4 / 2**20
+        if mb > self.hidden_cache_mb:
+            return None
+        from tqdm.auto import tqdm
+
+        flat = torch.zeros(int(offsets[-1]), self.hidden_size, device=self._device())
+        idx = np.arange(1, self.n_items)
+        groups = length_buckets(self.text_lengths(idx), self.max_tokens_per_forward, extra=0)
+        for g in tqdm(groups, desc="item lower blocks", unit="batch", leave=False):
+            items = idx[g]
+            b = padded_batch(self.tokens, items, self.pad_id, item_slot=False)
+            h = self._lower_states(b)
+            text = b.text_mask.to(h.device)
+            rows = torch.from_numpy(np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in items]))
+            flat[rows.to(h.device)] = h[text]  # row-major = item order, token order
+        self._lower = (flat, offsets)
+        return self._lower
+
+    def _encode_top(self, idx: np.ndarray, b: ItemBatch) -> torch.Tensor:
+        """The tuned top blocks over cached (or freshly computed, no-grad) lower states + [ITEM] slot."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        dev = self._device()
+        text = b.text_mask.to(dev)
+        cache = self._lower_cache()
+        plain = padded_batch(self.tokens, idx, self.pad_id, item_slot=False)
+        if cache is None:
+            lower = self._lower_states(plain)
+        else:
+            flat, offsets = cache
+            lower = flat.new_zeros(*plain.input_ids.shape, self.hidden_size)
+            rows = torch.from_numpy(np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in idx]))
+            lower[plain.text_mask.to(dev)] = flat[rows.to(dev)]
+        width = text.shape[1]
+        h = lower.new_zeros(len(idx), width, self.hidden_size)
+        h[:, : lower.shape[1]] = lower[:, :width]
+        slot = b.item_slot.to(dev)
+        if self.item_token is not None:
+            h = torch.where(slot[..., None], self.item_token.to(h.dtype), h)
+        assert b.attention_mask is not None  # padded layout (checked in __init__)
+        mask = create_bidirectional_mask(config=self.backbone.config, inputs_embeds=h,
+                                         attention_mask=b.attention_mask.to(dev))  # fmt: skip
+        for blk in self._blocks()[self._n_lower :]:
+            h = blk(h, mask)
+        if self.item_token is not None:
+            return h[slot]
+        return self._mean_pool(h, b, dev)

@@ -53,6 +53,8 @@ def infonce(
     scale: torch.Tensor,
     threshold: float = 0.99,
     reduction: str = "mean",
+    pos_ids: torch.Tensor | None = None,
+    neg_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cosine InfoNCE with the positive in column 0 and a shared negative pool.
 
@@ -60,6 +62,10 @@ def infonce(
     Negatives whose cosine to row i's positive exceeds ``threshold`` are removed
     from row i (their logit set to the dtype's most negative value): this drops
     accidental copies of the positive, including items with identical text.
+
+    With ``pos_ids`` [N] and ``neg_ids`` [K] (item idx), a negative that is the
+    row's own target item is removed too, whatever its cosine: negatives read
+    from a stale item table (a memory bank) are older copies of the positive.
 
     Returns the loss (mean or sum over rows) and float stats: the scale, the
     mean number of surviving negatives per row and the in-batch top-k accuracy
@@ -74,6 +80,8 @@ def infonce(
     neg_logit = p @ n.T
     with torch.no_grad():
         false_neg = (t @ n.T) > threshold
+        if pos_ids is not None and neg_ids is not None:
+            false_neg |= pos_ids.reshape(-1, 1) == neg_ids.reshape(1, -1)
     # Scale first, mask after: a masked entry then carries no gradient to the
     # scale (masking before scaling would make d/d scale = 0 * -inf = nan).
     logits = torch.cat([pos_logit, neg_logit], dim=1) * scale.float()

@@ -278,7 +278,15 @@ def load_training_state(
     load_weights(model, d)
     if optimizer is not None and (d / "optimizer.pt").exists():
         osd = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=False)
-        set_optimizer_state_dict(model, optimizer, osd, options=_options())
+        # not strict: a trainable weight that has had no gradient yet (the Item LLM during a frozen stage,
+        # train.frozen_share) has no AdamW state in the checkpoint, exactly as in the run that wrote it
+        set_optimizer_state_dict(model, optimizer, osd, options=_options(strict=False))
+        # torch initialises every parameter's state on load (a zero-gradient step): drop it again for those
+        # the checkpoint had none for, or their first real AdamW step would count as the second
+        saved = set(osd.get("state", {}))
+        for name, p in model.named_parameters():
+            if p.requires_grad and name not in saved:
+                optimizer.state.pop(p, None)
     if scheduler is not None and (d / "scheduler.pt").exists():
         scheduler.load_state_dict(torch.load(d / "scheduler.pt", map_location="cpu", weights_only=False))
     rng = d / "rng" / f"rank-{rank:05d}.pt"

@@ -228,7 +228,9 @@ def _wrap(model: SeqRecModel, cfg: Config, info: D.DistInfo, trainable: bool) ->
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [info.device.index] if info.device.type == "cuda" else None
-        return step_module, DDP(step_module, device_ids=ids), False
+        # during a frozen stage (train.frozen_share) the Item LLM's trainable weights get no gradient yet
+        unused = cfg.model.kind == "hllm" and cfg.train.frozen_share > 0
+        return step_module, DDP(step_module, device_ids=ids, find_unused_parameters=unused), False
     return step_module, step_module, False
 
 

@@ -42,6 +42,7 @@ from hllm.evaluation.evaluate import evaluate
 from hllm.evaluation.item_cache import item_embedding_table, store_cached_items
 from hllm.models import loading
 from hllm.models.base import SeqRecModel, eval_mode, unwrap
+from hllm.models.hllm import HLLM
 from hllm.training import checkpoint as ckpt
 from hllm.training.batching import sample_negatives
 from hllm.training.metric_buffer import BackgroundMetrics
@@ -267,6 +268,7 @@ class _Trainer:
     def _train_step(self, step: int, autocast: contextlib.AbstractContextManager[Any], acc: dict[str, float]) -> None:
         info, t, s = self.info, self.cfg.train, self.s
         assert s.optimizer is not None and s.scheduler is not None  # only a trainable model takes steps
+        self._item_table_schedule(step)
         n_global = _n_targets(s.windows[s.batches.step_indices(step)])
         neg = sample_negatives(t.seed, step, s.built.n_items, s.k_local, info.world_size, info.rank)
         for micro in range(t.grad_accum):
@@ -296,6 +298,37 @@ class _Trainer:
         s.optimizer.zero_grad(set_to_none=True)
         for scale in s.scales:
             scale.clamp_()
+
+    def _item_table_schedule(self, step: int) -> None:
+        """HLLM's cached item table (``train.hllm_loss``, ``model.item.tune``, ``train.frozen_share``): end the
+        frozen stage when its share of the run is spent, then encode the table when it is missing or, while the
+        Item LLM trains, every ``train.item_table_refresh`` steps (0: at each epoch start). A pure function of
+        the step and the checkpointed table state, except the time-based stage end (rank 0's clock decides)."""
+        m, t = self.s.model, self.cfg.train
+        if not getattr(m, "uses_table", False):
+            return
+        assert isinstance(m, HLLM)
+        if m.item_frozen and m.item.tune != "frozen":
+            if t.time_budget_s > 0:
+                over = time.perf_counter() - self._t0 >= t.frozen_share * t.time_budget_s
+            else:
+                over = step >= round(t.frozen_share * self.total_steps)
+            if D.broadcast_object(over):
+                log.info("frozen stage over at step %d: model.item.tune=%s from now on", step, m.item.tune)
+                m.unfreeze_item()
+        due = int(m.table_step) < 0
+        if not due and not m.item_frozen:  # a training Item LLM: the table goes stale, refresh on schedule
+            every = t.item_table_refresh or self.s.batches.steps_per_epoch
+            due = step % every == 0 and int(m.table_step) != step
+        if due:
+            root = self.s.step_module if self.s.fsdp else None
+            if root is not None:  # root-level params (embeddings, [ITEM]) for a direct call, as in validation
+                root.unshard()  # type: ignore[operator]
+            try:
+                m.refresh_table(step, progress=self.progress and self.info.is_main)
+            finally:
+                if root is not None:
+                    root.reshard()  # type: ignore[operator]
 
     def _grad_sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
         """Gradient all-reduce only on the last micro-batch of a step (DDP ``no_sync``; FSDP2's flag)."""

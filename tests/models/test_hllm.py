@@ -187,7 +187,9 @@ def test_item_model_version_keys_on_the_item_tower_only(tmp_path, tiny_bert_dir,
 
     user = {**T.TINY_USER, "hidden_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2}
     model, cfg, _ = make(tmp_path, tiny_bert_dir, built_dir, **{"model.user.config": user})
-    assert model.item_state_prefixes == ("item.", "proj.") and model.proj is not None
+    assert model.item_state_prefixes[:2] == ("item.", "proj.") and model.proj is not None
+    # the adaptor and, for a frozen Item LLM, the item table it reads belong to the item tower too
+    assert {"adaptor.", "item_table", "frozen_now"} <= set(model.item_state_prefixes)
     base = item_model_version(model, cfg)
     keys = [k for k in model.state_dict() if not k.startswith(model.item_state_prefixes)]
     assert any(k.startswith("user.") for k in keys) and "scale.log_scale" in keys

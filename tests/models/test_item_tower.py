@@ -1,0 +1,117 @@
+"""Cheap item-tower recipes (model.item.tune, model.item.adaptor, train.hllm_loss): what is frozen gets no
+gradient, the cached lower blocks equal recomputing them, the bank/full loss equals a hand computation, and a
+frozen Item LLM is never run in a step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hllm import testing as T
+from hllm.data.dataset import load_built
+from hllm.data.text import ensure_tokens
+from hllm.models import build_model
+from hllm.models.item_llm import ItemLLM
+from hllm.models.losses import infonce
+
+WINDOWS = torch.tensor([[0, 0, 3, 5, 3, 7, 9], [2, 4, 4, 5, 11, 3, 8]])
+NEGATIVES = torch.tensor([9, 14, 15, 3])
+
+
+def make(tmp_path, item_dir, built_dir, **overrides):
+    cfg = T.tiny_config(tmp_path, item_dir, built_dir, **{"model.item.prompt": "", **overrides})
+    built = load_built(cfg.paths.built_dir)
+    torch.manual_seed(0)
+    return build_model(cfg, built, ensure_tokens(cfg, built.dir)), cfg, built
+
+
+def test_infonce_with_ids_drops_the_targets_own_bank_row_and_matches_a_hand_computation():
+    pred = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    pos = torch.tensor([[1.0, 1.0], [0.0, 2.0]])
+    neg = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]])  # row 1 is item 7: a stale copy of row 1's target
+    scale = torch.tensor(2.0)
+    loss, stats = infonce(pred, pos, neg, scale, threshold=0.99, pos_ids=torch.tensor([5, 7]),
+                          neg_ids=torch.tensor([3, 7, 9]))  # fmt: skip
+    c = 2**-0.5
+    # row 0: positive cos 1/sqrt2, negatives cos 1, 0, 1/sqrt2 (none is item 5, none above 0.99 of its target)
+    r0 = -2 * c + torch.logsumexp(torch.tensor([2 * c, 2.0, 0.0, 2 * c]), 0)
+    # row 1: positive cos 1; negative item 7 is its own target (dropped by id), [0, 1] also cos 1 to the target
+    # (dropped by the threshold: the same row), leaving [1, 0] (cos 0) and [1, -1] (cos -1/sqrt2)
+    r1 = -2.0 + torch.logsumexp(torch.tensor([2.0, 0.0, -2 * c]), 0)
+    assert float(loss) == pytest.approx(float((r0 + r1) / 2), rel=1e-6)
+    assert stats["negatives"] == pytest.approx((3 + 2) / 2)
+
+
+@pytest.mark.parametrize("kind", ["full", "bank"])
+def test_frozen_table_loss_equals_a_hand_computation(tmp_path, tiny_bert_dir, built_dir, kind):
+    sets = {"model.item.tune": "frozen", "model.item.pooling": "mean", "model.item.adaptor": "linear",
+            "train.hllm_loss": kind}  # fmt: skip
+    model, _, built = make(tmp_path, tiny_bert_dir, built_dir, **sets)
+    model.refresh_table(0)
+    calls = []
+    handle = model.item.register_forward_hook(lambda *a: calls.append(1))
+    out = model.train_loss(WINDOWS, NEGATIVES)
+    handle.remove()
+    assert calls == []  # a frozen Item LLM is never run in a step: table lookups only
+    with torch.no_grad():
+        adapted = model.adaptor(model.item_table)  # the adapted table, row = item idx
+        emb = F.normalize(adapted, dim=-1)
+        win = adapted[WINDOWS] * (WINDOWS > 0)[..., None]
+        pred = F.normalize(model.user(win[:, :-1], WINDOWS[:, :-1] != 0), dim=-1)
+        neg_ids = torch.arange(1, built.n_items) if kind == "full" else NEGATIVES
+        s = float(model.scale())
+        losses = []
+        for b in range(WINDOWS.shape[0]):
+            for i in range(WINDOWS.shape[1] - 1):
+                x, y = int(WINDOWS[b, i]), int(WINDOWS[b, i + 1])
+                if x == 0 or y == 0:
+                    continue
+                keep = [int(n) for n in neg_ids if int(n) != y and float(emb[y] @ emb[n]) <= 0.99]
+                logits = s * torch.stack([pred[b, i] @ emb[y], *[pred[b, i] @ emb[n] for n in keep]])
+                losses.append(-logits[0] + torch.logsumexp(logits, 0))
+    assert float(out.loss.detach()) == pytest.approx(float(torch.stack(losses).mean()), rel=1e-4)
+    out.loss.backward()
+    assert all(p.grad is None for p in model.item.parameters())
+    assert model.adaptor[0].weight.grad is not None and model.adaptor[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("tune", ["frozen", "top", "lora"])
+def test_frozen_weights_get_no_gradient_and_the_tuned_ones_do(tmp_path, tiny_bert_dir, built_dir, tune):
+    model, _, _ = make(tmp_path, tiny_bert_dir, built_dir, **{"model.item.tune": tune, "model.item.tune_layers": 1,
+                       "train.hllm_loss": "bank"})  # fmt: skip
+    model.refresh_table(0)
+    model.train_loss(WINDOWS, NEGATIVES).loss.backward()
+    got = {n for n, p in model.item.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    frozen = {n for n, p in model.item.named_parameters() if not p.requires_grad}
+    assert frozen and not got & frozen
+    if tune == "frozen":
+        assert got == set()
+    elif tune == "top":
+        assert "item_token" in got and got and all(n == "item_token" or ".layer.1." in n for n in got)
+        assert not any(".layer.0." in n or "embeddings" in n for n in got)
+    else:
+        assert (
+            "item_token" in got
+            and {n for n in got if n != "item_token"}
+            and all("lora_" in n for n in got if n != "item_token")
+        )
+
+
+def test_top_tuning_reads_cached_lower_blocks_equal_to_recomputing_them(tmp_path, tiny_bert_dir, built_dir):
+    model, _, built = make(tmp_path, tiny_bert_dir, built_dir, **{"model.item.tune": "top"})
+    item: ItemLLM = model.item
+    item.eval()
+    idx = torch.arange(1, built.n_items)
+    with torch.no_grad():
+        cached, _ = item(idx)
+        assert item._lower is not None
+        item._lower, item.hidden_cache_mb = None, 0  # over the cap: recomputed every call, never stored
+        fresh, _ = item(idx)
+        assert item._lower is None
+    torch.testing.assert_close(cached, fresh, atol=1e-5, rtol=1e-5)
+
+
+def test_top_tuning_rejects_a_decoder_item_model(tmp_path, tiny_llama_dir, built_dir):
+    with pytest.raises(ValueError, match="tune=top"):
+        make(tmp_path, tiny_llama_dir, built_dir, **{"model.item.tune": "top"})
