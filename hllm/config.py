@@ -307,7 +307,9 @@ class TrackingConfig:
     artifact_location: str = ""  # "" = mlflow/artifacts next to the db
     # training metrics go out from a background buffer, so a tracking outage never stops training
     metrics_buffer_rows: int = 10_000  # rows held while the server is unreachable; then the oldest are dropped
-    metrics_flush_s: float = 30.0  # at the end of training, wait this long for the buffer to drain
+    # at the end of training, wait this long for the buffer to drain: MLflow's client backs off for ~2 min
+    # on an unreachable server, so a shorter wait could give up while the server is already back
+    metrics_flush_s: float = 120.0
 
 
 @dataclass

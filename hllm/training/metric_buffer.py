@@ -5,7 +5,8 @@ server, one call blocks while the server is slow, and raises once it is down (ML
 retries for about two minutes first), which would kill a night of training for a lost loss curve.
 :class:`BackgroundMetrics` puts each row in a queue and returns at once; one daemon thread sends
 the rows in order through the wrapped logger. While sending fails, the thread keeps the rows and
-retries with a capped back-off; it warns once when the outage starts, once when the buffer starts
+retries with a capped back-off; it warns once when the outage starts (a call that fails, or one still
+pending after ``slow_s``: MLflow's client itself retries an unreachable server for minutes), once when the buffer starts
 dropping its oldest rows (at most ``max_rows`` are held: memory bounded by config, not by run
 length), and once when delivery resumes. ``close`` waits up to ``flush_s`` for the rest, then
 reports what was never delivered. The wrapped logger needs no changes and no thread-safety: only
@@ -30,12 +31,12 @@ class _Logger(Protocol):
 class BackgroundMetrics:
     """``log_metrics`` in the background; see the module docstring."""
 
-    def __init__(self, inner: _Logger, max_rows: int = 10_000, flush_s: float = 30.0, retry_s: float = 5.0,
-                 max_retry_s: float = 60.0):  # fmt: skip
+    def __init__(self, inner: _Logger, max_rows: int = 10_000, flush_s: float = 120.0, retry_s: float = 5.0,
+                 max_retry_s: float = 60.0, slow_s: float = 10.0):  # fmt: skip
         self.inner = inner
         self.max_rows = max(1, int(max_rows))
         self.flush_s = flush_s
-        self.retry_s, self.max_retry_s = retry_s, max_retry_s
+        self.retry_s, self.max_retry_s, self.slow_s = retry_s, max_retry_s, slow_s
         self.sent = 0
         self.dropped = 0
         self.failures = 0
@@ -44,6 +45,7 @@ class BackgroundMetrics:
         self._closing = False
         self._deadline = float("inf")  # set by close(): the sender gives up after it
         self._outage_since: float | None = None
+        self._sending_since: float | None = None  # start of the sender's call in progress
         self._warned_drop = False
         self._thread = threading.Thread(target=self._run, name="metrics-sender", daemon=True)
         self._thread.start()
@@ -62,6 +64,12 @@ class BackgroundMetrics:
                                 "training goes on", self.max_rows)  # fmt: skip
             self._rows.append((dict(metrics), int(step)))
             self._cv.notify()
+            since = self._sending_since
+            if since is not None and self._outage_since is None and time.monotonic() - since > self.slow_s:
+                self._outage_since = since
+                log.warning("tracking slow or unreachable: a metrics call has been pending for %.0f s; %d rows "
+                            "buffered (up to %d); training goes on", time.monotonic() - since, len(self._rows),
+                            self.max_rows)  # fmt: skip
 
     def pending(self) -> int:
         with self._cv:
@@ -97,9 +105,11 @@ class BackgroundMetrics:
                 if not self._rows or time.monotonic() > self._deadline:  # closing: all sent, or out of time
                     return
                 metrics, step = self._rows[0]
+                self._sending_since = time.monotonic()
             try:
                 self.inner.log_metrics(metrics, step)
             except Exception as e:  # noqa: BLE001 - any tracker failure: keep the row, training goes on
+                self._sending_since = None
                 self.failures += 1
                 if self._outage_since is None:
                     self._outage_since = time.monotonic()
@@ -111,6 +121,7 @@ class BackgroundMetrics:
                 delay = min(delay * 2, self.max_retry_s)
                 continue
             with self._cv:
+                self._sending_since = None
                 if self._rows and self._rows[0][0] is metrics:  # not dropped meanwhile by a full buffer
                     self._rows.popleft()
             self.sent += 1

@@ -6,13 +6,7 @@ server's proxy (``--artifacts-destination``), as in production."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -20,48 +14,14 @@ from typer.testing import CliRunner
 from hllm.cli import app
 from hllm.ops import registry, tracking
 from tests.helpers.reghelpers import log_trained
-
-BIN = Path(sys.executable).parent
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Terminate the process group this test started (the server forks its workers)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)  # nothing to flush: the test is over
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+from tests.helpers.servers import BIN, S3_ENV, free_port, stop, wait_healthy
 
 
 @pytest.fixture
 def server(tmp_path):
     procs = []
     try:
-        s3_port, ml_port = _free_port(), _free_port()
+        s3_port, ml_port = free_port(), free_port()
         s3_log = tmp_path / "moto.log"
         moto = subprocess.Popen(
             [str(BIN / "python"), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
@@ -71,7 +31,7 @@ def server(tmp_path):
         )
         procs.append(moto)
         endpoint = f"http://127.0.0.1:{s3_port}"
-        _wait(f"{endpoint}/moto-api/", moto, s3_log, 60)
+        wait_healthy(f"{endpoint}/moto-api/", moto, s3_log, 60)
         import boto3
 
         s3 = boto3.client(
@@ -113,11 +73,11 @@ def server(tmp_path):
         )
         procs.append(ml)
         uri = f"http://127.0.0.1:{ml_port}"
-        _wait(f"{uri}/health", ml, ml_log, 120)
+        wait_healthy(f"{uri}/health", ml, ml_log, 120)
         yield {"uri": uri, "s3": s3}
     finally:
         for p in reversed(procs):
-            _stop(p)
+            stop(p)
 
 
 @pytest.mark.slow
@@ -163,9 +123,8 @@ def test_registry_on_mlflow_server_with_s3_artifacts(cfg, tiny, server, monkeypa
     assert any("/audit/" in k for k in keys) and any(k.endswith("per_user.npz") for k in keys)
 
     # load by alias in a fresh process: the champion's recommendations
-    from tests.serving.test_pyfunc import predict_in_fresh_process
-
     from hllm.serving.recommend import Recommender
+    from tests.serving.test_pyfunc import predict_in_fresh_process
 
     exp = tiny[better]["export"]
     rec = Recommender.from_export(exp)

@@ -52,9 +52,9 @@ def test_rows_are_delivered_in_order_after_an_outage(caplog):
     assert text.count("tracking unavailable") == 1  # one warning per outage, not one per retry
 
 
-def test_log_metrics_never_blocks_on_a_hung_tracker():
-    tr = Tracker(hold=True)  # every call hangs until released
-    sink = BackgroundMetrics(tr, max_rows=100, flush_s=5, retry_s=0.01)
+def test_log_metrics_never_blocks_on_a_hung_tracker(caplog):
+    tr = Tracker(hold=True)  # every call hangs until released (MLflow's client retrying a dead server)
+    sink = BackgroundMetrics(tr, max_rows=100, flush_s=5, retry_s=0.01, slow_s=0.05)
     done = threading.Event()
 
     def trainer():
@@ -62,13 +62,20 @@ def test_log_metrics_never_blocks_on_a_hung_tracker():
             sink.log_metrics({"x": 1.0}, step)
         done.set()
 
-    t = threading.Thread(target=trainer)
-    t.start()
-    assert done.wait(10), "log_metrics blocked while the tracker hung"
-    assert tr.rows == []
-    tr.release.set()
-    sink.close()
-    assert [s for s, _ in tr.rows] == list(range(50))
+    with caplog.at_level(logging.WARNING, "hllm.training.metric_buffer"):
+        t = threading.Thread(target=trainer)
+        t.start()
+        assert done.wait(10), "log_metrics blocked while the tracker hung"
+        while tr.calls == 0:
+            threading.Event().wait(0.01)
+        threading.Event().wait(0.1)  # the call in progress is now older than slow_s
+        sink.log_metrics({"x": 1.0}, 50)
+        assert tr.rows == []
+        assert "tracking slow or unreachable: a metrics call has been pending" in caplog.text
+        tr.release.set()
+        sink.close()
+    assert [s for s, _ in tr.rows] == list(range(51))
+    assert "reachable again" in caplog.text
 
 
 def test_a_full_buffer_drops_the_oldest_rows_and_says_so(caplog):
