@@ -74,6 +74,18 @@ def evaluate_cmd(
     first = next(iter(results.values()))
     users = ", ".join(f"{s}={r.n_users}" for s, r in results.items())
     typer.echo(f"checkpoint {ckpt}  protocol {first.protocol_hash}  users {users}")
+    info = first.split_info
+    if info.get("split") == "temporal":  # where the cutoffs fell, and who had no history to be scored on
+        typer.echo(
+            f"temporal split: cutoffs valid {info['valid_cutoff_time']:.0f} / test {info['test_cutoff_time']:.0f} "
+            f"(epoch s); {info['train_interactions']:,} training interactions; left out, no history before the "
+            f"target: {info['valid_users_without_history']:,} valid / {info['test_users_without_history']:,} test users"
+        )
+    for s, res in results.items():
+        new = res.slices.get("new_items", {})
+        if new.get("n"):  # the cold-start slice, the one a text tower is for
+            rk = f"recall@{min(cfg.eval.protocol.ks, key=lambda k: abs(k - 10))}"
+            typer.echo(f"{s}: {int(new['n'])} new-item targets (never in training), {rk} {100 * new.get(rk, 0):.2f}%")
     typer.echo(M.format_table({s: r.metrics for s, r in results.items()}, cfg.eval.protocol.ks))
     typer.echo(f"(percent; fractions in {base}/<split>/metrics.json)")
 

@@ -131,3 +131,25 @@ def test_build_train_evaluate_under_the_temporal_split(tmp_path):
 
     pop_model, _, _ = load_model(results["pop"]["test"].checkpoint)
     assert pop_model.counts.numpy().astype(int).tolist() == [0, *counts_all[1:].tolist()]
+    # `hllm evaluate` says where the cutoffs fell and how the cold-start slice did
+    from typer.testing import CliRunner
+
+    from hllm.cli import app
+    from hllm.config import save_config
+
+    save_config(cfg, tmp_path / "params.yaml")
+    ckpt = results["pop"]["test"].checkpoint
+    out = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(ckpt), "--split", "test",
+                                   "--params", str(tmp_path / "params.yaml")])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    info = plan.info
+    assert (
+        f"temporal split: cutoffs valid {info['valid_cutoff_time']:.0f} / test {info['test_cutoff_time']:.0f} "
+        f"(epoch s); {info['train_interactions']:,} training interactions" in out.stdout
+    )
+    assert f"test: {int(new.sum())} new-item targets (never in training), recall@10 0.00%" in out.stdout
+    # and a checkpoint trained leave-one-out is refused under the temporal split, naming both
+    cfg.eval.protocol.split = "leave_one_out"
+    save_config(cfg, tmp_path / "loo.yaml")
+    out = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(ckpt), "--params", str(tmp_path / "loo.yaml")])
+    assert out.exit_code != 0 and "trained with eval.protocol.split=temporal" in out.output

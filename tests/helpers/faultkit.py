@@ -117,7 +117,7 @@ class Outcome:
     rerun_s: float | None  # the whole rerun, process start to exit
     left: list[str]  # what stayed behind after the rerun
     problems: list[str] = field(default_factory=list)
-    recovery: list[str] = field(default_factory=list)  # what the rerun's recovery did
+    recovery: list[str] = field(default_factory=list)  # what the recoveries of the group's runs did
     kill_s: list[float] = field(default_factory=list)  # wall time of each killed run
     check_s: float = 0.0  # the checks after the rerun
 
@@ -231,7 +231,7 @@ class Lab:
             rerun_s=round(rerun.seconds, 1),
             left=left,
             problems=problems,
-            recovery=list(rep.get("recovered", [])),
+            recovery=[ln for r in self.runs[-len(cases) - 1 :] for ln in _recovery_lines(r.log)],
             kill_s=kill_s,
             check_s=check_s,
         )
@@ -357,6 +357,13 @@ class Lab:
                 "runs/*/*/.tmp*", "runs/.tmp*"]  # fmt: skip
         found = sorted({str(x.relative_to(p)) for pat in pats for x in p.glob(pat)})
         return found
+
+
+def _recovery_lines(log: str) -> list[str]:
+    """What a run's crash recovery did, from its log (a killed run writes no report)."""
+    marker = "crash recovery: "
+    lines = [ln.split(marker, 1)[1].strip() for ln in log.splitlines() if marker in ln]
+    return [ln for ln in lines if ln != "nothing to recover"]
 
 
 def _md5(path: Path) -> str:
