@@ -326,6 +326,8 @@ def _train_and_evaluate(n: _Night, kinds: list[str], vreport: Any, champion: dic
         budget = mcfg.train.time_budget_s
         note = f"stopped by train.time_budget_s={budget:.0f} after {trained['steps']} steps" if trained.get(
             "stopped_by_budget") else ""  # fmt: skip
+        if trained.get("resumed_from"):  # a crashed night's checkpoints (flow.resume_crashed)
+            note = "; ".join(x for x in (f"resumed from {trained['resumed_from']}", note) if x)
         report.models.append(ModelRow(name, kind, ev["metrics"], child, note, ev.get("slices", {})))
     if champion:
         with n.stage("evaluate-champion"):

@@ -229,14 +229,18 @@ def train_model(cfg: Config, run_id: str, nproc: int = 1, backend: str = "local"
         res, sub = k8s.train(cfg, run_id)
         tracker.set_tags({"hllm.k8s_job": sub.ref, "hllm.train_backend": "k8s"})
         extra["k8s_job"] = sub.ref
-    elif nproc <= 1 and backend == "local":
-        from hllm.training.trainer import train
-
-        res = train(cfg, logger=tracker)
     else:
-        from hllm.training.launch import run_torchrun
+        resume = _resume_crashed(cfg, tracker)
+        extra["resumed_from"] = resume
+        if nproc <= 1 and backend == "local":
+            from hllm.training.trainer import train
 
-        res = run_torchrun(cfg, nproc, run_id=run_id, tracking_uri=tracking.resolve_tracking_uri(cfg))
+            res = train(cfg, resume=bool(resume), logger=tracker)
+        else:
+            from hllm.training.launch import run_torchrun
+
+            uri = tracking.resolve_tracking_uri(cfg)
+            res = run_torchrun(cfg, nproc, resume=bool(resume), run_id=run_id, tracking_uri=uri)
     ckpt = res.best_checkpoint or res.last_checkpoint
     tracker.log_train_result(res)  # checkpoint and run folder, selection outcome, budget, loss curve
     return {
@@ -249,6 +253,23 @@ def train_model(cfg: Config, run_id: str, nproc: int = 1, backend: str = "local"
         "stopped_by_budget": res.stopped_by_budget,
         **extra,
     }
+
+
+def _resume_crashed(cfg: Config, tracker) -> str | None:
+    """Adopt the checkpoints of a night killed while it trained this model (:mod:`hllm.training.resume`);
+    returns ``<run>/<step>`` resumed from, or None (train from scratch)."""
+    if not cfg.flow.resume_crashed:
+        return None
+    from hllm.data.versioning import content_hash
+    from hllm.training import resume
+
+    ckpt = resume.find_crashed(cfg, content_hash(cfg.paths.built_dir))
+    if ckpt is None:
+        return None
+    resume.adopt(ckpt, cfg)
+    origin = f"{ckpt.parent.parent.name}/{ckpt.name}"
+    tracker.set_tags({"hllm.resumed_from": origin})
+    return origin
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

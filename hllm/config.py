@@ -387,6 +387,9 @@ class FlowConfig:
     io_retries: int = 3  # retries of I/O tasks (S3 snapshot, DVC push, MLflow registry); none on training
     io_retry_delay_s: float = 10.0  # first back-off; doubles on each retry
     keep_runs: int = 5  # local folders (runs/, exports/, reports/eval/) of the newest N nightly runs; 0 = all
+    # train on from the checkpoints of a night killed while it trained, when data and settings match
+    # (hllm.training.resume); false = every night trains from scratch
+    resume_crashed: bool = True
     # where the HLLM model trains: "local" (this process, or torchrun when nproc > 1), "torchrun" (always
     # torchrun with nproc ranks) or "k8s" (a PyTorchJob on the cluster, settings in flow.k8s); baselines stay local
     train_backend: TrainBackend = "local"

@@ -146,18 +146,26 @@ def report_of(project: Path, proc: Proc) -> dict:
 
 
 def test_a_run_killed_while_training_does_not_wedge_the_next_one(project, procs):
-    # long enough that the signal lands while it trains (the tiny set has ~11 steps per epoch)
-    killed = Proc(nightly("train.max_steps=5000", "train.epochs=1000"), project, "killed")
+    # long enough that the signal lands while it trains (the tiny set has ~11 steps per epoch), with
+    # checkpoints along the way; the rerun has the same settings, so it trains on from them
+    sets = ("train.max_steps=400", "train.epochs=1000", "train.checkpoint_every=5")
+    killed = Proc(nightly(*sets), project, "killed")
     procs.append(killed)
     child = wait_for_training(project, killed)  # the HLLM child run: it trains now
     dead_fr = child.data.tags["prefect.flow_run_id"]
+    ckpts = project / "runs" / child.info.run_name / "checkpoints"
+    deadline = time.monotonic() + START_S
+    while not (ckpts / "latest").exists():  # a first checkpoint
+        assert time.monotonic() < deadline and killed.p.poll() is None, killed.output()[-4000:]
+        time.sleep(0.05)
     os.kill(killed.p.pid, signal.SIGKILL)  # the flow process only; its temporary API lives on, as after an OOM kill
     killed.p.wait(timeout=30)
+    assert not (project / "runs" / child.info.run_name / "result.json").exists(), "killed after training ended"
     assert active_slots(project) == 1  # the dead run's slot, as in the issue
     assert {r.info.status for r in mlflow_runs(project)} == {"RUNNING"}
 
     t0 = time.monotonic()
-    rerun = Proc(nightly(), project, "rerun")
+    rerun = Proc(nightly(*sets), project, "rerun")
     procs.append(rerun)
     rc = rerun.p.wait(timeout=300)
     seconds = time.monotonic() - t0
@@ -182,6 +190,17 @@ def test_a_run_killed_while_training_does_not_wedge_the_next_one(project, procs)
     assert flow_run_state(project, dead_fr) == "CRASHED"
     assert [str(v.version) for v in registered_versions(project)] == ["1"]
     assert active_slots(project) == 0
+    # the night's work was kept: the rerun trained on from the dead run's checkpoint to the same last step
+    dead_ids = {r.info.run_id for r in dead}
+    new = next(
+        r for r in mlflow_runs(project) if r.data.tags.get("hllm.kind") == "train" and r.info.run_id not in dead_ids
+    )
+    origin = new.data.tags.get("hllm.resumed_from", "")
+    assert origin.startswith(f"{child.info.run_name}/step-"), origin
+    assert int(origin.rsplit("-", 1)[1]) >= 5
+    assert json.loads((project / "runs" / new.info.run_name / "result.json").read_text())["steps"] == 400
+    hllm_row = next(m for m in rep["models"] if m["kind"] == "hllm")
+    assert f"resumed from {origin}" in hllm_row["note"]
 
 
 HOLDER = """
