@@ -133,6 +133,9 @@ class ItemLLMConfig:
     hidden_cache_mb: int = 1024
     adaptor: Adaptor = "none"  # "linear": Linear + LayerNorm; "mlp": Linear-GELU-Linear + LayerNorm; to user size
     adaptor_dropout: float = 0.0  # dropout on the adaptor's input during training
+    # a trainable per-item vector (zero init) added to the text embedding of every item seen in training ("Let It
+    # Go? Not Quite": content + a learned delta); items never seen in training keep their text embedding alone
+    id_delta: bool = False
 
 
 @dataclass

@@ -56,11 +56,12 @@ class HLLM(SeqRecModel):
     normalize = True
     scores_unseen_items = True  # every item is embedded from its text, seen in training or not
     # item embeddings depend on the Item LLM (+ [ITEM] vector), the projection or adaptor, and the item table
-    item_state_prefixes = ("item.", "proj.", "adaptor.", "item_table", "frozen_now")
+    item_state_prefixes = ("item.", "proj.", "adaptor.", "item_table", "frozen_now", "id_delta.", "id_seen")
     # buffers, registered only when a recipe reads the table (``uses_table``)
     item_table: torch.Tensor
     table_step: torch.Tensor
     frozen_now: torch.Tensor
+    id_seen: torch.Tensor  # with model.item.id_delta
 
     def __init__(
         self,
@@ -77,6 +78,7 @@ class HLLM(SeqRecModel):
         loss: str = "sampled",
         frozen_stage: bool = False,
         table_batch: int = 256,
+        seen_items: torch.Tensor | None = None,
     ):
         super().__init__()
         if projection not in PROJECTIONS:
@@ -99,6 +101,13 @@ class HLLM(SeqRecModel):
         self.proj = nn.Linear(d_item, d_user) if use_proj else None
         self.loss_kind = loss
         self.table_batch = table_batch
+        # id_delta: a learned per-item residual on top of the content embedding, for items seen in training only
+        # (an unseen item's row would only ever be pushed around as a negative: it keeps its text embedding)
+        self.id_delta: nn.Embedding | None = None
+        if seen_items is not None:
+            self.id_delta = nn.Embedding(item.n_items, d_user)
+            nn.init.zeros_(self.id_delta.weight)
+            self.register_buffer("id_seen", seen_items.bool().clone())
         # The item table exists when a recipe reads it; the default (full tuning, sampled negatives) has none.
         self.uses_table = item.tune == "frozen" or loss != "sampled" or frozen_stage
         if self.uses_table:
@@ -125,7 +134,13 @@ class HLLM(SeqRecModel):
     def encode_items(self, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, int]]:
         """Embeddings in the shared space for item idx [n] (all > 0), with token counts."""
         emb, counts = self.item(idx)
-        return self.to_shared(emb), counts
+        return self._with_delta(self.to_shared(emb), idx), counts
+
+    def _with_delta(self, emb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if self.id_delta is None:
+            return emb
+        idx = idx.to(emb.device)
+        return emb + self.id_delta(idx) * self.id_seen[idx].to(emb.dtype)[:, None]
 
     @property
     def item_frozen(self) -> bool:
@@ -139,7 +154,8 @@ class HLLM(SeqRecModel):
         real = idx > 0
         if real.any():
             if self.item_frozen and int(self.table_step) >= 0:
-                emb = self.to_shared(self.item_table[idx[real].to(self.item_table.device)])
+                rows = idx[real].to(self.item_table.device)
+                emb = self._with_delta(self.to_shared(self.item_table[rows]), rows)
             else:
                 emb, _ = self.encode_items(idx[real])
             out[real.to(out.device)] = emb.float()
@@ -179,7 +195,7 @@ class HLLM(SeqRecModel):
     def _table_rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Shared-space embeddings of table rows (padding 0 -> zeros), with gradients into the adaptor."""
         flat = idx.reshape(-1)
-        emb = self.to_shared(self.item_table[flat])
+        emb = self._with_delta(self.to_shared(self.item_table[flat]), flat)
         return emb * (flat > 0).to(emb.dtype)[:, None]
 
     def item_inputs_fingerprint(self) -> str:
@@ -282,6 +298,17 @@ def _adaptor(kind: str, d_in: int, d_out: int) -> nn.Module | None:
     return nn.Sequential(nn.Linear(d_in, 2 * d_out), nn.GELU(), nn.Linear(2 * d_out, d_out), nn.LayerNorm(d_out))
 
 
+def _seen_items(cfg: "Config", built: "BuiltData") -> torch.Tensor:
+    """bool [n_items]: items that occur in the training part of the sequences (the split plan's)."""
+    from hllm.data.dataset import train_sequences
+
+    train = train_sequences(built.sequences, built.split_plan(cfg.eval.protocol))
+    seen = torch.zeros(built.n_items, dtype=torch.bool)
+    seen[torch.from_numpy(np.unique(train.items).astype(np.int64))] = True
+    seen[0] = False
+    return seen
+
+
 def _gather_ids(ids: torch.Tensor) -> torch.Tensor:
     """All ranks' negative idx in rank order (no gradient: ids), matching ``gather_with_grad``'s rows."""
     import torch.distributed as dist
@@ -355,7 +382,10 @@ def build(cfg: "Config", built: "BuiltData", tokens: "TokenCache | None" = None)
         loss=tcfg.hllm_loss,
         frozen_stage=tcfg.frozen_share > 0 and icfg.tune != "frozen",
         table_batch=tcfg.item_table_batch,
+        seen_items=_seen_items(cfg, built) if icfg.id_delta else None,
     )
+    if model.id_delta is not None:
+        model._new_prefixes.append("id_delta")
     if model.adaptor is not None:
         model._new_prefixes.append("adaptor")
     if icfg.path is None or icfg.from_scratch:

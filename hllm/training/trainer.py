@@ -323,6 +323,9 @@ class _Trainer:
         if due:
             root = self.s.step_module if self.s.fsdp else None
             if root is not None:  # root-level params (embeddings, [ITEM]) for a direct call, as in validation
+                # before the first step no forward has run: the root must claim its children first, or a child's
+                # forward would initialise itself as a root of its own (FSDP2's lazy init)
+                root._get_fsdp_state()._lazy_init()  # type: ignore[operator]
                 root.unshard()  # type: ignore[operator]
             try:
                 m.refresh_table(step, progress=self.progress and self.info.is_main)

@@ -115,3 +115,21 @@ def test_top_tuning_reads_cached_lower_blocks_equal_to_recomputing_them(tmp_path
 def test_top_tuning_rejects_a_decoder_item_model(tmp_path, tiny_llama_dir, built_dir):
     with pytest.raises(ValueError, match="tune=top"):
         make(tmp_path, tiny_llama_dir, built_dir, **{"model.item.tune": "top"})
+
+
+def test_id_delta_moves_items_seen_in_training_only(tmp_path, tiny_bert_dir, built_dir):
+    sets = {"model.item.tune": "frozen", "model.item.pooling": "mean", "model.item.adaptor": "linear",
+            "train.hllm_loss": "full", "model.item.id_delta": True}  # fmt: skip
+    model, _, built = make(tmp_path, tiny_bert_dir, built_dir, **sets)
+    model.refresh_table(0)
+    assert model.id_delta is not None and not bool(model.id_seen[0])
+    model.id_seen[15] = False  # as if item 15 never occurred in training
+    model.train_loss(WINDOWS, NEGATIVES).loss.backward()
+    g = model.id_delta.weight.grad
+    assert g is not None and g[15].abs().sum() == 0 and g[3].abs().sum() > 0  # 15 is only ever a negative
+    with torch.no_grad():
+        model.id_delta.weight.normal_()
+        text = model.adaptor(model.item_table)
+        e = model.item_embeddings(torch.arange(built.n_items))
+    torch.testing.assert_close(e[15], text[15])  # an unseen item keeps its text embedding
+    assert not torch.allclose(e[3], text[3]) and torch.all(e[0] == 0)
