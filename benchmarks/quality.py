@@ -31,7 +31,9 @@ Protocols (``--protocol``):
               item, leave-one-out in file order on ties, selection on validation NDCG@10. The ID
               baseline trains as RecBole's SASRec does: every prefix with its full context
               (``build.window_mode=sliding``) and a softmax over the whole catalogue
-              (``model.sasrec_loss=full``).
+              (``model.sasrec_loss=full``). HLLM trains the cheap item tower of issue 14: the frozen MiniLM
+              encoded once into the item table (mean pooling), a Linear + LayerNorm adaptor plus a
+              per-item delta, a softmax over the whole catalogue, a 2-layer Llama user model of hidden 128.
 
 ``--time-budget S`` gives every training at most S seconds (``train.time_budget_s``: it then
 validates, keeps its best checkpoint, and the table says it was cut).

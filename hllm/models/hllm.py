@@ -274,9 +274,6 @@ class HLLM(SeqRecModel):
         stats["slots"] = float(int((flat > 0).sum()))  # item slots before deduplication
         return LossOutput(loss=loss, stats=stats)
 
-    def trainable_item_llm(self) -> bool:
-        return self.item.trainable() and not self.item_frozen
-
     def new_parameter_prefixes(self) -> list[str]:
         return list(self._new_prefixes)
 
