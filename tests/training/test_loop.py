@@ -13,19 +13,17 @@ from hllm.models import register
 from hllm.models.base import LossOutput, SeqRecModel
 from hllm.models.loading import latest_checkpoint, load_model, read_meta
 from hllm.training.trainer import TrainResult, train
+from tests.helpers.trainkit import crash_at
 
 
 class Recorder:
-    """A MetricLogger that can also simulate a crash at a given step."""
+    """A MetricLogger that keeps every row."""
 
-    def __init__(self, crash_at: int | None = None):
+    def __init__(self):
         self.rows: list[tuple[int, dict[str, float]]] = []
-        self.crash_at = crash_at
 
     def log_metrics(self, metrics, step):
         self.rows.append((step, dict(metrics)))
-        if self.crash_at is not None and step >= self.crash_at:
-            raise KeyboardInterrupt(f"killed at step {step}")
 
     def series(self, key):
         return [m[key] for _, m in self.rows if key in m]
@@ -85,15 +83,16 @@ def test_training_loss_falls_on_the_embedded_synthetic_shop(tmp_path, tiny_bert_
 
 
 @pytest.mark.slow
-def test_killed_then_resumed_run_ends_with_the_same_weights(tmp_path, tmp_path_factory, built_dir):
+def test_killed_then_resumed_run_ends_with_the_same_weights(tmp_path, tmp_path_factory, built_dir, monkeypatch):
     # dropout on, so resuming must restore the RNG streams too
     item_dir = T.tiny_bert(tmp_path_factory.mktemp("bert_dropout"), dropout=0.1)
     common = {"train.max_steps": 8, "train.checkpoint_every": 3, "train.log_every": 1, "train.epochs": 3}
     full = train(cfg_for(tmp_path, item_dir, built_dir, **common, **{"train.run_name": "full"}), progress=False)
 
     cfg = cfg_for(tmp_path, item_dir, built_dir, **common, **{"train.run_name": "killed"})
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, logger=Recorder(crash_at=5), progress=False)
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        crash_at(m, 5)
+        train(cfg, logger=Recorder(), progress=False)
     run = tmp_path / "runs" / "killed"
     assert read_meta(latest_checkpoint(run))["step"] == 3
     # a save interrupted half-way leaves only a temp folder, which resume ignores
