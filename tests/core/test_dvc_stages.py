@@ -16,8 +16,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = {"train": "hllm.training.trainer", "evaluate": "hllm.evaluation.evaluate", "export": "hllm.serving.export"}
 # Modules that cannot change a stage's output: package markers, the config loader (the values are
-# params.yaml's, listed as params), logging, MLflow tracking and its plots.
-NOT_DEPS = {"hllm/__init__.py", "hllm/config.py", "hllm/logs.py", "hllm/ops/tracking.py", "hllm/ops/plots.py"}
+# params.yaml's, listed as params), logging, MLflow tracking and its plots, failpoints (hllm/faults.py:
+# a no-op unless HLLM_FAILPOINTS names one).
+NOT_DEPS = {"hllm/__init__.py", "hllm/config.py", "hllm/logs.py", "hllm/ops/tracking.py", "hllm/ops/plots.py",
+            "hllm/faults.py"}  # fmt: skip
 
 
 def _file(module: str) -> Path | None:
