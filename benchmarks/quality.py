@@ -10,6 +10,7 @@ mean ± sample standard deviation over the seeds, and the training time.
     python benchmarks/quality.py ml-100k --models sasrec pop --seeds 0
     python benchmarks/quality.py ml-100k --protocol recbole --models sasrec pop --time-budget 1200
     python benchmarks/quality.py ml-100k --protocol temporal --seeds 0 --time-budget 300   # cold start
+    python benchmarks/quality.py ml-100k --protocol coldstart --seeds 0 --time-budget 300  # held-out items
     python benchmarks/quality.py ml-100k --models hllm --work build/quality/ml-100k-gpu \
         --set train.device=cuda --set train.bf16=true --set train.epochs=5 ...   # a GPU recipe
 
@@ -26,6 +27,9 @@ Protocols (``--protocol``):
     temporal  cold start: a global time cutoff (train up to the 0.8 quantile of the timestamps, validate on
               each user's first interaction up to the 0.9 quantile, test on the first after it), no
               k-core; the per-slice table shows new items (first seen after the training cutoff).
+    coldstart item cold start: recbole's protocol and recipes with 10% of the items held out
+              (``build.holdout_items=0.1``): never in training, validation or histories, only test targets;
+              the per-slice tables show them as new items.
     recbole   RecBole's sequential protocol, to compare with its models measured on the same split:
               no k-core filtering, history length 50, seen items not masked, full ranking over every
               item, leave-one-out in file order on ties, selection on validation NDCG@10. The ID
@@ -164,6 +168,15 @@ PROTOCOLS = {
         # the honest ID baseline of the recbole protocol: every prefix with its context, full softmax
         "models": {"sasrec": ["build.window_mode=sliding", "model.sasrec_loss=full", "train.batch_size=256"]},
     },
+}
+# Item cold start with held-out items (docs/evaluation-protocol.md, build.holdout_items): the recbole protocol
+# with 10% of the catalogue "not launched yet" (drawn among items that are some user's last interaction); their
+# only interactions left are those test targets, so the new-items slice is every user whose target was held out.
+# Same recipes as recbole; HLLM's id_delta is zero for them (never seen in training): they score from text alone.
+PROTOCOLS["coldstart"] = {
+    "build": [*PROTOCOLS["recbole"]["build"], "build.holdout_items=0.1", "build.holdout_seed=0"],
+    "common": PROTOCOLS["recbole"]["common"],
+    "models": PROTOCOLS["recbole"]["models"],
 }
 PROTOCOL = "default"
 TIME_BUDGET = 0.0
@@ -330,17 +343,29 @@ SLICE_NAMES = {"new_items": "new items", "tail_items": "tail items", "head_items
                "short_history": "short history", "long_history": "long history"}  # fmt: skip
 
 
-def slice_table(rows: list[dict], models: list[str], metric: str = "recall@10") -> str:
-    """Test ``metric`` per slice (mean ± std over seeds, percent) with the slice's users."""
-    head = "| model | " + " | ".join(SLICE_NAMES.values()) + " |"
-    lines = [head, "|---|" + "---:|" * len(SLICE_NAMES)]
+def slice_table(
+    rows: list[dict],
+    models: list[str],
+    metric: str = "recall@10",
+    *,
+    slices: tuple[str, ...] = tuple(SLICE_NAMES),
+    metrics: tuple[str, ...] | None = None,
+) -> str:
+    """Test ``metric`` per slice (mean ± std over seeds, percent) with the slice's users; with ``metrics``,
+    one column per (slice, metric)."""
+    mets = metrics or (metric,)
+    cols = [(name, k) for name in slices for k in mets]
+    label = {k: k.replace("recall", "R").replace("ndcg", "N") for k in mets}
+    names = [SLICE_NAMES[n] + (f" {label[k]}" if metrics else "") for n, k in cols]
+    head = "| model | " + " | ".join(names) + " |"
+    lines = [head, "|---|" + "---:|" * len(cols)]
     for model in models:
         rs = [r for r in rows if r["model"] == model and r.get("slices")]
         if not rs:
             continue
         cells = []
-        for name in SLICE_NAMES:
-            vals = np.asarray([r["slices"][name].get(metric, 0.0) for r in rs], dtype=float) * 100
+        for name, k in cols:
+            vals = np.asarray([r["slices"][name].get(k, 0.0) for r in rs], dtype=float) * 100
             n = int(rs[0]["slices"][name]["n"])
             sd = vals.std(ddof=1) if len(vals) > 1 else 0.0
             cells.append(f"{vals.mean():.2f} ± {sd:.2f} ({n})" if n else "- (0)")
@@ -407,6 +432,11 @@ def main() -> None:
     print(table(rows, args.models))
     print("\nR@10 by slice (users in the slice; new items never occurred in training):\n")
     print(slice_table(rows, args.models))
+    print("\nnew items (users whose target never occurred in training), percent:\n")
+    print(slice_table(rows, args.models, slices=("new_items",), metrics=("recall@10", "ndcg@10", "recall@50")))
+    if "holdout" in stats:
+        h = {k: v for k, v in stats["holdout"].items() if k != "item_ids"}
+        print(f"\nheld-out items: {json.dumps(h)}")
     info = rows[0].get("split_info") if rows else None
     if info:
         print(f"\nsplit: {json.dumps(info)}")

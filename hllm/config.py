@@ -106,6 +106,17 @@ class BuildConfig:
     )
     require_validation: bool = True  # build only from raw data whose latest validation report passed
     tokenize: bool = True  # pre-tokenise item text with model.item's tokenizer as part of the build
+    # item cold start with held-out items (docs/evaluation-protocol.md): this share of the catalogue, drawn
+    # (seeded) among items that are some user's last interaction, is "not launched yet": every interaction with
+    # one is dropped except a user's last, so they occur only as test targets (the "new items" slice). 0 = off
+    holdout_items: float = 0.0
+    holdout_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.holdout_items) and 0.0 <= self.holdout_items < 1.0):
+            raise ConfigError(
+                f"build.holdout_items: a share of the catalogue in [0, 1) (0 = off), got {self.holdout_items!r}"
+            )
 
 
 @dataclass

@@ -28,6 +28,22 @@ Choices that change results, and why:
   ``items.parquet`` are the id maps.
 * Items in the catalogue that nobody interacted with (after filtering) are
   not part of the built dataset.
+* **Held-out items** (``build.holdout_items`` > 0, the item cold-start split of
+  inductive evaluations such as ZESRec / UniSRec): after k-core, a share of the
+  catalogue is "not launched yet". They are drawn uniformly (``numpy``
+  ``default_rng(build.holdout_seed)``, over the candidates sorted by original
+  id, so the draw does not depend on file order) among the items that are some
+  user's last interaction: only those can be a leave-one-out test target, and
+  holding out any other item would only delete data. Every interaction with a
+  held-out item is dropped except a user's last one, so a held-out item occurs
+  only as a test target, never in a training window, a validation target or a
+  history, and the "new items" slice (never seen in training) is exactly the
+  users whose target was held out. Holdout runs *after* k-core so the users and
+  items are those of the build without it (the same catalogue, the share is of
+  it); k-core is not re-run afterwards, since it would cascade from the held-out
+  items themselves (each has only its test-target interactions left), so a user
+  can end below ``build.k_core_user`` (``stats.json`` counts the users left
+  without a history before their target; they are not evaluated).
 """
 
 from __future__ import annotations
@@ -97,6 +113,64 @@ def k_core(users: np.ndarray, items: np.ndarray, k_user: int, k_item: int, mode:
     keep = np.zeros(n, dtype=bool)
     keep[idx] = True
     return KCoreResult(keep, it)
+
+
+def hold_out_items(
+    users: np.ndarray, items: np.ndarray, ts: np.ndarray, item_dict: pa.Array, cfg: Config
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """The held-out items of ``build.holdout_items`` (module docstring): returns the kept rows' user codes,
+    item codes and timestamps, and the ``stats.json`` record (ids, counts)."""
+    from hllm.config import ConfigError
+
+    b = cfg.build
+    if cfg.eval.protocol.split != "leave_one_out":
+        # the held-out items are kept as each user's *last* interaction, the leave-one-out test target; under
+        # a temporal split the target is the first interaction after a cutoff, which they would not be
+        raise ConfigError(
+            f"build.holdout_items: needs eval.protocol.split=leave_one_out, got {cfg.eval.protocol.split!r}"
+        )
+    n = len(users)
+    # the same order as the sequences: stable by (user, timestamp), so ties keep file order and "last" is the
+    # item the leave-one-out split makes the test target
+    order = np.lexsort((ts, users))
+    u_sorted = users[order]
+    is_last_sorted = np.ones(n, dtype=bool)
+    is_last_sorted[:-1] = u_sorted[1:] != u_sorted[:-1]
+    is_last = np.zeros(n, dtype=bool)
+    is_last[order] = is_last_sorted
+    n_items = len(np.unique(items))
+    want = int(round(b.holdout_items * n_items))
+    cand = np.unique(items[is_last])  # item codes that some user ends on
+    cand_ids = np.asarray(item_dict.take(pa.array(cand)).cast(pa.string()).to_pylist(), dtype=object)
+    by_id = np.argsort(cand_ids, kind="stable")
+    cand, cand_ids = cand[by_id], cand_ids[by_id]
+    if want < 1:
+        raise ConfigError(
+            f"build.holdout_items: {b.holdout_items!r} of {n_items} items holds out none; raise it or set 0 (off)"
+        )
+    if want > len(cand):
+        raise ConfigError(
+            f"build.holdout_items: {b.holdout_items!r} of {n_items} items is {want} items, but only {len(cand)} "
+            "are some user's last interaction (a test target); lower it"
+        )
+    pick = np.sort(np.random.default_rng(b.holdout_seed).choice(len(cand), size=want, replace=False))
+    held = np.zeros(int(items.max()) + 1, dtype=bool)
+    held[cand[pick]] = True
+    keep = ~held[items] | is_last
+    record = {
+        "share": b.holdout_items,
+        "seed": b.holdout_seed,
+        "items": want,
+        "candidates": len(cand),
+        "item_ids": sorted(cand_ids[pick].tolist()),
+        "test_targets": int((held[items] & is_last).sum()),
+        "rows_removed": int(n - keep.sum()),
+    }
+    log.info(
+        "holdout: %d of %d items held out (seed %d), %d test targets, %d interactions removed",
+        want, n_items, b.holdout_seed, record["test_targets"], record["rows_removed"],
+    )  # fmt: skip
+    return users[keep], items[keep], ts[keep], record
 
 
 def first_appearance_ids(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -178,6 +252,10 @@ def build_dataset(
             f"{raw}: k-core filtering (users >= {b.k_core_user}, items >= {b.k_core_item}, "
             f"{b.k_core_mode}) left no interactions; lower build.k_core_user / build.k_core_item"
         )
+    n_kcore = len(u_code)
+    holdout: dict[str, Any] | None = None
+    if b.holdout_items > 0:
+        u_code, i_code, ts, holdout = hold_out_items(u_code, i_code, ts, i_dict, cfg)
     steps.update()
 
     u_new, u_old = first_appearance_ids(u_code)
@@ -260,7 +338,7 @@ def build_dataset(
                 "user": b.k_core_user,
                 "item": b.k_core_item,
                 "iterations": kc.iterations,
-                "rows_removed": int(n_raw - offsets[-1]),
+                "rows_removed": n_raw - n_kcore,
             },
             "split": {
                 **plan.info,
@@ -269,6 +347,8 @@ def build_dataset(
                 "valid_users": len(eval_split(s, "valid", 1, plan).users),
                 "test_users": len(eval_split(s, "test", 1, plan).users),
             },
+            # users left with their (held-out) target alone: no history, so no test target (not evaluated)
+            **({"holdout": {**holdout, "users_without_history": int((lengths == 1).sum())}} if holdout else {}),
             "build": {**asdict(b), "tokenize": tokenize},
             "raw_fingerprint": fingerprint(raw),
         }
@@ -289,7 +369,7 @@ def build_dataset(
         n_users,
         n_items,
         int(offsets[-1]),
-        n_raw - int(offsets[-1]),
+        n_raw - n_kcore,
         b.k_core_mode,
         out,
     )

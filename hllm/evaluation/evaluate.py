@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hllm.config import Config, ConfigError, ProtocolConfig, SplitProtocol, check_cutoffs, protocol_hash
+from hllm.config import Config, ConfigError, ProtocolConfig, SplitProtocol, check_cutoffs, protocol_hash, stable_hash
 from hllm.data.dataset import PAD, BuiltData, Sequences, eval_split
 from hllm.distributed import rank_world
 from hllm.evaluation import metrics as M
@@ -89,6 +89,26 @@ def user_embedding_fn(model, item_table: torch.Tensor, history: np.ndarray) -> C
         return torch.nn.functional.normalize(out, dim=-1) if m.normalize else out
 
     return fn
+
+
+def _holdout(stats: dict) -> dict | None:
+    """The build's held-out items (``build.holdout_items``), as they enter the protocol; None when off."""
+    h = stats.get("holdout") if stats else None
+    return {"holdout_items": h["share"], "holdout_seed": h["seed"]} if h else None
+
+
+def evaluated_protocol(p: ProtocolConfig, stats: dict) -> dict:
+    """The protocol block a result records: ``eval.protocol`` plus the build's held-out items when on."""
+    h = _holdout(stats)
+    return {**dataclasses.asdict(p), **(h or {})}
+
+
+def evaluated_protocol_hash(p: ProtocolConfig, stats: dict) -> str:
+    """``protocol_hash(p)``, and with held-out items (a build setting that changes which targets exist and
+    what training saw) a hash of it with the share and seed, so such results are never compared with
+    leave-one-out ones; without holdout the leave-one-out hash is unchanged."""
+    h = _holdout(stats)
+    return protocol_hash(p) if h is None else stable_hash({"protocol": protocol_hash(p), **h})
 
 
 def evaluate(
@@ -148,9 +168,9 @@ def evaluate(
         metrics=M.mean_metrics(per_user),
         per_user=per_user,
         users=users,
-        protocol_hash=protocol_hash(p),
+        protocol_hash=evaluated_protocol_hash(p, built.stats),
         n_users=len(users),
-        protocol=dataclasses.asdict(p),
+        protocol=evaluated_protocol(p, built.stats),
         n_items=built.n_items,
         n_masked_targets=int((ranks == M.MASKED).sum()),
         seconds=time.perf_counter() - t0,
