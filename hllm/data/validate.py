@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from hllm import faults
 from hllm.config import Config
 from hllm.data.errors import DataError
 from hllm.data.raw import fingerprint, read_raw
@@ -313,6 +314,7 @@ def validate_raw(
             )
         )
         res = next(iter(cp.run(batch_parameters={"dataframe": df}, expectation_parameters=params).run_results.values()))
+        faults.point("validate:suite-checked")  # mid validation: GX's project files written for one suite
         n_failed = 0
         for r in res.results:
             if r.success:

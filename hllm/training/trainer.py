@@ -36,6 +36,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from hllm import distributed as D
+from hllm import faults
 from hllm.config import Config
 from hllm.data.dataset import BuiltData
 from hllm.evaluation.evaluate import evaluate
@@ -442,6 +443,7 @@ class _Trainer:
                              scheduler=self.s.scheduler, trainer_state=asdict(self.p), rank=self.info.rank)  # fmt: skip
         if self.info.is_main:
             ckpt.write_pointer(self.ckpt_root, dst)
+            faults.point("train:checkpoint-saved")  # mid training: a checkpoint the next night can train on from
             protect = {loading.step_dir_name(self.p.best_step)} if self.p.best_step is not None else set()
             ckpt.prune(self.ckpt_root, self.cfg.train.keep_checkpoints, protect | {dst.name})
         D.barrier()
