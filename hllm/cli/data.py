@@ -171,6 +171,12 @@ def stats(
             f"{sp['train_interactions']:,} training interactions; users with no history before their target "
             f"(left out): {sp['valid_users_without_history']:,} valid / {sp['test_users_without_history']:,} test"
         )
+    h = s.get("holdout")
+    if h:  # build.holdout_items: the item cold-start split
+        lines.append(
+            f"holdout       {h['items']:,} items held out ({h['share']:g} of the catalogue, seed {h['seed']}, among "
+            f"{h['candidates']:,} last items): {h['test_targets']:,} test targets, {h['rows_removed']:,} rows removed"
+        )
     typer.echo("\n".join(lines))
 
 

@@ -61,6 +61,15 @@ def test_one_held_out_item_is_dropped_everywhere_but_as_a_last_item(tmp_path):
     assert i2 not in train.items and i2 not in valid.targets and i2 not in valid.full_history.items
     assert i2 not in test.full_history.items
     assert [b.user_ids[u] for u in test.users[test.targets == i2]] == ["u3", "u6"]
+    from typer.testing import CliRunner
+
+    from hllm.cli import app
+
+    st = CliRunner().invoke(app, ["data", "stats", "--set", f"paths.built_dir={cfg.paths.built_dir}"])
+    assert st.exit_code == 0 and (
+        f"holdout       1 items held out (0.125 of the catalogue, seed {seed}, among 5 last items): 2 test targets, "
+        "3 rows removed"
+    ) in st.output
     # the same seed draws the same items: a rebuild is identical
     again = load_built(build_dataset(cfg, built_dir=tmp_path / "again", tokenize=False))
     assert seqs_by_id(again) == seqs_by_id(b)
