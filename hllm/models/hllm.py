@@ -79,6 +79,7 @@ class HLLM(SeqRecModel):
         frozen_stage: bool = False,
         table_batch: int = 256,
         seen_items: torch.Tensor | None = None,
+        negative_items: torch.Tensor | None = None,
     ):
         super().__init__()
         if projection not in PROJECTIONS:
@@ -115,6 +116,15 @@ class HLLM(SeqRecModel):
             self.register_buffer("table_step", torch.tensor(-1, dtype=torch.long))  # step of its last refresh
             # 1 while the Item LLM is frozen: always under tune=frozen, until the stage switch under frozen_share
             self.register_buffer("frozen_now", torch.tensor(int(item.tune == "frozen" or frozen_stage)))
+        # Negatives read from the table are items seen in training only: an item that first occurs at validation
+        # or test time did not exist when the model trained (held-out, late-launch, after the temporal cutoff);
+        # as a negative of every step it would be pushed below everything and never recommended as a new item.
+        # Not persistent: rebuilt from the built data wherever the model is built.
+        self.neg_ok: torch.Tensor | None
+        if self.uses_table and negative_items is not None:
+            self.register_buffer("neg_ok", negative_items.bool().clone(), persistent=False)
+        else:
+            self.neg_ok = None
         self.scale = LogitScale(scale_init, scale_max)
         self.nce_threshold = nce_threshold
         self.dedup = dedup
@@ -237,6 +247,7 @@ class HLLM(SeqRecModel):
         B, W = windows.shape
         windows, negatives = windows.long(), negatives.long()
         pool_ids: torch.Tensor | None = None  # negatives' item idx, when they come from the (stale) table
+        neg_valid: torch.Tensor | None = None  # bank negatives that existed in training
         if not self.uses_table or (self.loss_kind == "sampled" and not self.item_frozen):
             flat = torch.cat([windows.reshape(-1), negatives.reshape(-1)])
             emb, counts = self._step_embeddings(flat)
@@ -250,12 +261,17 @@ class HLLM(SeqRecModel):
             else:  # only the step's history and targets need gradients
                 emb, counts = self._step_embeddings(flat)
                 win = emb.view(B, W, -1)
-            if self.loss_kind == "full":  # every item of the catalogue, one shared pool on every rank
-                pool_ids = torch.arange(1, self.item.n_items, device=windows.device)
+            if self.loss_kind == "full":  # every item of the catalogue (seen in training), one pool on every rank
+                if self.neg_ok is not None:
+                    pool_ids = self.neg_ok.nonzero()[:, 0].to(windows.device)
+                else:
+                    pool_ids = torch.arange(1, self.item.n_items, device=windows.device)
                 pool = self._table_rows(pool_ids)
             else:  # "bank", or "sampled" while frozen: the sampled negatives' table rows
                 pool = gather_with_grad(self._table_rows(negatives))
                 pool_ids = _gather_ids(negatives)
+                if self.neg_ok is not None:  # same shapes on every rank: unseen ones are masked, not dropped
+                    neg_valid = self.neg_ok[pool_ids]
         in_mask = windows[:, :-1] != 0
         pred = self.user(win[:, :-1], in_mask)
         tmask = target_mask(windows)
@@ -268,7 +284,7 @@ class HLLM(SeqRecModel):
             # a stale table row of the target itself is no negative, even when its cosine fell below the threshold
             pos_ids = windows[:, 1:][tmask] if pool_ids is not None else None
             loss, stats = infonce(pred[tmask], win[:, 1:][tmask], pool, scale, self.nce_threshold,
-                                  pos_ids=pos_ids, neg_ids=pool_ids)  # fmt: skip
+                                  pos_ids=pos_ids, neg_ids=pool_ids, neg_valid=neg_valid)  # fmt: skip
         stats.update({k: float(v) for k, v in counts.items()})
         stats["targets"] = float(tmask.sum())
         stats["slots"] = float(int((flat > 0).sum()))  # item slots before deduplication
@@ -366,6 +382,9 @@ def build(cfg: "Config", built: "BuiltData", tokens: "TokenCache | None" = None)
         what="model.user",
     )
     user = UserLLM(user_bb)
+    # items of the training part: the id_delta rows that train, and the table negatives (see HLLM.__init__)
+    table = icfg.tune == "frozen" or tcfg.hllm_loss != "sampled" or tcfg.frozen_share > 0
+    seen = _seen_items(cfg, built) if icfg.id_delta or table else None
     model = HLLM(
         item,
         user,
@@ -379,7 +398,8 @@ def build(cfg: "Config", built: "BuiltData", tokens: "TokenCache | None" = None)
         loss=tcfg.hllm_loss,
         frozen_stage=tcfg.frozen_share > 0 and icfg.tune != "frozen",
         table_batch=tcfg.item_table_batch,
-        seen_items=_seen_items(cfg, built) if icfg.id_delta else None,
+        seen_items=seen if icfg.id_delta else None,
+        negative_items=seen,
     )
     if model.id_delta is not None:
         model._new_prefixes.append("id_delta")

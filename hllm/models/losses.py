@@ -55,6 +55,7 @@ def infonce(
     reduction: str = "mean",
     pos_ids: torch.Tensor | None = None,
     neg_ids: torch.Tensor | None = None,
+    neg_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cosine InfoNCE with the positive in column 0 and a shared negative pool.
 
@@ -66,6 +67,9 @@ def infonce(
     With ``pos_ids`` [N] and ``neg_ids`` [K] (item idx), a negative that is the
     row's own target item is removed too, whatever its cosine: negatives read
     from a stale item table (a memory bank) are older copies of the positive.
+
+    ``neg_valid`` [K] (bool) removes the negatives marked False from every row: items that did not exist
+    at training time (never seen in the training part) are nobody's negative.
 
     Returns the loss (mean or sum over rows) and float stats: the scale, the
     mean number of surviving negatives per row and the in-batch top-k accuracy
@@ -82,6 +86,8 @@ def infonce(
         false_neg = (t @ n.T) > threshold
         if pos_ids is not None and neg_ids is not None:
             false_neg |= pos_ids.reshape(-1, 1) == neg_ids.reshape(1, -1)
+        if neg_valid is not None:
+            false_neg |= ~neg_valid.reshape(1, -1).to(false_neg.device)
     # Scale first, mask after: a masked entry then carries no gradient to the
     # scale (masking before scaling would make d/d scale = 0 * -inf = nan).
     logits = torch.cat([pos_logit, neg_logit], dim=1) * scale.float()

@@ -59,7 +59,9 @@ def test_frozen_table_loss_equals_a_hand_computation(tmp_path, tiny_bert_dir, bu
         emb = F.normalize(adapted, dim=-1)
         win = adapted[WINDOWS] * (WINDOWS > 0)[..., None]
         pred = F.normalize(model.user(win[:, :-1], WINDOWS[:, :-1] != 0), dim=-1)
-        neg_ids = torch.arange(1, built.n_items) if kind == "full" else NEGATIVES
+        seen = model.neg_ok  # items of the training part: the only negatives (an unseen item did not exist yet)
+        assert seen is not None and not bool(seen[0])
+        neg_ids = seen.nonzero()[:, 0] if kind == "full" else torch.tensor([n for n in NEGATIVES if bool(seen[n])])
         s = float(model.scale())
         losses = []
         for b in range(WINDOWS.shape[0]):
@@ -115,6 +117,28 @@ def test_top_tuning_reads_cached_lower_blocks_equal_to_recomputing_them(tmp_path
 def test_top_tuning_rejects_a_decoder_item_model(tmp_path, tiny_llama_dir, built_dir):
     with pytest.raises(ValueError, match="tune=top"):
         make(tmp_path, tiny_llama_dir, built_dir, **{"model.item.tune": "top"})
+
+
+@pytest.mark.parametrize("kind", ["full", "bank"])
+def test_items_unseen_in_training_are_never_negatives(tmp_path, tiny_bert_dir, built_dir, kind):
+    """A held-out / late-launch item is not a negative of any step: with it in the pool, a content model learns
+    to rank every new item below everything (issue 14's cold-start finding)."""
+    sets = {"model.item.tune": "frozen", "model.item.pooling": "mean", "model.item.adaptor": "linear",
+            "train.hllm_loss": kind}  # fmt: skip
+    model, _, built = make(tmp_path, tiny_bert_dir, built_dir, **sets)
+    model.refresh_table(0)
+    before = float(model.train_loss(WINDOWS, NEGATIVES).loss.detach())
+    assert model.neg_ok is not None and bool(model.neg_ok[14])
+    model.neg_ok[14] = False  # as if item 14 first occurred at test time
+    with torch.no_grad():
+        model.item_table[14] = model.item_table[9]  # make it a strong negative: any effect would show
+    out = model.train_loss(WINDOWS, NEGATIVES)
+    model.neg_ok[14] = True
+    with_it = float(model.train_loss(WINDOWS, NEGATIVES).loss.detach())
+    assert float(out.loss.detach()) != pytest.approx(with_it)  # item 14 was in the pool when seen...
+    assert float(out.loss.detach()) < with_it  # ...and its (strong) negative logit is gone when unseen
+    assert before != pytest.approx(with_it)
+    assert "neg_ok" not in model.state_dict()  # rebuilt from the built data, never saved
 
 
 def test_id_delta_moves_items_seen_in_training_only(tmp_path, tiny_bert_dir, built_dir):
