@@ -63,6 +63,8 @@ def list_cmd(
     for r in rows:
         ab = r["ab"]
         ab_s = f"{ab.get('status', '')} {float(ab['share']):.0%}" if "share" in ab else ab.get("status", "")
+        if r.get("incomplete"):  # registered by a flow run that died before its gate: never promoted by itself
+            ab_s = (ab_s + " " if ab_s else "") + "incomplete (not gated)"
         table.add_row(
             str(r["version"]),
             ",".join(r["aliases"]),

@@ -825,6 +825,7 @@ def list_versions(cfg: Config) -> list[dict[str, Any]]:
                     k.split("/", 1)[1].replace("_at_", "@"): v for k, v in metrics.items() if k.startswith("test/")
                 },
                 "ab": {k[3:]: v for k, v in t.items() if k.startswith("ab.")},
+                "incomplete": t.get(TAG_INCOMPLETE, ""),  # why its flow run never gated it (crash recovery)
                 "run_id": mv.run_id,
             }
         )

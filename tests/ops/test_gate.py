@@ -321,3 +321,9 @@ def test_list_table(cfg):
     assert r.exit_code == 0, r.output
     assert "champion" in r.output and "challenger" in r.output and versioning.data_version(cfg).version in r.output
     assert f"{100 * BASE.mean():.2f}" in r.output and "running 10%" in r.output
+    assert "incomplete" not in r.output and rows[0]["incomplete"] == ""
+    # a version that crash recovery tagged (its flow run died before the gate) says so in the list
+    v3 = make_version(cfg, BASE)
+    tracking.client(cfg).set_model_version_tag(cfg.registry.model_name, v3, registry.TAG_INCOMPLETE, "flow run x died")
+    assert registry.list_versions(cfg)[0]["incomplete"] == "flow run x died"
+    assert "incomplete (not gated)" in _cli(cfg, "list").output
