@@ -77,10 +77,11 @@ def test_nightly_retrain_runs_through_the_worker_against_the_stack(stack_env, pr
     )
     proc = stack.run(sys.executable, "-c", script, cwd=project, timeout=960)
     result = json.loads(next(line[6:] for line in proc.stdout.splitlines() if line.startswith("RESULT")))
-    worker_log = (stack.state / "logs" / "prefect-worker.log").read_text()[-6000:]
-    assert result["state"] == "COMPLETED", f"{result}\n{worker_log}"
+    worker_log = (stack.state / "logs" / "prefect-worker.log").read_text()
+    assert result["state"] == "COMPLETED", f"{result}\n{worker_log[-6000:]}"
     assert result["pool"] == env["HLLM_WORK_POOL"]
-    assert f"'{result['id']}'" in worker_log or result["id"] in worker_log  # the worker picked it up
+    # the worker picked it up (its "Submitting flow run" line comes first: the whole log, not its tail)
+    assert f"'{result['id']}'" in worker_log or result["id"] in worker_log, worker_log[-6000:]
 
     # ---- MLflow: parent run tagged with the flow run, a registered version, files in the bucket
     import psycopg2
