@@ -14,6 +14,7 @@ from hllm import testing as T
 from hllm.models.hllm import HLLM
 from hllm.models.loading import latest_checkpoint, load_model, read_meta
 from hllm.training.trainer import train
+from tests.helpers.trainkit import crash_at
 
 RECIPES = {
     "frozen-full": {"model.item.tune": "frozen", "model.item.pooling": "mean", "model.item.adaptor": "linear",
@@ -25,20 +26,6 @@ RECIPES = {
     "staged-top": {"model.item.tune": "top", "train.frozen_share": 0.5, "train.hllm_loss": "bank",
                    "train.item_table_refresh": 2, "model.item.pooling": "mean", "model.item.adaptor": "linear"},
 }  # fmt: skip
-
-
-def crash_at(monkeypatch, at: int) -> None:
-    """Kill the run when step ``at`` starts (in the loop itself: metrics go out from a background thread)."""
-    from hllm.training import trainer
-
-    real = trainer._Trainer._train_step
-
-    def step(self, step, *a):
-        if step >= at:
-            raise KeyboardInterrupt(f"killed at step {step}")
-        return real(self, step, *a)
-
-    monkeypatch.setattr(trainer._Trainer, "_train_step", step)
 
 
 def cfg_for(tmp_path, item_dir, built_dir, recipe, **kw):
