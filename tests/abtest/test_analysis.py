@@ -342,9 +342,11 @@ def test_replay_aa_keeps_running_and_planted_challenger_ships(store, tiny, tmp_p
     srv = Server(create_app(c, opts)).start()
     # mde 0.5: the mixture scale of the always-valid test is tuned to the large planted effect of this small test
     K = 20  # half the tiny catalogue: enough hits for the planted lift to show with a few hundred users
-    # ~150 requests per arm on a shared 2-core box: a p99 is the single slowest request there, so the
-    # latency guardrail of two identical models is judged on the p90 with a wide margin
-    rails = analysis.Guardrails(p99_latency_rel=1.0, latency_q=0.9, n_boot=400)
+    # ~150 requests per arm on a shared 2-core box: a p99 is the single slowest request there and even a p90
+    # moved by more than 2x between two identical models when CI's box was busy (a GC pause or a neighbour's
+    # burst lands in one arm's tail), so the latency guardrail of this A/A-model pair is judged on the median
+    # with a wide margin; the quantile guardrail itself is tested on seeded data in test_stats.py
+    rails = analysis.Guardrails(p99_latency_rel=1.0, latency_q=0.5, n_boot=400)
     try:
         t0 = time.monotonic()
         rep = simulate.simulate(c, url=srv.url, n_users=150, seed=1, k=K, covariates_out=log_dir, time_limit_s=60)
