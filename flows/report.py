@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-MODEL_LABELS = {"hllm": "HLLM", "sasrec": "SASRec", "pop": "popularity"}
+MODEL_LABELS = {"hllm": "HLLM", "sasrec": "SASRec", "gru4rec": "GRU4Rec", "pop": "popularity"}
 UI_WORKFLOW = "workflowType=machine_learning"  # the MLflow UI's "Model training" side, not its GenAI one
 
 

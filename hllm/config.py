@@ -175,7 +175,7 @@ class UserLLMConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "hllm"  # "hllm" | "sasrec" | "pop"
+    kind: str = "hllm"  # "hllm" | "sasrec" | "gru4rec" | "pop"
     item: ItemLLMConfig = field(default_factory=ItemLLMConfig)
     user: UserLLMConfig = field(default_factory=UserLLMConfig)
     # SASRec baseline (ID embeddings + causal transformer)
@@ -186,6 +186,12 @@ class ModelConfig:
     # InfoNCE over the sampled pool (train.num_negatives) | over every item of the catalogue (full softmax,
     # as RecBole's CE loss; memory grows with batch x window x catalogue: for catalogues up to ~50k items)
     sasrec_loss: Literal["sampled", "full"] = "sampled"
+    # GRU4Rec baseline (RecBole's defaults: embedding 64, one GRU layer of 128, dropout 0.3 on the embeddings)
+    gru4rec_dim: int = 64
+    gru4rec_hidden: int = 128
+    gru4rec_layers: int = 1
+    gru4rec_dropout: float = 0.3
+    gru4rec_loss: Literal["sampled", "full"] = "sampled"  # as sasrec_loss
 
 
 @dataclass

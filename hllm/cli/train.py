@@ -52,7 +52,9 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(
             False, "--resume", help="continue the run (and its MLflow run) from its latest checkpoint"
         ),
-        model: str | None = typer.Option(None, "--model", "-m", help="model kind: hllm | sasrec | pop (model.kind)"),
+        model: str | None = typer.Option(
+            None, "--model", "-m", help="model kind: hllm | sasrec | gru4rec | pop (model.kind)"
+        ),
         mlflow: bool = typer.Option(
             True, "--mlflow/--no-mlflow", help="log the run to MLflow (default unless tracking.enabled is false)"
         ),

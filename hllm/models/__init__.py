@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 _REGISTRY: dict[str, str | Callable[..., Any]] = {
     "hllm": "hllm.models.hllm:build",
     "sasrec": "hllm.models.sasrec:build",
+    "gru4rec": "hllm.models.gru4rec:build",
     "pop": "hllm.models.pop:build",
 }
 

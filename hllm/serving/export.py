@@ -209,6 +209,13 @@ def export_model(
     if not np.isfinite(table).all() or not np.isfinite(user_emb).all():
         raise ValueError("the model produced non-finite item or user embeddings; nothing exported")
     item_vecs = table[1:]
+    # an ID model's rows of items that never occurred in its training part are untrained: evaluation counts
+    # them as no candidates (``hllm.evaluation.evaluate``), so the index leaves them out too (predict = eval)
+    servable = None
+    if not m.scores_unseen_items:
+        from hllm.evaluation.slices import item_train_counts
+
+        servable = item_train_counts(seqs, built.n_items, built.split_plan(cfg.eval.protocol))[1:] > 0
     manifest = {
         "format": FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -220,7 +227,12 @@ def export_model(
         "dim": int(table.shape[1]),
         "normalize": bool(m.normalize),
         "max_history": cfg.eval.protocol.max_history,
-        "counts": {"items": len(item_vecs), "users": len(users), "interactions": int(len(seqs.items))},
+        "counts": {
+            "items": len(item_vecs),
+            "servable_items": len(item_vecs) if servable is None else int(servable.sum()),
+            "users": len(users),
+            "interactions": int(len(seqs.items)),
+        },
         "index": {
             "type": cfg.export.faiss_index,
             "metric": "inner_product",
@@ -253,7 +265,7 @@ def export_model(
         user_df.to_parquet(tmp / "users.parquet", index=False)
         np.save(tmp / "user_embeddings.npy", user_emb.astype(np.float32))
         np.savez(tmp / "seen.npz", offsets=seqs.offsets.astype(np.int64), items=(seqs.items - 1).astype(np.int64))
-        write_index(item_vecs, bool(m.normalize), cfg, tmp / "items.faiss")
+        write_index(item_vecs, bool(m.normalize), cfg, tmp / "items.faiss", servable)
         # one streamed read of what was just written (~0.5-2 s per GB: the user table dominates)
         manifest["files"] = digest_tree(tmp, skip=(MANIFEST,))
         faults.point("export:files-written")  # a crash here: a .tmp- folder without manifest, no export
@@ -336,8 +348,12 @@ def _item_table(
     return table, len(todo), sources
 
 
-def write_index(vectors: np.ndarray, normalize: bool, cfg: Config, path: Path) -> None:
-    """FAISS inner-product index over the items (cosine when the vectors are normalised)."""
+def write_index(
+    vectors: np.ndarray, normalize: bool, cfg: Config, path: Path, servable: np.ndarray | None = None
+) -> None:
+    """FAISS inner-product index over the items (cosine when the vectors are normalised). With ``servable``
+    (bool per row) only those rows are indexed, under their row numbers (an ID map), so a search never
+    returns the others and the rows it returns still index ``items.parquet``."""
     faiss = import_faiss()
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if normalize:
@@ -351,7 +367,12 @@ def write_index(vectors: np.ndarray, normalize: bool, cfg: Config, path: Path) -
         index.hnsw.efSearch = cfg.export.hnsw_ef_search
     else:
         raise ValueError(f"export.faiss_index must be 'flat_ip' or 'hnsw', got {kind!r}")
-    index.add(x)
+    if servable is None:
+        index.add(x)
+    else:
+        index = faiss.IndexIDMap2(index)
+        keep = np.nonzero(servable)[0]
+        index.add_with_ids(np.ascontiguousarray(x[keep]), keep.astype(np.int64))
     faiss.write_index(index, str(path))
 
 

@@ -54,7 +54,9 @@ class Recommender:
             self._seen_off, self._seen = z["offsets"], z["items"]
         self.index = faiss.read_index(str(d / "items.faiss"))
         if "ef_search" in self.manifest.get("index", {}):
-            self.index.hnsw.efSearch = int(self.manifest["index"]["ef_search"])
+            # an ID model's index is an ID map over its trained items: the HNSW graph is inside it
+            graph = faiss.downcast_index(self.index.index) if hasattr(self.index, "id_map") else self.index
+            graph.hnsw.efSearch = int(self.manifest["index"]["ef_search"])
         self.normalize = bool(self.manifest["normalize"])
         self.max_history = int(self.manifest.get("max_history", 10))
         self.model = model

@@ -1,7 +1,7 @@
 """End to end on real checkpoints: `hllm train` path -> `hllm evaluate` / `hllm export` / `hllm recommend`.
 
 Tiny real models (random BERT item tower + tiny Llama user tower for HLLM,
-SASRec, popularity) trained for a few steps by ``hllm.training.trainer.train``; the CLI
+SASRec, GRU4Rec, popularity) trained for a few steps by ``hllm.training.trainer.train``; the CLI
 runs in-process through typer's runner.
 """
 
@@ -29,7 +29,7 @@ def trained(tmp_path_factory):
     built = write_built(tmp / "built", items, seqs)
     bert = tiny_bert(tmp / "bert")
     runs = {}
-    for kind in ("hllm", "sasrec", "pop"):
+    for kind in ("hllm", "sasrec", "gru4rec", "pop"):
         cfg = tiny_config(
             tmp,
             bert,
@@ -39,6 +39,8 @@ def trained(tmp_path_factory):
                 "train.max_steps": 4,
                 "train.run_name": kind,
                 "model.sasrec_dim": 16,
+                "model.gru4rec_dim": 16,
+                "model.gru4rec_hidden": 24,
                 "paths.reports_dir": str(tmp / "reports"),
                 "paths.export_dir": str(tmp / "exports"),
             },
@@ -64,7 +66,7 @@ def _cli(*args):
     return res.stdout  # logs go to stderr
 
 
-@pytest.mark.parametrize("kind", ["hllm", "sasrec", "pop"])
+@pytest.mark.parametrize("kind", ["hllm", "sasrec", "gru4rec", "pop"])
 def test_evaluate_cli_writes_the_evaluators_numbers(trained, kind):
     from hllm.evaluation.evaluate import evaluate
     from hllm.models.loading import load_model
@@ -94,7 +96,7 @@ def test_evaluate_cli_writes_the_evaluators_numbers(trained, kind):
         )
 
 
-@pytest.mark.parametrize("kind", ["hllm", "sasrec"])
+@pytest.mark.parametrize("kind", ["hllm", "sasrec", "gru4rec"])
 def test_recommend_reproduces_test_metrics(trained, kind):
     """predict-equals-eval on a real checkpoint: the metrics recomputed from the
     served top-K lists equal `hllm evaluate`'s, for every test user; and the

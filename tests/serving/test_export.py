@@ -41,7 +41,12 @@ def test_export_contents(tmp_path):
     ):
         assert (d / f).exists(), f
     man = json.loads((d / "manifest.json").read_text())
-    assert man["counts"] == {"items": 39, "users": 25, "interactions": int(len(built.sequences.items))}
+    assert man["counts"] == {
+        "items": 39,
+        "servable_items": 39,  # a text model scores every item
+        "users": 25,
+        "interactions": int(len(built.sequences.items)),
+    }
     assert man["dim"] == 8 and man["normalize"] is True
     assert man["protocol_hash"] == protocol_hash(cfg.eval.protocol)
     assert man["config_hash"] == cfg.hash()
@@ -183,6 +188,40 @@ def test_hnsw_index_and_popularity_scores(tmp_path):
     assert [g.item_id for g in rec.for_history(["i5"], k=2)] in (["i1", "i2"], ["i2", "i1"])
     with pytest.raises(KeyError, match="not in export"):
         rec.for_history(["i99"])
+
+
+@pytest.mark.parametrize("index", ["flat_ip", "hnsw"])
+def test_id_model_never_serves_an_item_it_never_trained(tmp_path, index):
+    """An ID model's row of an item that occurs only as some user's valid/test target is untrained; the
+    evaluation counts it as no candidate, and the export's index leaves it out, so what is served ranks
+    exactly as the evaluation does (predict = eval) and no untrained row is ever recommended."""
+    from hllm.models import sasrec
+
+    # users walk the catalogue (start 1..7, six items each); items 11 and 12 only ever occur as the last two
+    # items of a walk, the valid/test targets, never in a training part
+    seqs = [list(range(s, s + 6)) for s in (1, 2, 3, 4, 5, 6, 7, 2, 3, 1)]
+    built = make_built(tmp_path / "b", seqs, n_items=13)
+    cfg = small_cfg(ks=(1, 5, 10))
+    cfg.model.kind = "sasrec"
+    cfg.model.sasrec_dim, cfg.model.sasrec_heads, cfg.model.sasrec_layers = 8, 2, 1
+    cfg.eval.protocol.max_history = 6
+    cfg.eval.protocol.mask_history = False
+    cfg.export.faiss_index = index
+    torch.manual_seed(0)
+    model = sasrec.build(cfg, built).eval()
+    E.export_model(model, built, cfg, tmp_path / "exp", progress=False)
+    rec = Recommender.from_export(tmp_path / "exp", model=model)
+    untrained = {"i11", "i12"}
+    assert rec.manifest["counts"]["items"] == 12 and rec.manifest["counts"]["servable_items"] == 10
+    for u in rec.user_ids:
+        got = {g.item_id for g in rec.for_user(u, k=12, exclude_seen=False)}
+        assert len(got) == 10 and not got & untrained
+    res = evaluate(model, built, cfg, "test", progress=False)
+    es = eval_split(built.sequences, "test", cfg.eval.protocol.max_history)
+    hist = [[built.item_ids[i] for i in es.full_history.of(r)] for r in range(len(es.users))]
+    rows, _ = rec.for_histories(hist, k=10, exclude_seen=False)
+    served = M.mean_metrics(M.per_user_metrics(M.ranks_from_topk(rows, es.targets - 1), cfg.eval.protocol.ks))
+    assert res.n_masked_targets > 0 and served == pytest.approx(res.metrics, abs=1e-12)
 
 
 def test_checkpoint_mismatch_is_refused(tmp_path):
