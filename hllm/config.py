@@ -147,6 +147,9 @@ class ItemLLMConfig:
     # a trainable per-item vector (zero init) added to the text embedding of every item seen in training ("Let It
     # Go? Not Quite": content + a learned delta); items never seen in training keep their text embedding alone
     id_delta: bool = False
+    # share of the items whose delta is dropped in each training step (DropoutNet): they are scored by their text
+    # alone, as a new item is at test time; 0 = off
+    id_delta_dropout: float = 0.0
 
 
 @dataclass

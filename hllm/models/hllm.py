@@ -80,6 +80,7 @@ class HLLM(SeqRecModel):
         table_batch: int = 256,
         seen_items: torch.Tensor | None = None,
         negative_items: torch.Tensor | None = None,
+        delta_dropout: float = 0.0,
     ):
         super().__init__()
         if projection not in PROJECTIONS:
@@ -109,6 +110,13 @@ class HLLM(SeqRecModel):
             self.id_delta = nn.Embedding(item.n_items, d_user)
             nn.init.zeros_(self.id_delta.weight)
             self.register_buffer("id_seen", seen_items.bool().clone())
+        if not 0.0 <= delta_dropout < 1.0:
+            raise ValueError(f"model.item.id_delta_dropout must lie in [0, 1), got {delta_dropout}")
+        # DropoutNet's trick for cold start: in each training step a random share of the items lose their delta
+        # (the same items everywhere in the step: as inputs, targets and negatives), so the user model also
+        # learns to rank items by their text alone, which is all a new item has
+        self.delta_dropout = delta_dropout
+        self._delta_keep: torch.Tensor | None = None  # bool [n_items] for the current training step
         # The item table exists when a recipe reads it; the default (full tuning, sampled negatives) has none.
         self.uses_table = item.tune == "frozen" or loss != "sampled" or frozen_stage
         if self.uses_table:
@@ -150,7 +158,10 @@ class HLLM(SeqRecModel):
         if self.id_delta is None:
             return emb
         idx = idx.to(emb.device)
-        return emb + self.id_delta(idx) * self.id_seen[idx].to(emb.dtype)[:, None]
+        on = self.id_seen[idx]
+        if self.training and self._delta_keep is not None:
+            on = on & self._delta_keep[idx]
+        return emb + self.id_delta(idx) * on.to(emb.dtype)[:, None]
 
     @property
     def item_frozen(self) -> bool:
@@ -244,6 +255,15 @@ class HLLM(SeqRecModel):
         return out.index_put((real.nonzero()[:, 0],), emb), counts
 
     def train_loss(self, windows: torch.Tensor, negatives: torch.Tensor) -> LossOutput:
+        if self.id_delta is not None and self.delta_dropout > 0 and self.training:
+            self._delta_keep = torch.rand(self.item.n_items, device=self.id_seen.device) >= self.delta_dropout
+            try:
+                return self._train_loss(windows, negatives)
+            finally:
+                self._delta_keep = None
+        return self._train_loss(windows, negatives)
+
+    def _train_loss(self, windows: torch.Tensor, negatives: torch.Tensor) -> LossOutput:
         B, W = windows.shape
         windows, negatives = windows.long(), negatives.long()
         pool_ids: torch.Tensor | None = None  # negatives' item idx, when they come from the (stale) table
@@ -400,6 +420,7 @@ def build(cfg: "Config", built: "BuiltData", tokens: "TokenCache | None" = None)
         table_batch=tcfg.item_table_batch,
         seen_items=seen if icfg.id_delta else None,
         negative_items=seen,
+        delta_dropout=icfg.id_delta_dropout,
     )
     if model.id_delta is not None:
         model._new_prefixes.append("id_delta")

@@ -157,3 +157,33 @@ def test_id_delta_moves_items_seen_in_training_only(tmp_path, tiny_bert_dir, bui
         e = model.item_embeddings(torch.arange(built.n_items))
     torch.testing.assert_close(e[15], text[15])  # an unseen item keeps its text embedding
     assert not torch.allclose(e[3], text[3]) and torch.all(e[0] == 0)
+
+
+def test_id_delta_dropout_drops_whole_items_in_training_steps_only(tmp_path, tiny_bert_dir, built_dir):
+    """model.item.id_delta_dropout (DropoutNet): within a training step a dropped item has no delta anywhere
+    (no gradient reaches its row), a kept one has it; evaluation embeddings always carry every delta."""
+    sets = {"model.item.tune": "frozen", "model.item.pooling": "mean", "model.item.adaptor": "linear",
+            "train.hllm_loss": "full", "model.item.id_delta": True, "model.item.id_delta_dropout": 0.5}  # fmt: skip
+    model, _, built = make(tmp_path, tiny_bert_dir, built_dir, **sets)
+    assert model.delta_dropout == 0.5
+    model.refresh_table(0)
+    with torch.no_grad():
+        model.id_delta.weight.normal_()
+    model.train()
+    torch.manual_seed(3)
+    keep = torch.rand(built.n_items) >= 0.5  # the draw train_loss makes next under the same seed
+    torch.manual_seed(3)
+    model.train_loss(WINDOWS, NEGATIVES).loss.backward()
+    assert model._delta_keep is None  # only for the step
+    g = model.id_delta.weight.grad.abs().sum(1)
+    seen = model.id_seen.clone()
+    assert (g[~keep] == 0).all() and (g[keep & seen] > 0).any()  # every seen item is a full-softmax negative
+    assert (g[keep & seen] > 0).all()
+    model.eval()
+    with torch.no_grad():
+        e = model.item_embeddings(torch.arange(built.n_items))
+        text = model.adaptor(model.item_table)
+    moved = (e - text).abs().sum(1) > 0
+    assert torch.equal(moved[1:], seen[1:])  # every seen item's delta, dropped in training or not
+    with pytest.raises(ValueError, match="id_delta_dropout"):
+        make(tmp_path / "bad", tiny_bert_dir, built_dir, **{**sets, "model.item.id_delta_dropout": 1.0})
