@@ -446,7 +446,7 @@ def test_serve_autoscaler_targets_the_deployment():
     assert hpa["apiVersion"] == "autoscaling/v2"
     ref = hpa["spec"]["scaleTargetRef"]
     assert (ref["kind"], ref["name"]) in objs and ref["apiVersion"] == objs[(ref["kind"], ref["name"])]["apiVersion"]
-    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    assert hpa["spec"]["minReplicas"] >= 1 and hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     [metric] = hpa["spec"]["metrics"]
     assert metric["resource"]["name"] == "cpu"  # utilisation of the request: the pod must request CPU
     assert objs[("Deployment", "hllm-serve")]["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"][
