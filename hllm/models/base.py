@@ -62,6 +62,44 @@ class SeqRecModel(nn.Module):
         raise NotImplementedError
 
 
+class IdSeqModel(SeqRecModel):
+    """An ID model (SASRec, GRU4Rec): an ``item_emb`` table and ``encode(emb, mask) -> [B, L, d]`` over left-padded
+    histories; subclasses set ``item_emb``, ``scale`` (a ``LogitScale``), ``full_softmax`` and ``nce_threshold``.
+    Trained with the family's InfoNCE at every valid position, over the sampled pool or, with ``full_softmax``,
+    over every item (RecBole's CE)."""
+
+    normalize = True  # cosine scores, as in the InfoNCE it is trained with
+    cache_item_embeddings = False  # a table lookup: recomputing is cheaper than a disk cache
+    item_emb: nn.Embedding
+    scale: nn.Module
+    full_softmax: bool
+    nce_threshold: float
+
+    def encode(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def train_loss(self, windows: torch.Tensor, negatives: torch.Tensor) -> LossOutput:
+        from hllm.data.dataset import PAD
+        from hllm.distributed import gather_with_grad
+        from hllm.models.losses import infonce, target_mask
+
+        inputs, targets = windows[:, :-1], windows[:, 1:]
+        valid = target_mask(windows)
+        hidden = self.encode(self.item_emb(inputs), inputs != PAD)
+        if self.full_softmax:  # every real item is a candidate (the target itself is dropped by the threshold)
+            neg = self.item_emb.weight[PAD + 1 :]
+        else:
+            neg = gather_with_grad(self.item_emb(negatives))  # shared pool across ranks, with gradients
+        loss, stats = infonce(hidden[valid], self.item_emb(targets[valid]), neg, self.scale(), self.nce_threshold)
+        return LossOutput(loss=loss, stats=stats)
+
+    def item_embeddings(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.item_emb(idx)
+
+    def user_embeddings(self, history_emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.encode(history_emb, mask)[:, -1]
+
+
 def unwrap(model: torch.nn.Module) -> SeqRecModel:
     """The bare model under a DDP wrapper (DDP keeps the SeqRecModel methods on ``.module``)."""
     # torch types a wrapper's ``.module`` as a plain nn.Module; what is wrapped here is always a SeqRecModel

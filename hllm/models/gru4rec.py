@@ -22,13 +22,10 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from hllm.data.dataset import PAD, BuiltData
-from hllm.models.base import LossOutput, SeqRecModel
+from hllm.models.base import IdSeqModel
 
 
-class GRU4Rec(SeqRecModel):
-    normalize = True  # cosine scores, as in the InfoNCE it is trained with
-    cache_item_embeddings = False  # a table lookup: recomputing is cheaper than a disk cache
-
+class GRU4Rec(IdSeqModel):
     def __init__(
         self,
         n_items: int,
@@ -75,26 +72,6 @@ class GRU4Rec(SeqRecModel):
         back = (pos - pads) % n  # and back to the left-padded layout
         h = h.gather(1, back.unsqueeze(-1).expand(b, n, h.shape[-1]))
         return self.out(h) * mask.unsqueeze(-1)
-
-    def train_loss(self, windows: torch.Tensor, negatives: torch.Tensor) -> LossOutput:
-        from hllm.distributed import gather_with_grad
-        from hllm.models.losses import infonce, target_mask
-
-        inputs, targets = windows[:, :-1], windows[:, 1:]
-        valid = target_mask(windows)
-        hidden = self.encode(self.item_emb(inputs), inputs != PAD)
-        if self.full_softmax:  # every real item is a candidate (the target itself is dropped by the threshold)
-            neg = self.item_emb.weight[PAD + 1 :]
-        else:
-            neg = gather_with_grad(self.item_emb(negatives))  # shared pool across ranks, with gradients
-        loss, stats = infonce(hidden[valid], self.item_emb(targets[valid]), neg, self.scale(), self.nce_threshold)
-        return LossOutput(loss=loss, stats=stats)
-
-    def item_embeddings(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.item_emb(idx)
-
-    def user_embeddings(self, history_emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.encode(history_emb, mask)[:, -1]
 
 
 def build(cfg, built: BuiltData, tokens=None) -> GRU4Rec:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hllm.data.dataset import PAD, BuiltData
-from hllm.models.base import LossOutput, SeqRecModel
+from hllm.models.base import IdSeqModel
 
 
 class _Block(nn.Module):
@@ -46,10 +46,7 @@ class _Block(nn.Module):
         return x + self.drop(self.ffn(self.ln2(x)))
 
 
-class SASRec(SeqRecModel):
-    normalize = True  # cosine scores, as in the InfoNCE it is trained with
-    cache_item_embeddings = False  # a table lookup: recomputing is cheaper than a disk cache
-
+class SASRec(IdSeqModel):
     def __init__(
         self,
         n_items: int,
@@ -101,26 +98,6 @@ class SASRec(SeqRecModel):
         for blk in self.blocks:
             x = blk(x, allowed)
         return self.final_norm(x)
-
-    def train_loss(self, windows: torch.Tensor, negatives: torch.Tensor) -> LossOutput:
-        from hllm.distributed import gather_with_grad
-        from hllm.models.losses import infonce, target_mask
-
-        inputs, targets = windows[:, :-1], windows[:, 1:]
-        valid = target_mask(windows)
-        hidden = self.encode(self.item_emb(inputs), inputs != PAD)
-        if self.full_softmax:  # every real item is a candidate (the target itself is dropped by the threshold)
-            neg = self.item_emb.weight[PAD + 1 :]
-        else:
-            neg = gather_with_grad(self.item_emb(negatives))  # shared pool across ranks, with gradients
-        loss, stats = infonce(hidden[valid], self.item_emb(targets[valid]), neg, self.scale(), self.nce_threshold)
-        return LossOutput(loss=loss, stats=stats)
-
-    def item_embeddings(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.item_emb(idx)
-
-    def user_embeddings(self, history_emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.encode(history_emb, mask)[:, -1]
 
 
 def build(cfg, built: BuiltData, tokens=None) -> SASRec:
