@@ -174,11 +174,18 @@ class UserLLMConfig:
     projection: Projection = (
         "auto"  # "auto": Linear iff item/user hidden sizes differ | "linear" | "none" (sizes must match)
     )
+    # dropout on the item embeddings the User LLM reads, during training (SASRec's and GRU4Rec's embedding dropout);
+    # Llama blocks have none of their own but attention dropout
+    input_dropout: float = 0.0
 
 
 @dataclass
 class ModelConfig:
     kind: str = "hllm"  # "hllm" | "sasrec" | "gru4rec" | "pop"
+    # a learned score added to every candidate already in the history the model reads (losses.RepeatScore), for
+    # hllm, sasrec and gru4rec: it learns whether users come back to items (negative on MovieLens, where no one
+    # rates a movie twice); applied in training, evaluation and serving alike
+    repeat_score: bool = False
     item: ItemLLMConfig = field(default_factory=ItemLLMConfig)
     user: UserLLMConfig = field(default_factory=UserLLMConfig)
     # SASRec baseline (ID embeddings + causal transformer)

@@ -155,6 +155,15 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
+def gather_ids(ids: torch.Tensor) -> torch.Tensor:
+    """All ranks' ids in rank order (no gradient), matching ``gather_with_grad``'s rows."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return ids
+    out = [torch.empty_like(ids) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, ids.contiguous())
+    return torch.cat(out)
+
+
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Average a few float stats over ranks (for logging only)."""
     if not dist.is_initialized() or dist.get_world_size() == 1 or not values:

@@ -220,6 +220,8 @@ def _rank_split(
         targets=es.targets[sel_p],
         exclude=excl,
         not_candidates=not_candidates,
+        seen=es.history[sel_p],  # what the model read: its learned repeat score, when it has one
+        seen_bonus=unwrap(model).seen_bonus(),
         user_chunk=cfg.eval.user_chunk,
         item_chunk=cfg.eval.item_chunk,
         progress=progress and rank == 0,

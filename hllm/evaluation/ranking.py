@@ -48,6 +48,16 @@ def _csr_pairs(excl: Sequences | None, lo: int, hi: int) -> tuple[np.ndarray, np
     return rows[order], cols[order]
 
 
+def _seen_pairs(seen: np.ndarray | None, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (row, item) pairs of the left-padded histories ``seen[lo:hi]``, sorted by item."""
+    if seen is None:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    h = np.asarray(seen[lo:hi], dtype=np.int64)
+    rows, pos = np.nonzero(h != PAD)
+    key = np.unique(h[rows, pos] * (hi - lo) + rows)  # sorted by item, then row; a repeated item counts once
+    return key % (hi - lo), key // (hi - lo)
+
+
 def rank_items(
     users: torch.Tensor | Callable[[int, int], torch.Tensor],
     items: torch.Tensor,
@@ -56,6 +66,8 @@ def rank_items(
     targets: np.ndarray | None = None,
     exclude: Sequences | None = None,
     not_candidates: np.ndarray | None = None,
+    seen: np.ndarray | None = None,
+    seen_bonus: float | None = None,
     k: int = 0,
     user_chunk: int = 256,
     item_chunk: int = 65_536,
@@ -70,8 +82,10 @@ def rank_items(
     that are not candidates (the seen history). ``not_candidates``: a bool mask over item idx that are
     no candidate for anyone (an ID model's items that never occurred in training: their rows are
     untrained, so they may neither be recommended nor be a hit). A target excluded either way is
-    a miss (:data:`~hllm.evaluation.metrics.MASKED`). Returns exact target ranks (pessimistic ties)
-    and/or the top-``k`` item idx and scores.
+    a miss (:data:`~hllm.evaluation.metrics.MASKED`). ``seen`` [n, L] (left-padded item idx: the history the
+    model read) with ``seen_bonus``: each of those items' scores gets the bonus, the model's learned repeat
+    score (:meth:`~hllm.models.base.SeqRecModel.seen_bonus`), the target's too. Returns exact target ranks
+    (pessimistic ties) and/or the top-``k`` item idx and scores.
     """
     from tqdm.auto import tqdm
 
@@ -85,6 +99,11 @@ def rank_items(
     n_items = items.shape[0]
     if exclude is not None and exclude.n_users != n_users:
         raise ValueError(f"exclude has {exclude.n_users} rows for {n_users} users")
+    bonus = float(seen_bonus or 0.0)
+    if bonus == 0.0:
+        seen = None
+    elif seen is None or len(seen) != n_users:
+        raise ValueError(f"seen_bonus needs the {n_users} users' histories (seen)")
     k = min(k, n_items)
     if targets is not None:
         targets = np.asarray(targets, dtype=np.int64)
@@ -110,9 +129,14 @@ def rank_items(
             raise ValueError(f"non-finite user embeddings for users {lo}..{hi - 1}")
         b = hi - lo
         rows_x, cols_x = _csr_pairs(exclude, lo, hi)
+        rows_b, cols_b = _seen_pairs(seen, lo, hi)
         if targets is not None:
             t_idx = targets[lo:hi]
             t_score = (u * items[torch.from_numpy(t_idx).to(items.device)]).sum(-1)
+            if len(rows_b):
+                t_seen = np.zeros(b, dtype=bool)
+                t_seen[rows_b[cols_b == t_idx[rows_b]]] = True
+                t_score = t_score + bonus * torch.from_numpy(t_seen).to(t_score)
             t_floor = (t_score - tie_tolerance(u, item_norm_max, items.shape[1]))[:, None]
             higher = torch.zeros(b, dtype=torch.int64, device=items.device)
             masked_t = np.zeros(b, dtype=bool)
@@ -124,6 +148,11 @@ def rank_items(
         for a in range(0, n_items, item_chunk):
             e = min(a + item_chunk, n_items)
             s = u @ items[a:e].T  # [b, e - a]
+            b0, b1 = np.searchsorted(cols_b, [a, e])
+            if b1 > b0:  # before any -inf: an excluded item stays excluded
+                s[torch.from_numpy(rows_b[b0:b1]).to(s.device), torch.from_numpy(cols_b[b0:b1] - a).to(s.device)] += (
+                    bonus
+                )
             if a == 0:
                 s[:, PAD] = neg_inf
             if not_candidates is not None and not_candidates[a:e].any():

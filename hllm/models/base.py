@@ -10,10 +10,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from hllm.models.losses import RepeatScore
 
 
 @dataclass
@@ -46,6 +49,20 @@ class SeqRecModel(nn.Module):
     # embedded from their content (HLLM's text), no for an ID table whose row of such an item is untrained
     # (evaluation then treats those items as no candidates and their targets as misses)
     scores_unseen_items: bool = False
+
+    # a learned score for items already in the history (``model.repeat_score``; losses.RepeatScore), None when off
+    # (annotation only: a class attribute would shadow the submodule nn.Module registers)
+    repeat: RepeatScore | None
+
+    def seen_bonus(self) -> float | None:
+        """What an item of the history the model read adds to its score in evaluation and serving, in their
+        units (cosine when ``normalize``: the training logit is scale x cosine + repeat), None when off."""
+        repeat = getattr(self, "repeat", None)
+        if repeat is None:
+            return None
+        value = float(repeat.value.detach())
+        scale = getattr(self, "scale", None)
+        return value / float(scale()) if self.normalize and scale is not None else value
 
     def item_inputs_fingerprint(self) -> str | None:
         """Hash of what the item tower reads besides its weights (HLLM: the item token cache), or
@@ -80,17 +97,24 @@ class IdSeqModel(SeqRecModel):
 
     def train_loss(self, windows: torch.Tensor, negatives: torch.Tensor) -> LossOutput:
         from hllm.data.dataset import PAD
-        from hllm.distributed import gather_with_grad
+        from hllm.distributed import gather_ids, gather_with_grad
         from hllm.models.losses import infonce, target_mask
 
         inputs, targets = windows[:, :-1], windows[:, 1:]
         valid = target_mask(windows)
         hidden = self.encode(self.item_emb(inputs), inputs != PAD)
+        n_items = self.item_emb.num_embeddings
         if self.full_softmax:  # every real item is a candidate (the target itself is dropped by the threshold)
             neg = self.item_emb.weight[PAD + 1 :]
+            pool_ids = torch.arange(PAD + 1, n_items, device=windows.device) if self.repeat is not None else None
         else:
             neg = gather_with_grad(self.item_emb(negatives))  # shared pool across ranks, with gradients
-        loss, stats = infonce(hidden[valid], self.item_emb(targets[valid]), neg, self.scale(), self.nce_threshold)
+            pool_ids = gather_ids(negatives) if self.repeat is not None else None
+        repeat = None
+        if self.repeat is not None and pool_ids is not None:
+            repeat = (self.repeat.value, *self.repeat.seen(windows, valid, pool_ids, n_items))
+        loss, stats = infonce(hidden[valid], self.item_emb(targets[valid]), neg, self.scale(), self.nce_threshold,
+                              repeat=repeat)  # fmt: skip
         return LossOutput(loss=loss, stats=stats)
 
     def item_embeddings(self, idx: torch.Tensor) -> torch.Tensor:

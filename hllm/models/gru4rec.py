@@ -37,9 +37,10 @@ class GRU4Rec(IdSeqModel):
         scale_max: float = 100.0,
         nce_threshold: float = 0.99,
         full_softmax: bool = False,
+        repeat_score: bool = False,
     ):
         super().__init__()
-        from hllm.models.losses import LogitScale
+        from hllm.models.losses import LogitScale, RepeatScore
 
         self.full_softmax = full_softmax
         self.nce_threshold = nce_threshold
@@ -48,6 +49,7 @@ class GRU4Rec(IdSeqModel):
         self.gru = nn.GRU(dim, hidden, num_layers=layers, batch_first=True)
         self.out = nn.Linear(hidden, dim)
         self.scale = LogitScale(scale_init, scale_max)
+        self.repeat = RepeatScore() if repeat_score else None
         # RecBole's initialisation: Xavier-normal embeddings, Xavier-uniform recurrent weights
         nn.init.xavier_normal_(self.item_emb.weight)
         with torch.no_grad():
@@ -87,4 +89,5 @@ def build(cfg, built: BuiltData, tokens=None) -> GRU4Rec:
         scale_max=cfg.train.scale_max,
         full_softmax=m.gru4rec_loss == "full",
         nce_threshold=cfg.train.nce_threshold,
+        repeat_score=m.repeat_score,
     )

@@ -37,10 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from hllm.distributed import gather_with_grad
+from hllm.distributed import gather_ids, gather_with_grad
 from hllm.models.base import LossOutput, SeqRecModel
 from hllm.models.item_llm import ItemLLM
-from hllm.models.losses import LogitScale, infonce, target_mask
+from hllm.models.losses import LogitScale, RepeatScore, infonce, target_mask
 from hllm.models.user_llm import UserLLM
 
 if TYPE_CHECKING:
@@ -81,6 +81,7 @@ class HLLM(SeqRecModel):
         seen_items: torch.Tensor | None = None,
         negative_items: torch.Tensor | None = None,
         delta_dropout: float = 0.0,
+        repeat_score: bool = False,
     ):
         super().__init__()
         if projection not in PROJECTIONS:
@@ -134,11 +135,12 @@ class HLLM(SeqRecModel):
         else:
             self.neg_ok = None
         self.scale = LogitScale(scale_init, scale_max)
+        self.repeat = RepeatScore() if repeat_score else None
         self.nce_threshold = nce_threshold
         self.dedup = dedup
         self.dim = d_user
         # parameters that start from random init (set by ``build``; the trainer may give them their own lr)
-        self._new_prefixes = ["item.item_token", "proj", "scale"]
+        self._new_prefixes = ["item.item_token", "proj", "scale", "repeat"]
         self._tokens_fp: str | None = None
 
     # ------------------------------------------------------------------ towers
@@ -267,12 +269,14 @@ class HLLM(SeqRecModel):
         B, W = windows.shape
         windows, negatives = windows.long(), negatives.long()
         pool_ids: torch.Tensor | None = None  # negatives' item idx, when they come from the (stale) table
+        rep_ids: torch.Tensor | None = None  # the pool's item idx otherwise, for the repeat score
         neg_valid: torch.Tensor | None = None  # bank negatives that existed in training
         if not self.uses_table or (self.loss_kind == "sampled" and not self.item_frozen):
             flat = torch.cat([windows.reshape(-1), negatives.reshape(-1)])
             emb, counts = self._step_embeddings(flat)
             win = emb[: B * W].view(B, W, -1)
             pool = gather_with_grad(emb[B * W :])
+            rep_ids = gather_ids(negatives) if self.repeat is not None else None
         else:
             flat = windows.reshape(-1)
             if self.item_frozen:  # table lookups only: nothing goes through the Item LLM
@@ -289,7 +293,7 @@ class HLLM(SeqRecModel):
                 pool = self._table_rows(pool_ids)
             else:  # "bank", or "sampled" while frozen: the sampled negatives' table rows
                 pool = gather_with_grad(self._table_rows(negatives))
-                pool_ids = _gather_ids(negatives)
+                pool_ids = gather_ids(negatives)
                 if self.neg_ok is not None:  # same shapes on every rank: unseen ones are masked, not dropped
                     neg_valid = self.neg_ok[pool_ids]
         in_mask = windows[:, :-1] != 0
@@ -303,8 +307,13 @@ class HLLM(SeqRecModel):
         else:
             # a stale table row of the target itself is no negative, even when its cosine fell below the threshold
             pos_ids = windows[:, 1:][tmask] if pool_ids is not None else None
+            repeat = None
+            if self.repeat is not None:  # the pool's item idx, whichever way it was drawn
+                ids = pool_ids if pool_ids is not None else rep_ids
+                assert ids is not None
+                repeat = (self.repeat.value, *self.repeat.seen(windows, tmask, ids, self.item.n_items))
             loss, stats = infonce(pred[tmask], win[:, 1:][tmask], pool, scale, self.nce_threshold,
-                                  pos_ids=pos_ids, neg_ids=pool_ids, neg_valid=neg_valid)  # fmt: skip
+                                  pos_ids=pos_ids, neg_ids=pool_ids, neg_valid=neg_valid, repeat=repeat)  # fmt: skip
         stats.update({k: float(v) for k, v in counts.items()})
         stats["targets"] = float(tmask.sum())
         stats["slots"] = float(int((flat > 0).sum()))  # item slots before deduplication
@@ -340,20 +349,6 @@ def _seen_items(cfg: "Config", built: "BuiltData") -> torch.Tensor:
     seen[torch.from_numpy(np.unique(train.items).astype(np.int64))] = True
     seen[0] = False
     return seen
-
-
-def _gather_ids(ids: torch.Tensor) -> torch.Tensor:
-    """All ranks' negative idx in rank order (no gradient: ids), matching ``gather_with_grad``'s rows."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return ids
-    out = [torch.empty_like(ids) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, ids.contiguous())
-    return torch.cat(out)
-
-    def forward(self, windows: torch.Tensor, negatives: torch.Tensor) -> LossOutput:
-        return self.train_loss(windows, negatives)
 
 
 def build(cfg: "Config", built: "BuiltData", tokens: "TokenCache | None" = None) -> HLLM:
@@ -401,7 +396,7 @@ def build(cfg: "Config", built: "BuiltData", tokens: "TokenCache | None" = None)
         attn_implementation=ucfg.attn_implementation,
         what="model.user",
     )
-    user = UserLLM(user_bb)
+    user = UserLLM(user_bb, input_dropout=ucfg.input_dropout)
     # items of the training part: the id_delta rows that train, and the table negatives (see HLLM.__init__)
     table = icfg.tune == "frozen" or tcfg.hllm_loss != "sampled" or tcfg.frozen_share > 0
     seen = _seen_items(cfg, built) if icfg.id_delta or table else None
@@ -421,6 +416,7 @@ def build(cfg: "Config", built: "BuiltData", tokens: "TokenCache | None" = None)
         seen_items=seen if icfg.id_delta else None,
         negative_items=seen,
         delta_dropout=icfg.id_delta_dropout,
+        repeat_score=cfg.model.repeat_score,
     )
     if model.id_delta is not None:
         model._new_prefixes.append("id_delta")

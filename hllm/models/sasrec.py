@@ -59,10 +59,11 @@ class SASRec(IdSeqModel):
         scale_max: float = 100.0,
         nce_threshold: float = 0.99,
         full_softmax: bool = False,
+        repeat_score: bool = False,
     ):
         super().__init__()
         self.full_softmax = full_softmax
-        from hllm.models.losses import LogitScale
+        from hllm.models.losses import LogitScale, RepeatScore
 
         self.max_len = max_len
         self.nce_threshold = nce_threshold
@@ -73,6 +74,7 @@ class SASRec(IdSeqModel):
         self.blocks = nn.ModuleList(_Block(dim, heads, dropout) for _ in range(layers))
         self.final_norm = nn.LayerNorm(dim)
         self.scale = LogitScale(scale_init, scale_max)
+        self.repeat = RepeatScore() if repeat_score else None
         self.apply(self._init)
 
     @staticmethod
@@ -115,4 +117,5 @@ def build(cfg, built: BuiltData, tokens=None) -> SASRec:
         scale_max=cfg.train.scale_max,
         full_softmax=m.sasrec_loss == "full",
         nce_threshold=cfg.train.nce_threshold,
+        repeat_score=m.repeat_score,
     )

@@ -28,8 +28,10 @@ if TYPE_CHECKING:
 
 
 class UserLLM(nn.Module):
-    def __init__(self, backbone: PreTrainedModel, what: str = "model.user"):
+    def __init__(self, backbone: PreTrainedModel, what: str = "model.user", input_dropout: float = 0.0):
         super().__init__()
+        if not 0.0 <= input_dropout < 1.0:
+            raise ValueError(f"{what}.input_dropout must lie in [0, 1), got {input_dropout}")
         if is_encoder(backbone.config):
             raise ValueError(
                 f"{what}: the User LLM must be a causal decoder (e.g. llama, qwen2), got encoder "
@@ -37,6 +39,7 @@ class UserLLM(nn.Module):
             )
         drop_input_embeddings(backbone)
         self.backbone = backbone
+        self.input_drop = nn.Dropout(input_dropout)  # identity in eval: serving and evaluation read every value
         self.hidden_size = hidden_size(backbone)
         # ALiBi decoders (bloom, mpt) take no position ids: their bias is relative already
         self._takes_positions = "position_ids" in inspect.signature(backbone.forward).parameters
@@ -45,5 +48,5 @@ class UserLLM(nn.Module):
         """embeds [B, L, d], mask bool [B, L] (True = real item, left padding) -> [B, L, d]."""
         mask = mask.long()
         kwargs = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if self._takes_positions else {}
-        out = self.backbone(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **kwargs)
+        out = self.backbone(inputs_embeds=self.input_drop(embeds), attention_mask=mask, use_cache=False, **kwargs)
         return out.last_hidden_state

@@ -227,6 +227,7 @@ def export_model(
         "dim": int(table.shape[1]),
         "normalize": bool(m.normalize),
         "max_history": cfg.eval.protocol.max_history,
+        "seen_bonus": m.seen_bonus(),  # the learned repeat score in the index's units (None: off)
         "counts": {
             "items": len(item_vecs),
             "servable_items": len(item_vecs) if servable is None else int(servable.sum()),

@@ -59,6 +59,13 @@ class Recommender:
             graph.hnsw.efSearch = int(self.manifest["index"]["ef_search"])
         self.normalize = bool(self.manifest["normalize"])
         self.max_history = int(self.manifest.get("max_history", 10))
+        # the model's learned score for items of the history it read (model.repeat_score); None when off
+        bonus = self.manifest.get("seen_bonus")
+        self.seen_bonus = float(bonus) if bonus else None
+        self._servable: np.ndarray | None = None
+        if self.seen_bonus is not None and hasattr(self.index, "id_map"):  # an ID model: its trained items only
+            self._servable = np.zeros(len(self.item_ids), dtype=bool)
+            self._servable[faiss.vector_to_array(self.index.id_map)] = True
         self.model = model
 
     @classmethod
@@ -91,8 +98,9 @@ class Recommender:
 
     def for_user(self, user_id: str, k: int = 10, exclude_seen: bool = True) -> list[Recommendation]:
         r = self._user(user_id)
-        seen = self._seen[self._seen_off[r] : self._seen_off[r + 1]] if exclude_seen else np.zeros(0, np.int64)
-        rows, scores = self.search(np.asarray(self.user_emb[r : r + 1]), [seen], k)
+        hist = self._seen[self._seen_off[r] : self._seen_off[r + 1]]
+        seen = hist if exclude_seen else np.zeros(0, np.int64)
+        rows, scores = self.search(np.asarray(self.user_emb[r : r + 1]), [seen], k, [hist[-self.max_history :]])
         return self._recs(rows[0], scores[0])
 
     def for_history(self, item_ids: Sequence[str], k: int = 10, exclude_seen: bool = True) -> list[Recommendation]:
@@ -104,8 +112,9 @@ class Recommender:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` item rows [n, k] (-1 = none) and scores for many histories at once."""
         q = self.query_vectors(histories, batch)
-        excl = [self._rows(h) if exclude_seen else np.zeros(0, np.int64) for h in histories]
-        return self.search(q, excl, k)
+        rows = [self._rows(h) for h in histories]
+        excl = rows if exclude_seen else [np.zeros(0, np.int64)] * len(rows)
+        return self.search(q, excl, k, [r[-self.max_history :] for r in rows])
 
     def query_vectors(self, histories: Sequence[Sequence[str]], batch: int = 256) -> np.ndarray:
         """User vectors for item-id histories: the last ``max_history`` items, left-padded, through the user model."""
@@ -136,23 +145,50 @@ class Recommender:
             out.append(u.cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.item_emb.shape[1]), np.float32)
 
-    def search(self, queries: np.ndarray, exclude: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS search with excluded rows removed: over-fetch by the longest exclusion list, then filter."""
+    def search(
+        self, queries: np.ndarray, exclude: list[np.ndarray], k: int, read: list[np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search with excluded rows removed: over-fetch by the longest exclusion list, then filter.
+
+        ``read``: per query, the item rows of the history the model read; with a learned repeat score
+        (``seen_bonus``) their scores get it, as in evaluation (those not excluded are rescored exactly)."""
         n_items = self.index.ntotal
         k = int(k)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        fetch = min(n_items, k + max((len(e) for e in exclude), default=0))
-        scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
+        bonus = self.seen_bonus if read is not None else None
+        extra = max((len(r) for r in read), default=0) if bonus is not None and read is not None else 0
+        fetch = min(n_items, k + max((len(e) for e in exclude), default=0) + extra)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        scores, rows = self.index.search(queries, fetch)
         out_r = np.full((len(queries), k), -1, dtype=np.int64)
         out_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
         for i, ex in enumerate(exclude):
             keep = rows[i] >= 0
             if len(ex):
                 keep &= ~np.isin(rows[i], ex)
-            r, s = rows[i][keep][:k], scores[i][keep][:k]
+            r, s = rows[i][keep], scores[i][keep]
+            if bonus is not None and read is not None:
+                r, s = self._with_bonus(queries[i], r, s, np.setdiff1d(read[i], ex), bonus)
+            r, s = r[:k], s[:k]
             out_r[i, : len(r)], out_s[i, : len(s)] = r, s
         return out_r, out_s
+
+    def _with_bonus(
+        self, q: np.ndarray, rows: np.ndarray, scores: np.ndarray, read: np.ndarray, bonus: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates plus the read items (scored exactly, + bonus), in descending score order."""
+        read = np.unique(read)
+        if self._servable is not None:
+            read = read[self._servable[read]]
+        vec = np.asarray(self.item_emb[read], dtype=np.float32)
+        if self.normalize:
+            vec = vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
+        others = ~np.isin(rows, read)
+        r = np.concatenate([rows[others], read])
+        s = np.concatenate([scores[others], vec @ q + np.float32(bonus)]).astype(np.float32)
+        order = np.argsort(-s, kind="stable")
+        return r[order], s[order]
 
     # ------------------------------------------------------------------ helpers
 

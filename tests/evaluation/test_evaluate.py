@@ -125,6 +125,39 @@ def test_rank_items_topk_matches_dense():
     np.testing.assert_allclose(r.topk_scores, np.take_along_axis(masked, ref, 1), rtol=1e-6)
 
 
+@pytest.mark.parametrize("bonus", [-0.7, 0.9])
+def test_rank_items_seen_bonus_matches_dense(bonus):
+    """The learned repeat score: every item of the history the model read (left-padded, repeats counted once)
+    gets the bonus, the target too when it is one of them; exclusions stay excluded."""
+    rng = np.random.default_rng(1)
+    u = torch.randn(9, 5)
+    items = torch.randn(40, 5)
+    seen = np.zeros((9, 6), dtype=np.int64)
+    for i in range(9):
+        n = rng.integers(1, 7)
+        seen[i, 6 - n :] = rng.integers(1, 40, size=n)  # with repeats, some rows short
+    targets = np.where(rng.random(9) < 0.5, seen[:, -1], rng.integers(1, 40, size=9))  # half the targets were read
+    excl = Sequences.from_lists([[int(seen[i, -2])] if seen[i, -2] and i % 3 == 0 else [] for i in range(9)])
+    r = rank_items(u, items, targets=targets, exclude=excl, seen=seen, seen_bonus=bonus, k=6, user_chunk=4,
+                   item_chunk=7)  # fmt: skip
+    scores = (u @ items.T).numpy()
+    ex = np.zeros_like(scores, dtype=bool)
+    ex[:, 0] = True
+    for i in range(9):
+        read = np.unique(seen[i][seen[i] > 0])
+        scores[i, read] += np.float32(bonus)
+        ex[i, excl.of(i)] = True
+    assert r.ranks.tolist() == M.target_ranks(scores, targets, ex).tolist()
+    masked = np.where(ex, -np.inf, scores)
+    ref = np.argsort(-masked, axis=1, kind="stable")[:, :6]
+    assert r.topk_idx.tolist() == ref.tolist()
+    np.testing.assert_allclose(r.topk_scores, np.take_along_axis(masked, ref, 1), rtol=1e-5)
+    plain = rank_items(u, items, targets=targets, exclude=excl, seen=seen, seen_bonus=0.0)
+    assert plain.ranks.tolist() != r.ranks.tolist()  # the bonus moved some target
+    with pytest.raises(ValueError, match="seen_bonus needs"):
+        rank_items(u, items, targets=targets, seen_bonus=bonus)
+
+
 def test_topk_larger_than_candidates_pads_with_minus_one():
     u = torch.ones(1, 2)
     items = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])

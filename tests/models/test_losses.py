@@ -88,3 +88,58 @@ def test_logit_scale_init_and_clamp():
 def test_target_mask_marks_valid_positions_of_left_padded_windows():
     w = torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5], [0, 0, 0, 0, 9]])
     assert target_mask(w).tolist() == [[False, False, True, True], [True] * 4, [False] * 4]
+
+
+def test_repeat_score_marks_exactly_the_items_read_before_each_target():
+    from hllm.models.losses import RepeatScore
+
+    w = torch.tensor([[0, 3, 4, 3, 5], [1, 2, 1, 2, 6]])  # row 0 left-padded; row 1 comes back to 1 and 2
+    tm = target_mask(w)
+    pool = torch.tensor([1, 3, 5, 6])
+    pos_seen, neg_seen = RepeatScore.seen(w, tm, pool, n_items=8)
+    # targets in order: row 0 -> 4, 3, 5 (read: {3}, {3,4}, {3,4}); row 1 -> 2, 1, 2, 6
+    assert pos_seen.tolist() == [False, True, False, False, True, True, False]
+    assert neg_seen.tolist() == [
+        [False, True, False, False],  # read {3}
+        [False, True, False, False],  # {3, 4}
+        [False, True, False, False],  # {3, 4}
+        [True, False, False, False],  # {1}
+        [True, False, False, False],  # {1, 2}
+        [True, False, False, False],  # {1, 2}
+        [True, False, False, False],  # {1, 2}
+    ]
+
+
+def test_repeat_score_adds_its_value_to_the_seen_logits():
+    pred = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    pos = torch.tensor([[0.8, 0.6], [0.6, 0.8]])
+    neg = torch.tensor([[1.0, 1.0], [-1.0, 0.2], [0.3, -0.9]])
+    value = torch.tensor(-2.5)
+    pos_seen = torch.tensor([True, False])
+    neg_seen = torch.tensor([[False, True, False], [True, True, False]])
+    loss, stats = infonce(pred, pos, neg, torch.tensor(5.0), repeat=(value, pos_seen, neg_seen))
+    rows = []
+    for i in range(2):
+        lp = 5.0 * _cos(pred[i].tolist(), pos[i].tolist()) + (-2.5 if pos_seen[i] else 0.0)
+        ln = [5.0 * _cos(pred[i].tolist(), n.tolist()) + (-2.5 if neg_seen[i, j] else 0.0) for j, n in enumerate(neg)]
+        rows.append(-lp + math.log(math.exp(lp) + sum(math.exp(x) for x in ln)))
+    assert float(loss) == pytest.approx(sum(rows) / 2, rel=1e-6)
+    assert stats["repeat"] == pytest.approx(-2.5)
+
+
+def test_id_model_learns_that_users_do_not_come_back():
+    """On sequences without a repeat, a few steps drive the learned repeat score negative (and serving/eval read
+    it in cosine units: value / scale)."""
+    from hllm.models.gru4rec import GRU4Rec
+
+    torch.manual_seed(0)
+    m = GRU4Rec(30, dim=16, hidden=16, full_softmax=True, repeat_score=True)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    windows = torch.stack([torch.randperm(29)[:8] + 1 for _ in range(16)])  # no item twice in a row
+    for _ in range(30):
+        opt.zero_grad()
+        m.train_loss(windows, torch.zeros(0, dtype=torch.long)).loss.backward()
+        opt.step()
+    assert float(m.repeat.value) < -1.0
+    assert m.seen_bonus() == pytest.approx(float(m.repeat.value) / float(m.scale()))
+    assert GRU4Rec(30).seen_bonus() is None

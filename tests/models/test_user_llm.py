@@ -77,3 +77,21 @@ def test_gpt2_positions_matter_so_the_test_above_can_fail(tiny_gpt2_dir):
         a = user.backbone(inputs_embeds=x, attention_mask=mask).last_hidden_state
         b = user.backbone(inputs_embeds=x, attention_mask=mask, position_ids=torch.arange(3, 7)[None]).last_hidden_state
     assert (a - b).abs().max() > 1e-2
+
+
+def test_input_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    bb = load_backbone(None, dict(T.TINY_USER), from_scratch=True, attn_implementation="sdpa", what="model.user")
+    user = UserLLM(bb, input_dropout=0.5)
+    x, mask = torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        user.train()
+        a, b = user(x, mask), user(x, mask)
+        user.eval()
+        c, d = user(x, mask), user(x, mask)
+        plain = bb(inputs_embeds=x, attention_mask=mask.long(), position_ids=torch.arange(5)[None]).last_hidden_state
+    assert (a - b).abs().max() > 1e-3  # a new mask every call
+    torch.testing.assert_close(c, d)
+    torch.testing.assert_close(c, plain)  # evaluation reads every input, unscaled
+    with pytest.raises(ValueError, match="model.user.input_dropout"):
+        UserLLM(load_backbone(None, dict(T.TINY_USER), from_scratch=True, attn_implementation="sdpa", what="u"), input_dropout=1)

@@ -101,13 +101,21 @@ def test_for_user_equals_brute_force(tmp_path):
         rec.for_history(["i1"])
 
 
-@pytest.mark.parametrize("mask", [True, False])
-def test_recommend_topk_reproduces_evaluator_metrics(tmp_path, mask):
-    """predict()-equals-eval: metrics computed from served top-K lists equal the evaluator's."""
+@pytest.mark.parametrize(("mask", "bonus"), [(True, None), (False, None), (False, -0.4), (False, 0.4), (True, 0.4)])
+def test_recommend_topk_reproduces_evaluator_metrics(tmp_path, mask, bonus):
+    """predict()-equals-eval: metrics computed from served top-K lists equal the evaluator's; with a learned
+    repeat score (model.repeat_score) of either sign too (a positive one lifts read items from outside the
+    index's top k)."""
+    from hllm.models.losses import RepeatScore
+
     built, cfg, model = _setup(tmp_path, n_users=40, n_items=60, seed=4)
     cfg.eval.protocol.mask_history = mask
+    if bonus is not None:
+        model.repeat = RepeatScore()
+        model.repeat.raw.data.fill_(bonus / RepeatScore.GAIN)
     E.export_model(model, built, cfg, tmp_path / "exp", progress=False)
     rec = Recommender.from_export(tmp_path / "exp", model=model)
+    assert rec.seen_bonus == (None if bonus is None else pytest.approx(model.seen_bonus()))
     for split in ("valid", "test"):
         res = evaluate(model, built, cfg, split, progress=False)
         es = eval_split(built.sequences, split, cfg.eval.protocol.max_history)
