@@ -213,14 +213,15 @@ def _rank_split(
         from hllm.data.dataset import _ranges
 
         excl = Sequences(offs, full.items[_ranges(full.offsets[sel_p], lengths)])
+    history = es.history[sel_p]  # one copy: the user model's input, and the items its repeat score covers
     r = rank_items(
-        user_embedding_fn(model, item_table, es.history[sel_p]),
+        user_embedding_fn(model, item_table, history),
         items,
         len(sel_p),
         targets=es.targets[sel_p],
         exclude=excl,
         not_candidates=not_candidates,
-        seen=es.history[sel_p],  # what the model read: its learned repeat score, when it has one
+        seen=history,
         seen_bonus=unwrap(model).seen_bonus(),
         user_chunk=cfg.eval.user_chunk,
         item_chunk=cfg.eval.item_chunk,
