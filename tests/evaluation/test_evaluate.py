@@ -106,6 +106,15 @@ def test_chunked_equals_dense(tmp_path, mask, normalize, chunks):
         assert res.per_user["rank"].tolist() == ref.tolist()
 
 
+def _assert_matches_dense(r, scores, targets, ex, k, rtol):
+    """Ranks, top-k items and scores of ``r`` equal the dense reference over ``scores`` with ``ex`` excluded."""
+    assert r.ranks.tolist() == M.target_ranks(scores, targets, ex).tolist()
+    masked = np.where(ex, -np.inf, scores)
+    ref = np.argsort(-masked, axis=1, kind="stable")[:, :k]
+    assert r.topk_idx.tolist() == ref.tolist()
+    np.testing.assert_allclose(r.topk_scores, np.take_along_axis(masked, ref, 1), rtol=rtol)
+
+
 def test_rank_items_topk_matches_dense():
     rng = np.random.default_rng(0)
     u = torch.randn(9, 5)
@@ -118,11 +127,7 @@ def test_rank_items_topk_matches_dense():
     ex[:, 0] = True
     for i in range(9):
         ex[i, excl.of(i)] = True
-    assert r.ranks.tolist() == M.target_ranks(scores, targets, ex).tolist()
-    masked = np.where(ex, -np.inf, scores)
-    ref = np.argsort(-masked, axis=1, kind="stable")[:, :6]
-    assert r.topk_idx.tolist() == ref.tolist()
-    np.testing.assert_allclose(r.topk_scores, np.take_along_axis(masked, ref, 1), rtol=1e-6)
+    _assert_matches_dense(r, scores, targets, ex, k=6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("bonus", [-0.7, 0.9])
@@ -147,11 +152,7 @@ def test_rank_items_seen_bonus_matches_dense(bonus):
         read = np.unique(seen[i][seen[i] > 0])
         scores[i, read] += np.float32(bonus)
         ex[i, excl.of(i)] = True
-    assert r.ranks.tolist() == M.target_ranks(scores, targets, ex).tolist()
-    masked = np.where(ex, -np.inf, scores)
-    ref = np.argsort(-masked, axis=1, kind="stable")[:, :6]
-    assert r.topk_idx.tolist() == ref.tolist()
-    np.testing.assert_allclose(r.topk_scores, np.take_along_axis(masked, ref, 1), rtol=1e-5)
+    _assert_matches_dense(r, scores, targets, ex, k=6, rtol=1e-5)
     plain = rank_items(u, items, targets=targets, exclude=excl, seen=seen, seen_bonus=0.0)
     assert plain.ranks.tolist() != r.ranks.tolist()  # the bonus moved some target
     with pytest.raises(ValueError, match="seen_bonus needs"):
