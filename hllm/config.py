@@ -150,6 +150,9 @@ class ItemLLMConfig:
     # share of the items whose delta is dropped in each training step (DropoutNet): they are scored by their text
     # alone, as a new item is at test time; 0 = off
     id_delta_dropout: float = 0.0
+    # one learned vector (zero init) in place of the delta of every item that has none: new items at test time,
+    # dropped ones in training (needs id_delta_dropout > 0); off = a new item's delta is zero
+    cold_delta: bool = False
 
 
 @dataclass

@@ -56,7 +56,7 @@ class HLLM(SeqRecModel):
     normalize = True
     scores_unseen_items = True  # every item is embedded from its text, seen in training or not
     # item embeddings depend on the Item LLM (+ [ITEM] vector), the projection or adaptor, and the item table
-    item_state_prefixes = ("item.", "proj.", "adaptor.", "item_table", "frozen_now", "id_delta.", "id_seen")
+    item_state_prefixes = ("item.", "proj.", "adaptor.", "item_table", "frozen_now", "id_delta.", "id_seen", "cold_delta")
     # buffers, registered only when a recipe reads the table (``uses_table``)
     item_table: torch.Tensor
     table_step: torch.Tensor
@@ -81,6 +81,7 @@ class HLLM(SeqRecModel):
         seen_items: torch.Tensor | None = None,
         negative_items: torch.Tensor | None = None,
         delta_dropout: float = 0.0,
+        cold_delta: bool = False,
         repeat_score: bool = False,
     ):
         super().__init__()
@@ -117,6 +118,17 @@ class HLLM(SeqRecModel):
         # (the same items everywhere in the step: as inputs, targets and negatives), so the user model also
         # learns to rank items by their text alone, which is all a new item has
         self.delta_dropout = delta_dropout
+        # cold_delta: one learned vector in place of the delta of every item that has none (a new item; a dropped
+        # one in training), where zero would be a fixed offset below the seen items (their deltas carry what the
+        # softmax learned about popularity); it learns from the dropped items, so it needs delta dropout
+        self.cold_delta: nn.Parameter | None = None
+        if cold_delta:
+            if self.id_delta is None or delta_dropout == 0:
+                raise ValueError(
+                    "model.item.cold_delta needs model.item.id_delta=true and model.item.id_delta_dropout > 0 "
+                    "(the shared vector is learned from the items whose delta is dropped)"
+                )
+            self.cold_delta = nn.Parameter(torch.zeros(d_user))
         self._delta_keep: torch.Tensor | None = None  # bool [n_items] for the current training step
         # The item table exists when a recipe reads it; the default (full tuning, sampled negatives) has none.
         self.uses_table = item.tune == "frozen" or loss != "sampled" or frozen_stage
@@ -163,7 +175,9 @@ class HLLM(SeqRecModel):
         on = self.id_seen[idx]
         if self.training and self._delta_keep is not None:
             on = on & self._delta_keep[idx]
-        return emb + self.id_delta(idx) * on.to(emb.dtype)[:, None]
+        if self.cold_delta is None:
+            return emb + self.id_delta(idx) * on.to(emb.dtype)[:, None]
+        return emb + torch.where(on[:, None], self.id_delta(idx), self.cold_delta.to(emb.dtype))
 
     @property
     def item_frozen(self) -> bool:
@@ -416,10 +430,13 @@ def build(cfg: "Config", built: "BuiltData", tokens: "TokenCache | None" = None)
         seen_items=seen if icfg.id_delta else None,
         negative_items=seen,
         delta_dropout=icfg.id_delta_dropout,
+        cold_delta=icfg.cold_delta,
         repeat_score=cfg.model.repeat_score,
     )
     if model.id_delta is not None:
         model._new_prefixes.append("id_delta")
+    if model.cold_delta is not None:
+        model._new_prefixes.append("cold_delta")
     if model.adaptor is not None:
         model._new_prefixes.append("adaptor")
     if icfg.path is None or icfg.from_scratch:

@@ -187,3 +187,29 @@ def test_id_delta_dropout_drops_whole_items_in_training_steps_only(tmp_path, tin
     assert torch.equal(moved[1:], seen[1:])  # every seen item's delta, dropped in training or not
     with pytest.raises(ValueError, match="id_delta_dropout"):
         make(tmp_path / "bad", tiny_bert_dir, built_dir, **{**sets, "model.item.id_delta_dropout": 1.0})
+
+
+def test_cold_delta_stands_in_for_every_missing_delta(tmp_path, tiny_bert_dir, built_dir):
+    """model.item.cold_delta: one learned vector replaces the delta of the items dropped in a training step (so it
+    gets their gradient) and of every item never seen in training at evaluation; seen items keep their own."""
+    sets = {"model.item.tune": "frozen", "model.item.pooling": "mean", "model.item.adaptor": "linear",
+            "train.hllm_loss": "full", "model.item.id_delta": True, "model.item.id_delta_dropout": 0.5,
+            "model.item.cold_delta": True}  # fmt: skip
+    model, _, built = make(tmp_path, tiny_bert_dir, built_dir, **sets)
+    assert model.cold_delta is not None and "cold_delta" in model.new_parameter_prefixes()
+    model.refresh_table(0)
+    model.id_seen[15] = False  # as if item 15 never occurred in training
+    model.train()
+    model.train_loss(WINDOWS, NEGATIVES).loss.backward()
+    assert model.cold_delta.grad is not None and model.cold_delta.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        model.id_delta.weight.normal_()
+        model.cold_delta.normal_()
+        text = model.adaptor(model.item_table)
+        e = model.item_embeddings(torch.arange(built.n_items))
+    torch.testing.assert_close(e[15], text[15] + model.cold_delta)  # a new item: its text + the cold vector
+    torch.testing.assert_close(e[3], text[3] + model.id_delta.weight[3])  # a seen item: its own delta
+    assert torch.all(e[0] == 0)  # padding
+    with pytest.raises(ValueError, match="cold_delta needs"):
+        make(tmp_path / "bad", tiny_bert_dir, built_dir, **{**sets, "model.item.id_delta_dropout": 0.0})
