@@ -133,7 +133,9 @@ def _run_deployment(env: dict, cwd: Path, name: str, *params: str) -> str:
     return out
 
 
-@pytest.mark.slow
+# A Prefect server plus a nightly run under a deployment and a worker (over two minutes): part of the stack suite
+# (`make test-integration`, in CI), not of `make test`.
+@pytest.mark.integration
 def test_serve_and_prefect_yaml_deployments_run_on_trigger(server, tmp_path, bert, raw_snapshot):
     """1. `hllm flows serve`: the nightly deployment carries the cron and the concurrency limit;
     `prefect deployment run` executes the real flow to Completed (it registers v1).
