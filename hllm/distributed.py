@@ -164,6 +164,13 @@ def gather_ids(ids: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank src's tensor on every rank, in place (a no-op in one process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(x, src=src)
+    return x
+
+
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Average a few float stats over ranks (for logging only)."""
     if not dist.is_initialized() or dist.get_world_size() == 1 or not values:

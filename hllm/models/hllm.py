@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hllm.distributed import gather_ids, gather_with_grad
+from hllm.distributed import broadcast_, gather_ids, gather_with_grad
 from hllm.models.base import LossOutput, SeqRecModel
 from hllm.models.item_llm import ItemLLM
 from hllm.models.losses import LogitScale, RepeatScore, infonce, target_mask
@@ -56,7 +56,16 @@ class HLLM(SeqRecModel):
     normalize = True
     scores_unseen_items = True  # every item is embedded from its text, seen in training or not
     # item embeddings depend on the Item LLM (+ [ITEM] vector), the projection or adaptor, and the item table
-    item_state_prefixes = ("item.", "proj.", "adaptor.", "item_table", "frozen_now", "id_delta.", "id_seen", "cold_delta")
+    item_state_prefixes = (
+        "item.",
+        "proj.",
+        "adaptor.",
+        "item_table",
+        "frozen_now",
+        "id_delta.",
+        "id_seen",
+        "cold_delta",
+    )
     # buffers, registered only when a recipe reads the table (``uses_table``)
     item_table: torch.Tensor
     table_step: torch.Tensor
@@ -272,7 +281,9 @@ class HLLM(SeqRecModel):
 
     def train_loss(self, windows: torch.Tensor, negatives: torch.Tensor) -> LossOutput:
         if self.id_delta is not None and self.delta_dropout > 0 and self.training:
-            self._delta_keep = torch.rand(self.item.n_items, device=self.id_seen.device) >= self.delta_dropout
+            # rank 0's draw on every rank: the same items lose their delta in the whole (distributed) step
+            draw = torch.rand(self.item.n_items, device=self.id_seen.device)
+            self._delta_keep = broadcast_(draw) >= self.delta_dropout
             try:
                 return self._train_loss(windows, negatives)
             finally:

@@ -25,6 +25,9 @@ RECIPES = {
                   "train.hllm_loss": "full", "train.item_table_refresh": 2},
     "staged-top": {"model.item.tune": "top", "train.frozen_share": 0.5, "train.hllm_loss": "bank",
                    "train.item_table_refresh": 2, "model.item.pooling": "mean", "model.item.adaptor": "linear"},
+    "delta-cold": {"model.item.tune": "frozen", "model.item.pooling": "mean", "model.item.adaptor": "linear",
+                   "train.hllm_loss": "full", "model.item.id_delta": True, "model.item.id_delta_dropout": 0.5,
+                   "model.item.cold_delta": True, "model.repeat_score": True},
 }  # fmt: skip
 
 
@@ -65,7 +68,8 @@ def test_recipe_trains_and_resumes_bit_identically(tmp_path, tmp_path_factory, b
     # the saved model rebuilds from the checkpoint alone, table and stage included
     model, _, built = load_model(resumed.last_checkpoint)
     assert isinstance(model, HLLM) and torch.equal(model.item_table, a["item_table"])
-    assert model.item_frozen == (recipe == "frozen-full")
+    assert model.item_frozen == (RECIPES[recipe]["model.item.tune"] == "frozen")
+    assert ("cold_delta" in a) == bool(RECIPES[recipe].get("model.item.cold_delta"))
     with torch.no_grad():
         e = model.item_embeddings(torch.arange(built.n_items))
     assert torch.isfinite(e).all() and torch.all(e[0] == 0)
@@ -96,8 +100,9 @@ def test_item_table_refresh_schedule(tmp_path, tiny_bert_dir, built_dir, monkeyp
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process_for_the_table_recipes(tmp_path, tiny_llama_dir, built_dir):
-    """Table rows, the bank's gathered ids, the full softmax and the staged switch under DDP (with unused
-    parameters during the frozen stage) and FSDP2 equal one process with the doubled batch."""
+    """Table rows, the bank's gathered ids, the full softmax, the staged switch (with unused parameters during the
+    frozen stage) and the delta dropout (rank 0's draw on every rank) under DDP and FSDP2 equal one process with
+    the doubled batch."""
     from tests.training.test_distributed import _assert_same_weights, _worker
 
     def base(batch):
@@ -105,7 +110,8 @@ def test_two_gloo_processes_match_one_process_for_the_table_recipes(tmp_path, ti
             "model.item.prompt": "", "train.max_steps": 4, "train.batch_size": batch, "train.num_negatives": 16,
             "train.log_every": 1, "train.checkpoint_every": 0, "model.item.tune": "lora", "model.item.lora_r": 2,
             "train.hllm_loss": "bank", "train.frozen_share": 0.5, "model.item.adaptor": "linear",
-            "train.item_table_refresh": 1})  # fmt: skip
+            "train.item_table_refresh": 1, "model.item.id_delta": True, "model.item.id_delta_dropout": 0.5,
+            "model.item.cold_delta": True})  # fmt: skip
 
     single = train(base(8), progress=False)
     torch.multiprocessing.spawn(_worker, args=(2, str(tmp_path / "rdzv"), base(4).to_dict()), nprocs=2, join=True)
