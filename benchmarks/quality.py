@@ -203,7 +203,7 @@ PROTOCOLS = {
 # only interactions left are those test targets, so the new-items slice is every user whose target was held out.
 # Same recipes as recbole, except that HLLM trains for new items: half the items lose their delta in each step
 # (DropoutNet) and one learned vector stands in for every missing delta, a new item's included (model.item.
-# cold_delta); docs/results.md measures both against the recbole recipe (new-item R@10 0.00 -> 2.56).
+# cold_delta); docs/results.md measures both against the recbole recipe (new-item R@10 0.00 -> 2.50).
 PROTOCOLS["coldstart"] = {
     "build": [*PROTOCOLS["recbole"]["build"], "build.holdout_items=0.1", "build.holdout_seed=0"],
     "common": PROTOCOLS["recbole"]["common"],
