@@ -154,6 +154,15 @@ class ItemLLMConfig:
     # dropped ones in training (needs id_delta_dropout > 0); off = a new item's delta is zero
     cold_delta: bool = False
 
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.id_delta_dropout) and 0.0 <= self.id_delta_dropout < 1.0):
+            raise ConfigError(f"model.item.id_delta_dropout must lie in [0, 1), got {self.id_delta_dropout!r}")
+        if self.cold_delta and not (self.id_delta and self.id_delta_dropout > 0):
+            raise ConfigError(
+                "model.item.cold_delta needs model.item.id_delta=true and model.item.id_delta_dropout > 0 "
+                "(the shared vector is learned from the items whose delta is dropped)"
+            )
+
 
 @dataclass
 class UserLLMConfig:

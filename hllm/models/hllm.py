@@ -121,23 +121,14 @@ class HLLM(SeqRecModel):
             self.id_delta = nn.Embedding(item.n_items, d_user)
             nn.init.zeros_(self.id_delta.weight)
             self.register_buffer("id_seen", seen_items.bool().clone())
-        if not 0.0 <= delta_dropout < 1.0:
-            raise ValueError(f"model.item.id_delta_dropout must lie in [0, 1), got {delta_dropout}")
         # DropoutNet's trick for cold start: in each training step a random share of the items lose their delta
         # (the same items everywhere in the step: as inputs, targets and negatives), so the user model also
         # learns to rank items by their text alone, which is all a new item has
         self.delta_dropout = delta_dropout
         # cold_delta: one learned vector in place of the delta of every item that has none (a new item; a dropped
         # one in training), where zero would be a fixed offset below the seen items (their deltas carry what the
-        # softmax learned about popularity); it learns from the dropped items, so it needs delta dropout
-        self.cold_delta: nn.Parameter | None = None
-        if cold_delta:
-            if self.id_delta is None or delta_dropout == 0:
-                raise ValueError(
-                    "model.item.cold_delta needs model.item.id_delta=true and model.item.id_delta_dropout > 0 "
-                    "(the shared vector is learned from the items whose delta is dropped)"
-                )
-            self.cold_delta = nn.Parameter(torch.zeros(d_user))
+        # softmax learned about popularity); it learns from the dropped items (ItemLLMConfig checks the settings)
+        self.cold_delta = nn.Parameter(torch.zeros(d_user)) if cold_delta else None
         self._delta_keep: torch.Tensor | None = None  # bool [n_items] for the current training step
         # The item table exists when a recipe reads it; the default (full tuning, sampled negatives) has none.
         self.uses_table = item.tune == "frozen" or loss != "sampled" or frozen_stage
@@ -184,9 +175,8 @@ class HLLM(SeqRecModel):
         on = self.id_seen[idx]
         if self.training and self._delta_keep is not None:
             on = on & self._delta_keep[idx]
-        if self.cold_delta is None:
-            return emb + self.id_delta(idx) * on.to(emb.dtype)[:, None]
-        return emb + torch.where(on[:, None], self.id_delta(idx), self.cold_delta.to(emb.dtype))
+        missing = self.cold_delta if self.cold_delta is not None else 0.0  # an item without its own delta
+        return emb + torch.where(on[:, None], self.id_delta(idx), missing)
 
     @property
     def item_frozen(self) -> bool:
