@@ -153,7 +153,6 @@ class ItemLLMConfig:
     # one learned vector (zero init) in place of the delta of every item that has none: new items at test time,
     # dropped ones in training (needs id_delta_dropout > 0); off = a new item's delta is zero
     cold_delta: bool = False
-    cold_from_text: bool = False  # experiment: + a learned linear map of the text embedding (did not help)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.id_delta_dropout) and 0.0 <= self.id_delta_dropout < 1.0):

@@ -65,7 +65,6 @@ class HLLM(SeqRecModel):
         "id_delta.",
         "id_seen",
         "cold_delta",
-        "cold_gen.",
     )
     # buffers, registered only when a recipe reads the table (``uses_table``)
     item_table: torch.Tensor
@@ -92,7 +91,6 @@ class HLLM(SeqRecModel):
         negative_items: torch.Tensor | None = None,
         delta_dropout: float = 0.0,
         cold_delta: bool = False,
-        cold_from_text: bool = False,
         repeat_score: bool = False,
     ):
         super().__init__()
@@ -131,12 +129,6 @@ class HLLM(SeqRecModel):
         # one in training), where zero would be a fixed offset below the seen items (their deltas carry what the
         # softmax learned about popularity); it learns from the dropped items (ItemLLMConfig checks the settings)
         self.cold_delta = nn.Parameter(torch.zeros(d_user)) if cold_delta else None
-        # cold_from_text: the missing delta also gets a learned linear map of the item's text embedding (a
-        # meta-embedding generator, Pan et al. 2019), trained on the dropped items like the cold vector
-        self.cold_gen: nn.Linear | None = None
-        if cold_from_text:
-            self.cold_gen = nn.Linear(d_item, d_user, bias=False)
-            nn.init.zeros_(self.cold_gen.weight)
         self._delta_keep: torch.Tensor | None = None  # bool [n_items] for the current training step
         # The item table exists when a recipe reads it; the default (full tuning, sampled negatives) has none.
         self.uses_table = item.tune == "frozen" or loss != "sampled" or frozen_stage
@@ -174,19 +166,16 @@ class HLLM(SeqRecModel):
     def encode_items(self, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, int]]:
         """Embeddings in the shared space for item idx [n] (all > 0), with token counts."""
         emb, counts = self.item(idx)
-        return self._shared(emb, idx), counts
+        return self._with_delta(self.to_shared(emb), idx), counts
 
-    def _shared(self, raw: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        emb = self.to_shared(raw)
+    def _with_delta(self, emb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         if self.id_delta is None:
             return emb
         idx = idx.to(emb.device)
         on = self.id_seen[idx]
         if self.training and self._delta_keep is not None:
             on = on & self._delta_keep[idx]
-        missing: torch.Tensor | float = self.cold_delta if self.cold_delta is not None else 0.0
-        if self.cold_gen is not None:
-            missing = missing + self.cold_gen(raw.to(self.cold_gen.weight.dtype)).to(emb.dtype)
+        missing = self.cold_delta if self.cold_delta is not None else 0.0  # an item without its own delta
         return emb + torch.where(on[:, None], self.id_delta(idx), missing)
 
     @property
@@ -202,7 +191,7 @@ class HLLM(SeqRecModel):
         if real.any():
             if self.item_frozen and int(self.table_step) >= 0:
                 rows = idx[real].to(self.item_table.device)
-                emb = self._shared(self.item_table[rows], rows)
+                emb = self._with_delta(self.to_shared(self.item_table[rows]), rows)
             else:
                 emb, _ = self.encode_items(idx[real])
             out[real.to(out.device)] = emb.float()
@@ -242,7 +231,7 @@ class HLLM(SeqRecModel):
     def _table_rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Shared-space embeddings of table rows (padding 0 -> zeros), with gradients into the adaptor."""
         flat = idx.reshape(-1)
-        emb = self._shared(self.item_table[flat], flat)
+        emb = self._with_delta(self.to_shared(self.item_table[flat]), flat)
         return emb * (flat > 0).to(emb.dtype)[:, None]
 
     def item_inputs_fingerprint(self) -> str:
@@ -443,7 +432,6 @@ def build(cfg: "Config", built: "BuiltData", tokens: "TokenCache | None" = None)
         negative_items=seen,
         delta_dropout=icfg.id_delta_dropout,
         cold_delta=icfg.cold_delta,
-        cold_from_text=icfg.cold_from_text,
         repeat_score=cfg.model.repeat_score,
     )
     if model.id_delta is not None:
